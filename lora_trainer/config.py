@@ -1,0 +1,361 @@
+"""The typed training config: one dataclass, loaded from YAML, overridable from the command line.
+
+Key names follow what LoRA users already write for kohya's sd-scripts. All validation lives in
+`TrainConfig.__post_init__`, so a config built in code, from YAML or from the WebUI tab is checked the
+same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from lora_trainer.errors import UserError
+
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion"]
+Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Paths may be relative to the directory the run starts in."""
+
+    # --- data ---
+    train_data_dir: Path | None = None
+    """Folder of images. Captions come from `name.txt` beside each image or from `metadata_path`;
+    kohya-style subfolders `N_name` repeat their images N times per epoch."""
+    metadata_path: Path | None = None
+    """Optional `metadata.csv` with columns `filename,prompt` (a `.txt` beside an image wins)."""
+    caption_extension: str = ".txt"
+    """Extension of caption sidecar files."""
+    repeats: int = 1
+    """Repeats per epoch for images not in an `N_name` subfolder."""
+    resolution: int = 512
+    """Training side length in pixels; buckets keep about this many pixels in total."""
+    enable_bucket: bool = True
+    """Aspect-ratio bucketing: images are resized to the bucket nearest their aspect ratio instead of squares."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (must divide `resolution`)."""
+    min_bucket_side: int | None = None
+    """Smallest bucket side (default: half the resolution)."""
+    max_bucket_side: int | None = None
+    """Largest bucket side (default: twice the resolution)."""
+    random_crop: bool = False
+    """Crop at a random position instead of the centre (turns off latent caching's reuse)."""
+    flip_aug: bool = False
+    """Randomly mirror images horizontally."""
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated tags of each caption every time it is used."""
+    keep_tokens: int = 0
+    """How many leading caption tags stay in place when shuffling (e.g. the trigger word)."""
+    caption_dropout_rate: float = 0.0
+    """Probability of training an image with an empty caption."""
+
+    # --- model ---
+    base_model: str | None = None
+    """A diffusers model folder, or a single-file checkpoint (.safetensors/.ckpt)."""
+    base_model_config: str | None = None
+    """For a single-file checkpoint: a local diffusers folder whose configs describe it (works offline)."""
+    v_parameterization: bool | None = None
+    """Force v-prediction on (True) or off (False); by default the model's own setting is used."""
+
+    # --- LoRA ---
+    lora_rank: int = 16
+    """Rank (kohya: network_dim) of each LoRA matrix pair."""
+    lora_alpha: float | None = None
+    """Scale numerator: the LoRA output is multiplied by alpha/rank. Default: equal to the rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
+    """UNet modules to adapt, matched as suffixes of module paths."""
+    conv_rank: int = 0
+    """Rank of LoRA on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone."""
+    conv_alpha: float | None = None
+    """Alpha for the convolution LoRA. Default: equal to `conv_rank`."""
+    train_text_encoder: bool = False
+    """Also train LoRA on the text encoder(s)."""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    """Text-encoder modules to adapt, matched as suffixes of module paths."""
+    init_lora_weights: Path | None = None
+    """Start from this LoRA file (kohya or diffusers/peft format); rank and targets must match."""
+
+    # --- optimisation ---
+    learning_rate: float = 1e-4
+    """Learning rate for every LoRA parameter unless `unet_lr`/`text_encoder_lr` say otherwise."""
+    unet_lr: float | None = None
+    """Learning rate of the UNet LoRA (default: `learning_rate`)."""
+    text_encoder_lr: float | None = None
+    """Learning rate of the text-encoder LoRA (default: `learning_rate`)."""
+    optimizer: Optimizer = "adamw"
+    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch)."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay."""
+    scheduler: Scheduler = "constant"
+    """Learning-rate schedule after the warmup."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0."""
+    scheduler_num_cycles: int = 1
+    """Restarts for cosine_with_restarts."""
+    scheduler_power: float = 1.0
+    """Power of the polynomial schedule."""
+    batch_size: int = 1
+    """Images per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step."""
+    epochs: int = 1
+    """Passes over the (repeated) dataset; ignored when `max_train_steps` is set."""
+    max_train_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this (None: no clipping)."""
+    mixed_precision: MixedPrecision = "no"
+    """Compute precision: fp16 or bf16 autocast with fp32 LoRA weights, or no (fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    cache_latents: bool = True
+    """Encode every image with the VAE once, before training (not with random_crop)."""
+    cache_text_encoder_outputs: bool = False
+    """Encode every caption once (needs a frozen text encoder and no caption shuffling)."""
+    min_snr_gamma: float | None = None
+    """Min-SNR loss weighting (5 is the paper's choice); None: plain MSE."""
+    noise_offset: float = 0.0
+    """Add this much per-channel offset noise (helps very dark/bright images)."""
+    seed: int = 42
+    """Seed for data order, augmentation, noise and LoRA initialisation."""
+    device: str | None = None
+    """cuda, cpu, cuda:1, ... (default: cuda when available)."""
+
+    # --- output ---
+    output_dir: Path = Path("output")
+    """Folder for the LoRA files."""
+    output_name: str = "lora"
+    """File stem: `name.safetensors` at the end, `name-e0003.safetensors` / `name-s000500.safetensors` on the way."""
+    save_every_n_epochs: int | None = None
+    """Also save after every N epochs."""
+    save_every_n_steps: int | None = None
+    """Also save after every N optimizer steps."""
+    save_state: bool = False
+    """With each save, also write the optimizer/scheduler/RNG state so `resume` can continue."""
+    save_diffusers_format: bool = False
+    """Also write the diffusers/peft layout (`name.diffusers.safetensors`)."""
+    resume: Path | None = None
+    """A state folder written by `save_state`: continue that run exactly."""
+    logging_dir: Path | None = Path("logs")
+    """TensorBoard logs go to a subfolder per run; None turns logging off."""
+    log_every_n_steps: int = 10
+    """How often the loss is read back from the device and logged."""
+    sample_every_n_steps: int | None = None
+    """Render `sample_prompts` with the LoRA as trained so far every N steps (and at the end)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts for the sample images."""
+    sample_steps: int = 20
+    """Sampler steps for sample images."""
+    sample_seed: int = 1
+    """Seed of every sample image, so they are comparable across steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_data_dir", "metadata_path", "init_lora_weights", "resume", "output_dir", "logging_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, Path(value).expanduser())
+        _check_types(self)
+        positive = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size",
+                    "gradient_accumulation_steps", "epochs", "log_every_n_steps", "scheduler_num_cycles", "sample_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")
+        for name in ("learning_rate", "unet_lr", "text_encoder_lr", "lora_alpha", "conv_alpha", "max_grad_norm",
+                     "min_snr_gamma"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"config key '{name}' must be positive, got {value}")
+        for name in ("lora_dropout", "caption_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"config key '{name}' must be in [0, 1), got {getattr(self, name)}")
+        if self.conv_rank < 0 or self.warmup_steps < 0 or self.keep_tokens < 0 or self.noise_offset < 0:
+            raise UserError("conv_rank, warmup_steps, keep_tokens and noise_offset cannot be negative")
+        if self.resolution % self.bucket_step:
+            raise UserError(f"resolution {self.resolution} must be a multiple of bucket_step {self.bucket_step}")
+        if not self.target_modules and not self.conv_rank and not self.train_text_encoder:
+            raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
+        if not _is_plain_file_name(self.output_name):
+            raise UserError(f"output_name {self.output_name!r} must be a plain file name (no folders, no '..')")
+        if self.cache_text_encoder_outputs and (self.train_text_encoder or self.shuffle_caption):
+            raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
+                            "turn off train_text_encoder and shuffle_caption, or turn off the cache")
+
+    @property
+    def effective_unet_lr(self) -> float:
+        """The UNet LoRA learning rate."""
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        """The text-encoder LoRA learning rate."""
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """Alpha of the attention LoRA (the rank when not set)."""
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """Alpha of the convolution LoRA (its rank when not set)."""
+        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready values (paths as strings)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply `overrides`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must be a mapping of keys to values")
+        values.update(loaded or {})
+    values.update(overrides or {})
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a `TrainConfig`, rejecting unknown keys with the list of valid ones."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = [_closest(name, known) for name in unknown]
+        described = ", ".join(f"'{name}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                              for name, hint in zip(unknown, hints))
+        raise UserError(f"unknown config key {described}; valid keys: {', '.join(sorted(known))}")
+    return TrainConfig(**values)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the config as YAML that `load_config` reads back to an equal config."""
+    from lora_trainer.files import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def parse_overrides(arguments: list[str]) -> dict[str, Any]:
+    """Turn `--key value` / `--key=value` command-line words into typed overrides (values parsed as YAML)."""
+    overrides: dict[str, Any] = {}
+    words = list(arguments)
+    while words:
+        word = words.pop(0)
+        if not word.startswith("--") or len(word) == 2:
+            raise UserError(f"expected --key value, got {word!r}")
+        key, has_value, text = word[2:].partition("=")
+        key = key.replace("-", "_")
+        if not has_value:
+            if not words or words[0].startswith("--"):
+                raise UserError(f"--{key} needs a value")
+            text = words.pop(0)
+        overrides[key] = yaml.safe_load(text) if text != "" else None
+    return overrides
+
+
+def _check_types(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        coerced = _coerce(value, hints[f.name])
+        if coerced is _INVALID:
+            raise UserError(f"config key '{f.name}' should be {_describe(hints[f.name])}, got {value!r}")
+        setattr(config, f.name, coerced)
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            coerced = _coerce(value, option)
+            if coerced is not _INVALID:
+                return coerced
+        return _INVALID
+    if origin is Literal:
+        return value if value in args else _INVALID
+    if origin is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            return _INVALID
+        items = [_coerce(item, args[0]) for item in value]
+        return _INVALID if any(item is _INVALID for item in items) else items
+    if annotation is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if annotation is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _INVALID
+        return _INVALID
+    if annotation is str:
+        return value if isinstance(value, str) else _INVALID
+    if annotation is Path:
+        return Path(value) if isinstance(value, (str, Path)) else _INVALID
+    raise TypeError(f"unsupported config annotation {annotation}")
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true/false", int: "a whole number", float: "a number", str: "a string",
+            Path: "a path"}[annotation]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _closest(name: str, candidates: set[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def _is_plain_file_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name

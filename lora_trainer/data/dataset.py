@@ -1,0 +1,137 @@
+"""Training batches: bucketed, repeated, shuffled per epoch, with optional latent caching."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.data.buckets import make_buckets, nearest_bucket, square_bucket
+from lora_trainer.data.images import load_rgb_image
+from lora_trainer.data.scan import DatasetScan, ImageRecord
+from lora_trainer.data.transforms import crop_to_bucket, process_caption, to_tensor
+from lora_trainer.errors import UserError
+
+
+@dataclass
+class Batch:
+    """One forward pass worth of training examples, all of one bucket size."""
+
+    captions: list[str]
+    size_conditioning: torch.Tensor
+    """[B, 6]: original height/width, crop top/left, target height/width."""
+    pixels: torch.Tensor | None = None
+    """[B, 3, H, W] in [-1, 1], when latents are not cached."""
+    latents: torch.Tensor | None = None
+    """[B, 4, H/8, W/8] scaled latents, when cached."""
+
+
+@dataclass
+class _Example:
+    record: ImageRecord
+    bucket: tuple[int, int]
+
+
+class TrainingData:
+    """The dataset as the loop sees it: a fixed number of batches per epoch, each from one bucket."""
+
+    def __init__(self, scan: DatasetScan, config: TrainConfig, latent_scale: int):
+        self.config = config
+        if config.enable_bucket:
+            step = max(config.bucket_step, latent_scale)
+            if config.resolution % step:
+                raise UserError(f"resolution {config.resolution} must be a multiple of {step} for this model")
+            buckets = make_buckets(config.resolution, step, config.min_bucket_side, config.max_bucket_side)
+        else:
+            buckets = [square_bucket(config.resolution)]
+        for width, height in buckets:
+            if width % latent_scale or height % latent_scale:
+                raise UserError(f"bucket {width}x{height} is not a multiple of {latent_scale} pixels, which this "
+                                "model needs: use a bucket_step and resolution that are multiples of it")
+        self.examples = [_Example(record, nearest_bucket(record.width, record.height, buckets))
+                         for record in scan.records]
+        self.latent_cache: dict[tuple[int, bool], torch.Tensor] | None = None
+        self._cached_crops: dict[int, tuple[int, int]] = {}
+
+    @property
+    def uses_latent_cache(self) -> bool:
+        """Whether latents are encoded once up front (not possible with random crops)."""
+        return self.config.cache_latents and not self.config.random_crop
+
+    @property
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Images per bucket (width, height)."""
+        return dict(sorted(Counter(example.bucket for example in self.examples).items()))
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """Images seen per epoch, repeats included."""
+        return sum(example.record.repeats for example in self.examples)
+
+    def batches_per_epoch(self) -> int:
+        """Forward passes per epoch (the last batch of a bucket may be smaller)."""
+        return len(self.epoch_plan(0))
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Example indices of each batch of `epoch`, in the order they are trained (deterministic per seed)."""
+        rng = random.Random(f"{self.config.seed}-epoch-{epoch}")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, example in enumerate(self.examples):
+            by_bucket.setdefault(example.bucket, []).extend([index] * example.record.repeats)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            rng.shuffle(indices)
+            size = self.config.batch_size
+            batches += [indices[start:start + size] for start in range(0, len(indices), size)]
+        rng.shuffle(batches)
+        return batches
+
+    def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor],
+                      progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode every image (and its mirror image with flip_aug) once and keep the latents."""
+        flips = (False, True) if self.config.flip_aug else (False,)
+        self.latent_cache = {}
+        for done, (index, example) in enumerate(enumerate(self.examples), start=1):
+            image, self._cached_crops[index] = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
+                                                              False, random.Random(0))
+            pixels = torch.stack([to_tensor(image, flip) for flip in flips])
+            for flip, latent in zip(flips, encode_images(pixels)):
+                self.latent_cache[(index, flip)] = latent
+            if progress:
+                progress(done, len(self.examples))
+
+    def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
+        """Load the examples `indices` (augmented with `rng`) as one batch."""
+        config = self.config
+        captions, sizes, pixels, latents = [], [], [], []
+        for index in indices:
+            example = self.examples[index]
+            flip = config.flip_aug and rng.random() < 0.5
+            captions.append(process_caption(example.record.caption, config.shuffle_caption, config.keep_tokens,
+                                            config.caption_dropout_rate, rng))
+            bucket_width, bucket_height = example.bucket
+            if self.latent_cache is not None:
+                latents.append(self.latent_cache[(index, flip)])
+                crop_top, crop_left = self._cached_crops[index]
+            else:
+                image, (crop_top, crop_left) = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
+                                                              config.random_crop, rng)
+                pixels.append(to_tensor(image, flip))
+            sizes.append([example.record.height, example.record.width, crop_top, crop_left,
+                          bucket_height, bucket_width])
+        return Batch(captions=captions, size_conditioning=torch.tensor(sizes, dtype=torch.float32),
+                     pixels=torch.stack(pixels) if pixels else None,
+                     latents=torch.stack(latents) if latents else None)
+
+    def summary(self) -> str:
+        """Buckets and per-epoch counts, for the start-of-run report."""
+        buckets = ", ".join(f"{w}x{h}: {count}" for (w, h), count in self.bucket_counts.items())
+        cache = "cached once" if self.uses_latent_cache else "encoded every step"
+        return (f"{len(self.bucket_counts)} bucket(s) ({buckets}); {self.examples_per_epoch} examples and "
+                f"{self.batches_per_epoch()} batches of up to {self.config.batch_size} per epoch; latents {cache}")
+

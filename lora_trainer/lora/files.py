@@ -1,0 +1,118 @@
+"""LoRA files: kohya-format `.safetensors` with metadata, the diffusers/peft layout, and reading both."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora_trainer.errors import UserError
+from lora_trainer.files import atomic_write
+from lora_trainer.lora.network import LoraNetwork
+
+
+def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
+    """Write `network` as a kohya-format file, atomically; an existing file is an error, never replaced."""
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path} already exists; choose another output_name or move the old file")
+    state = network.kohya_state_dict()
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
+    """Write `network` in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
+    for a file with no alphas)."""
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path} already exists; choose another output_name or move the old file")
+    state: dict[str, torch.Tensor] = {}
+    for key, module in network.lora_modules.items():
+        prefix = network.peft_keys[key]
+        state[f"{prefix}.lora_A.weight"] = module.down.detach().float().cpu().contiguous()
+        state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).cpu().contiguous()
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read from disk, normalised to kohya keys."""
+
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def module_keys(self) -> set[str]:
+        """The kohya module keys (`lora_unet_..._to_q`) this file has weights for."""
+        return {key.rsplit(".lora_down.weight", 1)[0] for key in self.state if key.endswith(".lora_down.weight")}
+
+    def rank_of(self, module_key: str) -> int:
+        """The rank of one module's LoRA."""
+        return int(self.state[f"{module_key}.lora_down.weight"].shape[0])
+
+
+def read_lora(path: Path, network: LoraNetwork) -> LoraFile:
+    """Read a kohya or diffusers/peft LoRA `.safetensors` file, naming its layers with `network`'s kohya keys.
+
+    peft keys that name no layer of `network` are kept under their own names, so mismatches can be reported.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{path} is not a readable .safetensors file ({error})") from None
+    if any(key.endswith(".lora_down.weight") for key in state):
+        return LoraFile(state, metadata)
+    if any(key.endswith(".lora_A.weight") for key in state):
+        return LoraFile(_peft_to_kohya(state, network), metadata)
+    raise UserError(f"{path} has neither kohya (lora_down/lora_up) nor peft (lora_A/lora_B) LoRA weights")
+
+
+def check_matches_network(lora: LoraFile, network: LoraNetwork, source: Path) -> None:
+    """Raise a `UserError` that says exactly what differs when `lora` cannot initialise `network`."""
+    wanted = set(network.lora_modules.keys())
+    have = lora.module_keys
+    problems = []
+    if missing := sorted(wanted - have):
+        problems.append(f"{len(missing)} layers this run trains are not in the file (e.g. {missing[0]})")
+    if extra := sorted(have - wanted):
+        problems.append(f"{len(extra)} layers in the file are not trained by this run (e.g. {extra[0]})")
+    ranks = {(key, lora.rank_of(key), network.lora_modules[key].rank) for key in have & wanted
+             if lora.rank_of(key) != network.lora_modules[key].rank}
+    if ranks:
+        key, file_rank, run_rank = sorted(ranks)[0]
+        problems.append(f"rank differs on {len(ranks)} layers: the file has rank {file_rank}, this run "
+                        f"uses {run_rank} (e.g. {key}); set lora_rank/conv_rank to the file's")
+    for key in sorted(have & wanted):
+        file_shape = tuple(lora.state[f"{key}.lora_up.weight"].shape)
+        run_shape = tuple(network.lora_modules[key].up.shape)
+        if file_shape[:2] != run_shape[:2]:
+            problems.append(f"{key} has shape {file_shape} in the file but {run_shape} in this model "
+                            "(a LoRA for another model family?)")
+            break
+    if problems:
+        raise UserError(f"init_lora_weights {source} does not match this run: " + "; ".join(problems))
+
+
+def _peft_to_kohya(state: dict[str, torch.Tensor], network: LoraNetwork) -> dict[str, torch.Tensor]:
+    kohya_keys = {peft_key: key for key, peft_key in network.peft_keys.items()}
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if not match:
+            continue
+        module_key = kohya_keys.get(match[1], match[1])
+        if match[2] == "A":
+            converted[f"{module_key}.lora_down.weight"] = tensor
+        else:  # peft files carry no alpha: the scale is already in lora_B
+            converted[f"{module_key}.lora_up.weight"] = tensor
+            converted[f"{module_key}.alpha"] = torch.tensor(float(tensor.shape[1]))
+    return converted

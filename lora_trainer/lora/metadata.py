@@ -1,0 +1,100 @@
+"""The `ss_*` (kohya) and `modelspec.*` metadata written into every LoRA file."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.data.dataset import TrainingData
+from lora_trainer.data.scan import DatasetScan
+from lora_trainer.models.base import ModelFamily, PredictionType
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType) -> str:
+    """The `modelspec.architecture` string the WebUIs read to show a LoRA only for its model family."""
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base/lora"
+    if family == "sd2":
+        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else \
+            "stable-diffusion-v2-512/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: PredictionType, model_name: str,
+                 scan: DatasetScan, data: TrainingData, total_steps: int, started_at: float) -> dict[str, str]:
+    """Metadata that stays the same for every file of one run."""
+    subsets: dict[str, dict[str, int]] = {}
+    for record in scan.records:
+        entry = subsets.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    buckets = {str(index): {"resolution": [width, height], "count": count}
+               for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
+    network_args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)} \
+        if config.conv_rank else {}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.lora_rank),
+        "ss_network_alpha": _number(config.effective_lora_alpha),
+        "ss_network_dropout": _number(config.lora_dropout),
+        "ss_network_args": json.dumps(network_args),
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_sd_model_name": model_name,
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_clip_skip": "None",
+        "ss_num_train_images": str(data.examples_per_epoch),
+        "ss_tag_frequency": json.dumps(scan.tag_frequency()),
+        "ss_dataset_dirs": json.dumps(subsets),
+        "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0}),
+        "ss_enable_bucket": str(config.enable_bucket),
+        "ss_output_name": config.output_name,
+        "ss_training_started_at": str(int(started_at)),
+        "ss_max_train_steps": str(total_steps),
+        "ss_num_epochs": str(config.epochs),
+        "ss_learning_rate": _number(config.learning_rate),
+        "ss_unet_lr": _number(config.effective_unet_lr),
+        "ss_text_encoder_lr": _number(config.effective_text_encoder_lr),
+        "ss_optimizer": config.optimizer,
+        "ss_lr_scheduler": config.scheduler,
+        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_max_grad_norm": _number(config.max_grad_norm),
+        "ss_min_snr_gamma": _number(config.min_snr_gamma),
+        "ss_noise_offset": _number(config.noise_offset),
+        "ss_flip_aug": str(config.flip_aug),
+        "ss_shuffle_caption": str(config.shuffle_caption),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_caption_dropout_rate": _number(config.caption_dropout_rate),
+        "ss_cache_latents": str(data.uses_latent_cache),
+        "ss_seed": str(config.seed),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": modelspec_architecture(family, prediction_type),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": config.output_name,
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    if config.init_lora_weights:
+        metadata["ss_network_weights"] = str(config.init_lora_weights)
+    return metadata
+
+
+def file_metadata(run: dict[str, str], step: int, epoch: int) -> dict[str, str]:
+    """`run` plus what differs per saved file: its step, epoch and time."""
+    now = time.time()
+    return {**run, "ss_steps": str(step), "ss_epoch": str(epoch), "ss_training_finished_at": str(int(now)),
+            "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _number(value: float | int | None) -> str:
+    return "None" if value is None else repr(value)

@@ -1,0 +1,125 @@
+"""The backend seam: everything the trainer needs from a model family, and nothing more.
+
+Two implementations: `diffusers_backend` (a diffusers pipeline: the CLI and tests) and `webui_backend`
+(the ldm/sgm model object the WebUI has loaded). The training loop, the LoRA mechanism and the export
+are written once against this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+ModelFamily = Literal["sd1", "sd2", "sdxl"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+@dataclass
+class TextConditioning:
+    """Text-encoder outputs for a batch: cross-attention states and, for SDXL, the pooled embedding."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> TextConditioning:
+        """The same conditioning on `device`."""
+        pooled = None if self.pooled is None else self.pooled.to(device)
+        return TextConditioning(self.context.to(device), pooled)
+
+    def __getitem__(self, index: int | slice) -> TextConditioning:
+        pooled = None if self.pooled is None else self.pooled[index]
+        return TextConditioning(self.context[index], pooled)
+
+    @staticmethod
+    def stack(items: list[TextConditioning]) -> TextConditioning:
+        """Concatenate per-caption conditionings (each with batch size 1) into one batch."""
+        pooled = None if items[0].pooled is None else torch.cat([item.pooled for item in items])
+        return TextConditioning(torch.cat([item.context for item in items]), pooled)
+
+
+@dataclass
+class LoraRoot:
+    """A module tree LoRA may attach to, with the key prefixes and path namings its files use."""
+
+    prefix: str
+    """kohya prefix: lora_unet, lora_te, lora_te1, lora_te2."""
+    peft_prefix: str
+    """diffusers component: unet, text_encoder, text_encoder_2."""
+    module: nn.Module
+    is_text_encoder: bool
+    kohya_path: Callable[[str], str]
+    """Maps a module path inside `module` to the path that goes into the kohya key."""
+    peft_path: Callable[[str], str]
+    """Maps a module path inside `module` to the diffusers path of the same layer."""
+
+
+class DiffusionBackend(ABC):
+    """One loaded Stable Diffusion model, seen the way the trainer needs it."""
+
+    family: ModelFamily
+    prediction_type: PredictionType
+    device: torch.device
+    weight_dtype: torch.dtype
+    model_name: str
+    latent_scale: int
+    """Pixels per latent cell along each side, including the UNet's own downsampling need."""
+
+    @property
+    @abstractmethod
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The training noise schedule (float32, on `device`)."""
+
+    @abstractmethod
+    def lora_roots(self) -> list[LoraRoot]:
+        """The UNet and text encoder(s) as LoRA attachment points."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled latents for pixels in [-1, 1], NCHW (no gradient)."""
+
+    @abstractmethod
+    def encode_text(self, captions: list[str]) -> TextConditioning:
+        """Text conditioning for `captions`; differentiable through text-encoder LoRA."""
+
+    @abstractmethod
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
+                size_conditioning: torch.Tensor) -> torch.Tensor:
+        """The UNet's output (noise or v, per `prediction_type`).
+
+        `size_conditioning` is [B, 6]: original height/width, crop top/left, target height/width (SDXL uses it).
+        """
+
+    @abstractmethod
+    @contextmanager
+    def training_mode(self, gradient_checkpointing: bool) -> Iterator[None]:
+        """Freeze every base weight and prepare for training; on exit restore exactly the previous state."""
+
+    @abstractmethod
+    def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
+                 guidance_scale: float) -> Image.Image:
+        """One image from the model as it is now (with any attached LoRA)."""
+
+
+@contextmanager
+def frozen_parameters(modules: list[nn.Module]) -> Iterator[None]:
+    """Set requires_grad=False on every parameter of `modules`, then restore each flag as it was."""
+    flags = [(parameter, parameter.requires_grad) for module in modules for parameter in module.parameters()]
+    modes = [(module, module.training) for module in modules]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        for module, was_training in modes:
+            module.train(was_training)

@@ -1,0 +1,181 @@
+"""The diffusers backend: SD1.x, SD2.x (v-prediction) and SDXL pipelines, from a folder or a single file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lora_trainer.errors import UserError
+from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_diffusers_to_compvis
+from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning, frozen_parameters
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def load_pipeline(base_model: str, base_model_config: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load a diffusers pipeline from a diffusers folder or a single-file checkpoint.
+
+    For a single file, `base_model_config` (a local diffusers folder with the same architecture) supplies
+    the component configs and tokenizers, so nothing is downloaded.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
+        class_name = json.loads(index_file.read_text())["_class_name"]
+        if "XL" in class_name:
+            return StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype)
+        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        pipeline_class = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+        options = {"torch_dtype": dtype}
+        if base_model_config:
+            options["config"] = str(Path(base_model_config).expanduser())
+        try:
+            return pipeline_class.from_single_file(str(path), **options)
+        except OSError as error:
+            raise UserError(f"could not load {path} as a single-file checkpoint ({error}); offline, set "
+                            "base_model_config to a local diffusers folder of the same architecture") from None
+    raise UserError(f"base_model {base_model!r} is neither a diffusers folder nor a checkpoint file "
+                    f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as checkpoint:
+            return any(key.startswith("conditioner.embedders.1") for key in checkpoint.keys())
+    state = torch.load(path, map_location="meta", weights_only=True)
+    state = state.get("state_dict", state)
+    return any(key.startswith("conditioner.embedders.1") for key in state)
+
+
+class DiffusersBackend(DiffusionBackend):
+    """A diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` as a training backend."""
+
+    def __init__(self, pipeline, device: torch.device | str, weight_dtype: torch.dtype = torch.float32,
+                 model_name: str = "", v_parameterization: bool | None = None):
+        self.pipeline = pipeline
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.model_name = model_name or pipeline.name_or_path or "diffusers-model"
+        self.unet = pipeline.unet
+        self.text_encoders = [pipeline.text_encoder] + (
+            [pipeline.text_encoder_2] if getattr(pipeline, "text_encoder_2", None) is not None else [])
+        self.tokenizers = [pipeline.tokenizer] + (
+            [pipeline.tokenizer_2] if getattr(pipeline, "tokenizer_2", None) is not None else [])
+        if self.unet.config.get("addition_embed_type") == "text_time":
+            self.family = "sdxl"
+        elif pipeline.text_encoder.config.hidden_act == "gelu":  # OpenCLIP-H, converted
+            self.family = "sd2"
+        else:
+            self.family = "sd1"
+        scheduler_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
+        if v_parameterization is not None:
+            scheduler_prediction = "v_prediction" if v_parameterization else "epsilon"
+        self.prediction_type = "v_prediction" if scheduler_prediction == "v_prediction" else "epsilon"
+        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        unet_scale = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.latent_scale = vae_scale * unet_scale
+        self._vae_scale_factor = pipeline.vae.config.scaling_factor
+        self._alphas_cumprod = _training_alphas_cumprod(pipeline.scheduler.config).to(self.device)
+        pipeline.to(self.device, weight_dtype)
+        pipeline.vae.to(torch.float32)  # the SD VAEs overflow in fp16
+        pipeline.set_progress_bar_config(disable=True)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def lora_roots(self) -> list[LoraRoot]:
+        if self.family == "sdxl":
+            layers = self.unet.config.layers_per_block
+            with_attention = {index for index, block in enumerate(self.unet.up_blocks)
+                              if hasattr(block, "attentions")}
+            unet_path = partial(unet_diffusers_to_compvis, layers_per_block=layers,
+                                up_blocks_with_attention=with_attention)
+            prefixes = ["lora_te1", "lora_te2"]
+        else:
+            unet_path = str
+            prefixes = ["lora_te"]
+        roots = [LoraRoot(UNET_PREFIX, "unet", self.unet, is_text_encoder=False, kohya_path=unet_path,
+                          peft_path=str)]
+        roots += [LoraRoot(prefix, component, encoder, is_text_encoder=True, kohya_path=hf_clip_path,
+                           peft_path=hf_clip_path)
+                  for prefix, component, encoder in zip(prefixes, ["text_encoder", "text_encoder_2"],
+                                                        self.text_encoders)]
+        return roots
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return (distribution.sample() * self._vae_scale_factor).to(self.weight_dtype)
+
+    def encode_text(self, captions: list[str]) -> TextConditioning:
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            token_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
+            if self.family != "sdxl":
+                return TextConditioning(encoder(token_ids)[0])
+            output = encoder(token_ids, output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's projected pooled output (text_embeds)
+        return TextConditioning(torch.cat(hidden_states, dim=-1), pooled)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
+                size_conditioning: torch.Tensor) -> torch.Tensor:
+        added = None
+        if self.family == "sdxl":
+            added = {"text_embeds": text.pooled, "time_ids": size_conditioning.to(self.device, text.context.dtype)}
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text.context,
+                         added_cond_kwargs=added).sample
+
+    @contextmanager
+    def training_mode(self, gradient_checkpointing: bool) -> Iterator[None]:
+        modules = [self.unet, self.pipeline.vae, *self.text_encoders]
+        with frozen_parameters(modules):
+            checkpointing_before = self.unet.is_gradient_checkpointing
+            if gradient_checkpointing:
+                self.unet.enable_gradient_checkpointing()
+                for encoder in self.text_encoders:
+                    encoder.gradient_checkpointing_enable()
+            try:
+                yield
+            finally:
+                if gradient_checkpointing and not checkpointing_before:
+                    self.unet.disable_gradient_checkpointing()
+                    for encoder in self.text_encoders:
+                        encoder.gradient_checkpointing_disable()
+
+    @torch.no_grad()
+    def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
+                 guidance_scale: float) -> Image.Image:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return self.pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                             width=width, height=height, guidance_scale=guidance_scale,
+                             generator=generator).images[0]
+
+
+def _training_alphas_cumprod(scheduler_config) -> torch.Tensor:
+    """The DDPM schedule the model was trained with (SD uses "scaled_linear" betas)."""
+    steps = scheduler_config.get("num_train_timesteps", 1000)
+    beta_start = scheduler_config.get("beta_start", 0.00085)
+    beta_end = scheduler_config.get("beta_end", 0.012)
+    if scheduler_config.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float()

@@ -1,0 +1,59 @@
+"""What a training run tells the outside world, and how the outside world steers it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass
+class RunPlan:
+    """The shape of a run, known before the first step."""
+
+    total_steps: int
+    epochs: int
+    steps_per_epoch: int
+    summary: str
+
+
+@dataclass
+class StepReport:
+    """Progress after an optimizer step. `loss` is the mean since the last report (read every few steps)."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float | None
+    learning_rate: float
+    samples_per_second: float
+    seconds_elapsed: float
+    seconds_left: float
+
+
+class TrainingEvents:
+    """Callbacks of a run; the defaults do nothing. The WebUI tab and the CLI subclass it."""
+
+    def on_start(self, plan: RunPlan) -> None:
+        """The data is scanned and cached; training starts."""
+
+    def on_message(self, text: str) -> None:
+        """A line for the user (what is being prepared, what was skipped)."""
+
+    def on_step(self, report: StepReport) -> None:
+        """After each optimizer step."""
+
+    def on_saved(self, path: Path, step: int, epoch: int) -> None:
+        """A LoRA file was written."""
+
+    def on_sample(self, step: int, images: list[Image.Image], prompts: list[str]) -> None:
+        """Sample images were rendered with the LoRA as trained so far."""
+
+    def should_stop(self) -> bool:
+        """Checked after every step: True ends the run (the weights so far are saved)."""
+        return False
+
+    def save_requested(self) -> bool:
+        """Checked after every step: True saves the weights now and goes on."""
+        return False

@@ -1,0 +1,241 @@
+"""The training loop: batch -> noise -> predict -> loss -> step -> log -> maybe save. One function, top to bottom."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.data.dataset import Batch, TrainingData
+from lora_trainer.data.scan import scan_dataset
+from lora_trainer.errors import UserError
+from lora_trainer.files import unused_path
+from lora_trainer.lora.files import check_matches_network, read_lora, save_diffusers_layout, save_kohya
+from lora_trainer.lora.metadata import file_metadata, run_metadata
+from lora_trainer.lora.network import LoraNetwork
+from lora_trainer.lora.targets import find_lora_targets
+from lora_trainer.models.base import DiffusionBackend, TextConditioning
+from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
+from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
+from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.state import load_state, save_state
+from lora_trainer.train.tensorboard import RunLog
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced."""
+
+    saved: list[Path] = field(default_factory=list)
+    steps: int = 0
+    stopped: bool = False
+    last_loss: float | None = None
+
+
+def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents | None = None) -> TrainingResult:
+    """Train a LoRA on `backend`'s model as `config` says. The model is left exactly as it was."""
+    events = events or TrainingEvents()
+    started_at = time.time()
+    torch.manual_seed(config.seed)
+    data_rng = random.Random(config.seed)
+    noise_generator = torch.Generator(backend.device).manual_seed(config.seed)
+    result = TrainingResult()
+
+    # --- data and plan ---
+    scan = scan_dataset(config.train_data_dir, config.metadata_path, config.repeats, config.caption_extension)
+    data = TrainingData(scan, config, backend.latent_scale)
+    steps_per_epoch = math.ceil(data.batches_per_epoch() / config.gradient_accumulation_steps)
+    total_steps = config.max_train_steps or steps_per_epoch * config.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    final_path = Path(config.output_dir) / f"{config.output_name}.safetensors"
+    if final_path.exists() and config.resume is None:
+        raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
+
+    # --- LoRA on the model ---
+    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config), config.lora_dropout).to(backend.device)
+    if config.init_lora_weights:
+        initial = read_lora(config.init_lora_weights, network)
+        check_matches_network(initial, network, config.init_lora_weights)
+        network.load_kohya_state_dict(initial.state)
+    parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"), "lr": config.effective_unet_lr}]
+    if config.train_text_encoder:
+        parameter_groups.append({"params": network.parameters_with_prefix("lora_te"),
+                                 "lr": config.effective_text_encoder_lr})
+    parameter_groups = [group for group in parameter_groups if group["params"]]
+    trainable = [p for group in parameter_groups for p in group["params"]]
+
+    accelerator = _accelerator(config, backend.device)
+    optimizer = make_optimizer(config, parameter_groups)
+    scheduler = make_scheduler(config, optimizer, total_steps)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, scan, data,
+                            total_steps, started_at)
+    run_log = RunLog(config.logging_dir, config.output_name)
+
+    def save(path: Path, step: int, epoch: int, batch_in_epoch: int) -> None:
+        if not all(torch.isfinite(p).all() for p in trainable):
+            raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
+                            "learning rate, or train in bf16/fp32 instead of fp16")
+        path = unused_path(path)
+        save_kohya(path, network, file_metadata(metadata, step, epoch))
+        result.saved.append(path)
+        if config.save_diffusers_format:
+            save_diffusers_layout(unused_path(path.with_suffix(".diffusers.safetensors")), network,
+                                  file_metadata(metadata, step, epoch))
+        if config.save_state:
+            save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
+                       epoch, batch_in_epoch, noise_generator, data_rng)
+        events.on_saved(path, step, epoch)
+
+    def sample(step: int) -> None:
+        network.eval()
+        images = [backend.generate(prompt, "", config.sample_seed, config.sample_steps, config.resolution,
+                                   config.resolution, 7.0) for prompt in config.sample_prompts]
+        network.train()
+        events.on_sample(step, images, list(config.sample_prompts))
+
+    step, start_epoch, skip_batches = 0, 0, 0
+    with backend.training_mode(config.gradient_checkpointing), network.applied(1.0):
+        network.train()
+        # --- caches: VAE latents and text-encoder outputs, computed once ---
+        if data.uses_latent_cache:
+            events.on_message(f"Caching latents of {len(data.examples)} images...")
+            data.cache_latents(backend.encode_images)
+        text_cache: dict[str, TextConditioning] = {}
+        if config.cache_text_encoder_outputs:
+            with torch.no_grad():
+                for caption in sorted({example.record.caption for example in data.examples} | {""}):
+                    text_cache[caption] = backend.encode_text([caption])
+
+        if config.resume is not None:
+            resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
+            network.load_kohya_state_dict(weights)
+            step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.batch_in_epoch
+            events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
+
+        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary()}\n{data.summary()}\n"
+                       f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
+                       f"parameters; {total_steps} steps over {epochs} epoch(s)")
+        events.on_start(plan)
+
+        def training_loss(batch: Batch) -> torch.Tensor:
+            if batch.latents is not None:
+                latents = batch.latents.to(backend.device)
+            else:
+                latents = backend.encode_images(batch.pixels)
+            if text_cache:
+                text = TextConditioning.stack([text_cache[caption] for caption in batch.captions])
+            else:
+                text = backend.encode_text(batch.captions)
+            noise = sample_noise(latents, config.noise_offset, noise_generator)
+            timesteps = torch.randint(0, len(backend.alphas_cumprod), (latents.shape[0],),
+                                      generator=noise_generator, device=backend.device)
+            noisy_latents = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
+            with accelerator.autocast():
+                prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
+            target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
+            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
+                                  backend.prediction_type, config.min_snr_gamma)
+
+        loss_sum = torch.zeros((), device=backend.device)
+        losses_in_sum = 0
+        window_start, window_step = time.perf_counter(), step
+        seconds_per_step = 0.0
+        stopping = False
+        try:
+            for epoch in range(start_epoch, epochs):
+                batches = data.epoch_plan(epoch)
+                for batch_index, indices in enumerate(batches):
+                    if epoch == start_epoch and batch_index < skip_batches:
+                        continue
+                    # --- one forward/backward pass; the optimizer steps every `gradient_accumulation_steps` ---
+                    batch = data.load_batch(indices, data_rng)
+                    loss = training_loss(batch)
+                    accelerator.backward(loss / config.gradient_accumulation_steps)
+                    loss_sum += loss.detach()
+                    losses_in_sum += 1
+                    end_of_epoch = batch_index + 1 == len(batches)
+                    if (batch_index + 1) % config.gradient_accumulation_steps and not end_of_epoch:
+                        continue
+                    if config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+
+                    # --- report (reading the loss back only every few steps keeps the device busy) ---
+                    report_loss = None
+                    if step % config.log_every_n_steps == 0 or step == total_steps:
+                        report_loss = (loss_sum / losses_in_sum).item()
+                        if not math.isfinite(report_loss):
+                            raise UserError(f"the loss became {report_loss} by step {step}; nothing more was "
+                                            "saved. Lower the learning rate, or train in bf16/fp32 instead of fp16")
+                        result.last_loss = report_loss
+                        loss_sum.zero_()
+                        losses_in_sum = 0
+                        now = time.perf_counter()
+                        seconds_per_step = (now - window_start) / max(1, step - window_step)
+                        window_start, window_step = now, step
+                    report = StepReport(
+                        step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
+                        learning_rate=scheduler.get_last_lr()[0],
+                        samples_per_second=config.batch_size * config.gradient_accumulation_steps / seconds_per_step
+                        if seconds_per_step else 0.0,
+                        seconds_elapsed=time.time() - started_at,
+                        seconds_left=seconds_per_step * (total_steps - step))
+                    events.on_step(report)
+                    if report_loss is not None:
+                        run_log.log_step(report)
+
+                    # --- saves, samples, stop ---
+                    stopping = events.should_stop()
+                    if step >= total_steps or stopping:
+                        break
+                    if (config.save_every_n_steps and step % config.save_every_n_steps == 0) or \
+                            events.save_requested():
+                        save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step,
+                             epoch + 1, batch_index + 1)
+                    if config.save_every_n_epochs and end_of_epoch and (epoch + 1) % config.save_every_n_epochs == 0:
+                        save(Path(config.output_dir) / f"{config.output_name}-e{epoch + 1:04d}.safetensors", step,
+                             epoch + 1, 0)
+                    if config.sample_every_n_steps and config.sample_prompts and \
+                            step % config.sample_every_n_steps == 0:
+                        sample(step)
+                if step >= total_steps or stopping:
+                    break
+        except KeyboardInterrupt:
+            save(Path(config.output_dir) / f"{config.output_name}-interrupted-s{step:06d}.safetensors", step,
+                 epoch + 1, batch_index + 1)
+            run_log.close()
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise UserError("out of GPU memory: lower batch_size or resolution, turn on gradient_checkpointing "
+                            "and cache_latents, or use mixed_precision bf16/fp16") from None
+
+        result.stopped = step < total_steps
+        result.steps = step
+        if result.stopped:
+            save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step, epoch + 1,
+                 batch_index + 1)
+        else:
+            save(final_path, step, epochs, 0)
+        if config.sample_prompts:
+            sample(step)
+    run_log.close()
+    return result
+
+
+def _accelerator(config: TrainConfig, device: torch.device):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # One process may train many times (the WebUI): accelerate keeps global state that pins the first
+    # run's precision, so it is reset for every run.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")

@@ -1,0 +1,64 @@
+"""Optimizers and learning-rate schedules, chosen by name from the config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.errors import UserError
+
+
+def make_optimizer(config: TrainConfig, parameter_groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names, over `parameter_groups` (each with its own `lr`)."""
+    name = config.optimizer
+    if name == "adamw":
+        on_cuda = all(p.is_cuda for group in parameter_groups for p in group["params"])
+        return torch.optim.AdamW(parameter_groups, weight_decay=config.weight_decay, fused=on_cuda or None,
+                                 foreach=None if on_cuda else True)
+    if name == "adamw8bit":
+        bitsandbytes = _import_optional("bitsandbytes", "adamw8bit")
+        return bitsandbytes.optim.AdamW8bit(parameter_groups, weight_decay=config.weight_decay)
+    if name == "prodigy":
+        prodigyopt = _import_optional("prodigyopt", "prodigy")
+        return prodigyopt.Prodigy(parameter_groups, weight_decay=config.weight_decay)
+    if name == "lion":
+        lion_pytorch = _import_optional("lion_pytorch", "lion", package="lion-pytorch")
+        return lion_pytorch.Lion(parameter_groups, weight_decay=config.weight_decay)
+    raise UserError(f"unknown optimizer {name!r}")
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+    """A schedule with `warmup_steps` of linear warmup, then `config.scheduler` over the remaining steps."""
+    warmup = config.warmup_steps
+    decay_steps = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / decay_steps)
+        if config.scheduler == "constant":
+            return 1.0
+        if config.scheduler == "linear":
+            return 1.0 - progress
+        if config.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if config.scheduler == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((config.scheduler_num_cycles * progress) % 1.0)))
+        return (1.0 - progress) ** config.scheduler_power  # polynomial
+
+    return LambdaLR(optimizer, factor)
+
+
+def _import_optional(module: str, optimizer: str, package: str | None = None):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"optimizer {optimizer!r} needs the {package or module} package: "
+                        f"pip install {package or module}") from None

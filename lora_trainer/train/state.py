@@ -1,0 +1,63 @@
+"""Resumable training state: optimizer, scheduler, step and random-number state beside the LoRA weights."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_trainer.errors import UserError
+from lora_trainer.files import atomic_write
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+
+
+def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               scheduler, step: int, epoch: int, batch_in_epoch: int, noise_generator: torch.Generator,
+               data_rng: random.Random) -> Path:
+    """Write everything `load_state` needs to continue this run exactly."""
+    state = {
+        "lora_weights": lora_weights,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "noise_generator": noise_generator.get_state(),
+        "data_rng": data_rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler, noise_generator: torch.Generator,
+               data_rng: random.Random) -> tuple[ResumePoint, dict[str, torch.Tensor]]:
+    """Restore optimizer, scheduler and RNG state from `folder`; return where to continue and the LoRA weights."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"resume: {path} does not exist (state folders are written with save_state: true)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as error:
+        raise UserError(f"resume: the saved optimizer state does not fit this run ({error}); resume with the "
+                        "same LoRA settings") from None
+    scheduler.load_state_dict(state["scheduler"])
+    noise_generator.set_state(state["noise_generator"])
+    data_rng.setstate(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return ResumePoint(state["step"], state["epoch"], state["batch_in_epoch"]), state["lora_weights"]
