@@ -86,7 +86,7 @@ def scan_dataset(
         caption_extension = "." + caption_extension
 
     records: list[ImageRecord] = []
-    for image_path in _image_files(dataset_dir):
+    for image_path in image_files(dataset_dir):
         try:
             image = load_rgb_image(image_path)
             caption = _caption_for(image_path, caption_extension, metadata)
@@ -121,7 +121,7 @@ def _checked_dataset_dir(train_data_dir: Path) -> Path:
     return dataset_dir.resolve()
 
 
-def _image_files(dataset_dir: Path) -> list[Path]:
+def image_files(dataset_dir: Path) -> list[Path]:
     """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders."""
     found: list[Path] = []
     for folder, subfolders, filenames in os.walk(dataset_dir):

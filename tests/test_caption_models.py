@@ -1,0 +1,42 @@
+"""Loading open_clip models: weights files and tags are checked before anything is built or downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.caption.models import load_open_clip, resolve_device
+from lora_trainer.errors import UserError
+from tests.caption_models import TINY_CLIP, TINY_COCA, register_tiny_configs, save_tiny_checkpoint
+
+CPU = torch.device("cpu")
+
+
+def test_a_weights_file_loads_into_its_architecture_with_a_matching_tokenizer(tmp_path: Path) -> None:
+    register_tiny_configs(tmp_path)
+    bundle = load_open_clip(TINY_CLIP, str(save_tiny_checkpoint(TINY_CLIP, tmp_path / "clip.pt")), CPU)
+    assert not bundle.model.training
+    assert bundle.tokenizer(["a cat", "a dog"]).shape == (2, bundle.model.context_length)
+
+
+def test_weights_of_another_architecture_are_a_user_error(tmp_path: Path) -> None:
+    register_tiny_configs(tmp_path)
+    clip_weights = save_tiny_checkpoint(TINY_CLIP, tmp_path / "clip.pt")
+    with pytest.raises(UserError, match="trained with this architecture"):
+        load_open_clip(TINY_COCA, str(clip_weights), CPU)
+
+
+def test_an_unknown_architecture_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="no architecture called"):
+        load_open_clip("ViT-Nonexistent", "openai", CPU)
+
+
+def test_the_cpu_device_is_always_available() -> None:
+    assert resolve_device("cpu") == CPU
+
+
+def test_an_unknown_device_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="Unknown device"):
+        resolve_device("tpu")
