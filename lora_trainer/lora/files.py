@@ -55,10 +55,10 @@ class LoraFile:
         return int(self.state[f"{module_key}.lora_down.weight"].shape[0])
 
 
-def read_lora(path: Path, network: LoraNetwork) -> LoraFile:
-    """Read a kohya or diffusers/peft LoRA `.safetensors` file, naming its layers with `network`'s kohya keys.
+def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
+    """Read a kohya or diffusers/peft LoRA `.safetensors` file into kohya keys.
 
-    peft keys that name no layer of `network` are kept under their own names, so mismatches can be reported.
+    peft layer names are renamed through `peft_to_kohya`; names it lacks are kept, so mismatches can be reported.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,7 +72,7 @@ def read_lora(path: Path, network: LoraNetwork) -> LoraFile:
     if any(key.endswith(".lora_down.weight") for key in state):
         return LoraFile(state, metadata)
     if any(key.endswith(".lora_A.weight") for key in state):
-        return LoraFile(_peft_to_kohya(state, network), metadata)
+        return LoraFile(_peft_to_kohya(state, peft_to_kohya), metadata)
     raise UserError(f"{path} has neither kohya (lora_down/lora_up) nor peft (lora_A/lora_B) LoRA weights")
 
 
@@ -102,8 +102,7 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: Path) ->
         raise UserError(f"init_lora_weights {source} does not match this run: " + "; ".join(problems))
 
 
-def _peft_to_kohya(state: dict[str, torch.Tensor], network: LoraNetwork) -> dict[str, torch.Tensor]:
-    kohya_keys = {peft_key: key for key, peft_key in network.peft_keys.items()}
+def _peft_to_kohya(state: dict[str, torch.Tensor], kohya_keys: dict[str, str]) -> dict[str, torch.Tensor]:
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import STEM_CONVS, kohya_key
-from lora_trainer.lora.network import LoraTarget
+from lora_trainer.lora.files import read_lora
+from lora_trainer.lora.network import LoraNetwork, LoraTarget
 from lora_trainer.models.base import LoraRoot
 
 
@@ -21,6 +24,8 @@ def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTa
     for root in roots:
         if root.is_text_encoder and not config.train_text_encoder:
             continue
+        if root.not_trainable:
+            raise UserError(root.not_trainable)
         suffixes = config.text_encoder_target_modules if root.is_text_encoder else config.target_modules
         found = []
         for path, layer in root.module.named_modules():
@@ -42,9 +47,39 @@ def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTa
 
 
 def _target(root: LoraRoot, path: str, layer: nn.Module, rank: int, alpha: float) -> LoraTarget:
-    return LoraTarget(kohya_key(root.prefix, root.kohya_path(path)), f"{root.peft_prefix}.{root.peft_path(path)}",
-                      layer, rank, alpha)
+    return LoraTarget(*_keys(root, path), layer, rank, alpha)
+
+
+def _keys(root: LoraRoot, path: str) -> tuple[str, str]:
+    """The kohya key and the diffusers/peft key of the layer at `path` in `root`."""
+    return kohya_key(root.prefix, root.kohya_path(path)), f"{root.peft_prefix}.{root.peft_path(path)}"
 
 
 def _matches(path: str, suffixes: list[str]) -> bool:
     return any(path == suffix or path.endswith("." + suffix) for suffix in suffixes)
+
+
+def network_from_file(roots: list[LoraRoot], path: Path) -> LoraNetwork:
+    """A `LoraNetwork` on the layers of `roots` that the LoRA file at `path` has weights for, loaded.
+
+    Every layer of the file must exist in the model: a file for another model family is an error that
+    names the layers it could not place.
+    """
+    layers = {}
+    for root in roots:
+        for module_path, layer in root.module.named_modules():
+            weight = getattr(layer, "weight", None)
+            if isinstance(weight, nn.Parameter) and weight.dim() in (2, 4):
+                key, peft_key = _keys(root, module_path)
+                layers[key] = (peft_key, layer)
+    lora = read_lora(path, {peft_key: key for key, (peft_key, _) in layers.items()})
+    unplaced = sorted(lora.module_keys - layers.keys())
+    if unplaced:
+        raise UserError(f"{path}: {len(unplaced)} of its {len(lora.module_keys)} layers do not exist in this model "
+                        f"(e.g. {unplaced[0]}); is it a LoRA for another model family?")
+    targets = [LoraTarget(key, layers[key][0], layers[key][1], lora.rank_of(key),
+                          float(lora.state.get(f"{key}.alpha", lora.rank_of(key))))
+               for key in sorted(lora.module_keys)]
+    network = LoraNetwork(targets)
+    network.load_kohya_state_dict(lora.state)
+    return network

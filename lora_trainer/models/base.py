@@ -58,6 +58,8 @@ class LoraRoot:
     """Maps a module path inside `module` to the path that goes into the kohya key."""
     peft_path: Callable[[str], str]
     """Maps a module path inside `module` to the diffusers path of the same layer."""
+    not_trainable: str | None = None
+    """Why LoRA cannot be trained on this root (a user-facing message), or None when it can."""
 
 
 class DiffusionBackend(ABC):
@@ -107,11 +109,20 @@ class DiffusionBackend(ABC):
         """One image from the model as it is now (with any attached LoRA)."""
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """`name` as a device, or CUDA when available and the CPU otherwise."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @contextmanager
 def frozen_parameters(modules: list[nn.Module]) -> Iterator[None]:
-    """Set requires_grad=False on every parameter of `modules`, then restore each flag as it was."""
+    """Set requires_grad=False on every parameter of `modules` and put them in eval mode, then restore each
+    flag and each submodule's train/eval mode as it was."""
     flags = [(parameter, parameter.requires_grad) for module in modules for parameter in module.parameters()]
-    modes = [(module, module.training) for module in modules]
+    # Every submodule's own mode: a tree may mix train and eval (ldm overrides `train` on its frozen stages).
+    modes = [(submodule, submodule.training) for module in modules for submodule in module.modules()]
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
@@ -121,5 +132,5 @@ def frozen_parameters(modules: list[nn.Module]) -> Iterator[None]:
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-        for module, was_training in modes:
-            module.train(was_training)
+        for submodule, was_training in modes:
+            submodule.training = was_training

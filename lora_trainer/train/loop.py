@@ -59,7 +59,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     # --- LoRA on the model ---
     network = LoraNetwork(find_lora_targets(backend.lora_roots(), config), config.lora_dropout).to(backend.device)
     if config.init_lora_weights:
-        initial = read_lora(config.init_lora_weights, network)
+        initial = read_lora(config.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
         check_matches_network(initial, network, config.init_lora_weights)
         network.load_kohya_state_dict(initial.state)
     parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"), "lr": config.effective_unet_lr}]

@@ -1,0 +1,128 @@
+"""`python -m lora_trainer` / `lora-trainer`: train, caption, grid and demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_trainer.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code (2 for a problem the user can fix)."""
+    parser = argparse.ArgumentParser(prog="lora-trainer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser(
+        "train", help="train a LoRA from a YAML config",
+        description="Train a LoRA. Any config key can be overridden: --lora_rank 8 --unet_lr 2e-4 ...")
+    train_parser.add_argument("--config", type=Path, help="YAML file with TrainConfig keys")
+
+    from lora_trainer.caption import cli as caption_cli
+
+    caption_cli.add_arguments(commands.add_parser("caption", help="write a caption .txt beside every image"))
+
+    grid_parser = commands.add_parser("grid", help="render a strength x file grid of LoRAs on a base model")
+    grid_parser.add_argument("--base-model", required=True, help="diffusers folder or single-file checkpoint")
+    grid_parser.add_argument("--base-model-config", help="local diffusers folder describing a single file")
+    grid_parser.add_argument("--lora", type=Path, nargs="+", required=True, help="LoRA files: one row each")
+    grid_parser.add_argument("--strengths", default="0,0.25,0.5,0.75,1", help="comma-separated: one column each")
+    grid_parser.add_argument("--seeds", default="1", help="comma-separated; with one LoRA file, rows are seeds")
+    grid_parser.add_argument("--prompt", required=True)
+    grid_parser.add_argument("--negative-prompt", default="")
+    grid_parser.add_argument("--steps", type=int, default=20)
+    grid_parser.add_argument("--cfg", type=float, default=7.0)
+    grid_parser.add_argument("--width", type=int, default=512)
+    grid_parser.add_argument("--height", type=int, default=512)
+    grid_parser.add_argument("--device")
+    grid_parser.add_argument("--out", type=Path, required=True, help="PNG to write (never overwritten)")
+
+    demo_parser = commands.add_parser("demo", help="train a LoRA on an embedded tiny model and write a PNG")
+    demo_parser.add_argument("--workdir", type=Path, default=Path("out/demo"))
+    demo_parser.add_argument("--device")
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return _train(args.config, extra)
+        if args.command == "caption":
+            return caption_cli.run(args)
+        if args.command == "grid":
+            return _grid(args)
+        from lora_trainer.demo import run_demo
+
+        run_demo(args.workdir, args.device)
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _train(config_path: Path | None, override_words: list[str]) -> int:
+    import torch
+
+    from lora_trainer.config import load_config, parse_overrides
+    from lora_trainer.console import ConsoleEvents
+    from lora_trainer.models.base import resolve_device
+    from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
+    from lora_trainer.train.loop import train
+
+    config = load_config(config_path, parse_overrides(override_words))
+    if config.train_data_dir is None or config.base_model is None:
+        raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
+    device = resolve_device(config.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32) \
+        if device.type == "cuda" else torch.float32
+    pipeline = load_pipeline(config.base_model, config.base_model_config, weight_dtype)
+    backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(config.base_model).stem,
+                               v_parameterization=config.v_parameterization)
+    result = train(config, backend, ConsoleEvents())
+    print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
+          + ", ".join(str(path) for path in result.saved))
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from lora_trainer.files import atomic_write, unused_path
+    from lora_trainer.grid import labelled_grid
+    from lora_trainer.lora.targets import network_from_file
+    from lora_trainer.models.base import resolve_device
+    from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
+
+    strengths = _numbers(args.strengths, float, "--strengths")
+    seeds = _numbers(args.seeds, int, "--seeds")
+    backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device))
+    networks = [network_from_file(backend.lora_roots(), path).to(backend.device) for path in args.lora]
+    if len(networks) > 1 and len(seeds) > 1:
+        raise UserError("rows are either LoRA files or seeds: give several files or several seeds, not both")
+    if len(networks) > 1:
+        rows = [(network, seeds[0], path.stem) for network, path in zip(networks, args.lora)]
+    else:
+        rows = [(networks[0], seed, f"{args.lora[0].stem}, seed {seed}") for seed in seeds]
+    cells = []
+    for network, seed, _ in rows:
+        row = []
+        for strength in strengths:
+            with network.applied(strength):
+                row.append(backend.generate(args.prompt, args.negative_prompt, seed, args.steps, args.width,
+                                            args.height, args.cfg))
+        cells.append(row)
+    grid = labelled_grid(cells, [f"strength {s:g}" for s in strengths], [label for *_, label in rows],
+                         title=args.prompt)
+    out = unused_path(args.out)
+    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"wrote {out}")
+    return 0
+
+
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option} needs at least one number")
+    return values

@@ -1,0 +1,35 @@
+"""Console progress for CLI runs: a tqdm bar with loss and learning rate, and plain lines for messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
+
+
+class ConsoleEvents(TrainingEvents):
+    """Prints the plan and saves, and drives a tqdm bar over the optimizer steps."""
+
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
+
+    def on_message(self, text: str) -> None:
+        tqdm.write(text)
+
+    def on_start(self, plan: RunPlan) -> None:
+        tqdm.write(plan.summary)
+        self._bar = tqdm(total=plan.total_steps, unit="step", dynamic_ncols=True)
+
+    def on_step(self, report: StepReport) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(report.step - self._bar.n)
+        if report.loss is not None:
+            self._bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2e}", epoch=report.epoch)
+        if report.step >= report.total_steps:
+            self._bar.close()
+
+    def on_saved(self, path: Path, step: int, epoch: int) -> None:
+        tqdm.write(f"saved {path} (step {step}, epoch {epoch})")

@@ -1,0 +1,37 @@
+"""Shared fixtures: the offline CLIP tokenizer, tiny captioned datasets, tiny diffusers models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory) -> Path:
+    """The real CLIP BPE tokenizer files, built once per session from open_clip's vocabulary."""
+    from lora_trainer.tiny import write_clip_tokenizer_files
+
+    return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip-tokenizer"))
+
+
+def write_shapes_dataset(folder: Path, count: int = 4, size: int = 32) -> Path:
+    """`count` images of coloured shapes with `.txt` captions in `folder`."""
+    colours = ["red", "blue", "green", "orange", "purple", "teal", "black", "yellow"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        colour = colours[index % len(colours)]
+        image = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(image)
+        margin = size // 8
+        (draw.ellipse if index % 2 else draw.rectangle)((margin, margin, size - margin, size - margin), fill=colour)
+        image.save(folder / f"{index:02d}.png")
+        (folder / f"{index:02d}.txt").write_text(f"sks, a {colour} shape")
+    return folder
+
+
+@pytest.fixture
+def shapes_dataset(tmp_path) -> Path:
+    """Four 32 px captioned images."""
+    return write_shapes_dataset(tmp_path / "dataset")

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.config import TrainConfig, config_from_dict, load_config, parse_overrides, save_config
+from lora_trainer.errors import UserError
+
+
+def test_unknown_key_is_named_with_a_suggestion_and_the_valid_keys():
+    with pytest.raises(UserError) as error:
+        config_from_dict({"lora_rnak": 8})
+    message = str(error.value)
+    assert "'lora_rnak'" in message and "did you mean 'lora_rank'" in message and "train_data_dir" in message
+
+
+def test_wrong_type_names_the_key_and_what_it_should_be():
+    with pytest.raises(UserError, match="'batch_size' should be a whole number, got 'four'"):
+        config_from_dict({"batch_size": "four"})
+
+
+def test_invalid_choice_lists_the_valid_choices():
+    with pytest.raises(UserError) as error:
+        config_from_dict({"optimizer": "sgd"})
+    assert "'adamw'" in str(error.value) and "'prodigy'" in str(error.value)
+
+
+def test_learning_rate_written_as_yaml_string_is_a_number(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("learning_rate: 1e-4\nlora_rank: 4\n")
+    assert load_config(path).learning_rate == pytest.approx(1e-4)
+
+
+def test_command_line_overrides_win_over_the_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("lora_rank: 4\nunet_lr: 0.001\n")
+    config = load_config(path, parse_overrides(["--lora_rank", "8", "--target-modules=to_q,to_v"]))
+    assert config.lora_rank == 8
+    assert config.unet_lr == pytest.approx(0.001)
+    assert config.target_modules == ["to_q", "to_v"]
+
+
+def test_override_without_value_is_an_error():
+    with pytest.raises(UserError, match="--lora_rank needs a value"):
+        parse_overrides(["--lora_rank"])
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    config = TrainConfig(train_data_dir=Path("data"), lora_rank=8, min_snr_gamma=5.0, sample_prompts=["a cat"])
+    save_config(config, tmp_path / "preset.yaml")
+    assert load_config(tmp_path / "preset.yaml") == config
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ""])
+def test_output_name_with_path_tricks_is_refused(name):
+    with pytest.raises(UserError, match="plain file name"):
+        TrainConfig(output_name=name)
+
+
+def test_text_encoder_cache_with_text_encoder_training_is_refused():
+    with pytest.raises(UserError, match="cache_text_encoder_outputs"):
+        TrainConfig(cache_text_encoder_outputs=True, train_text_encoder=True)
+
+
+def test_resolution_must_fit_the_bucket_step():
+    with pytest.raises(UserError, match="multiple of bucket_step"):
+        TrainConfig(resolution=500)
+
+
+def test_non_mapping_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(path)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,100 @@
+"""The hook-based LoRA mechanism on a plain torch module tree (runs in both environments)."""
+
+import torch
+from torch import nn
+
+from lora_trainer.lora.network import LoraNetwork, LoraTarget
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 4))
+
+
+def _network(model: nn.Module, rank: int = 2, alpha: float = 1.0) -> LoraNetwork:
+    targets = [LoraTarget("lora_unet_0", "unet.0", model[0], rank, alpha),
+               LoraTarget("lora_unet_2", "unet.2", model[2], rank, alpha)]
+    network = LoraNetwork(targets)
+    with torch.no_grad():
+        for module in network.lora_modules.values():
+            module.up.normal_()
+    return network
+
+
+def _tree(model: nn.Module) -> list:
+    return [(name, type(module).__name__) for name, module in model.named_modules()] + list(
+        model.state_dict().keys())
+
+
+def test_attaching_changes_outputs_but_not_the_module_tree():
+    model = _model()
+    inputs = torch.randn(2, 3, 4, 4)
+    base_output, tree = model(inputs), _tree(model)
+    network = _network(model)
+    with network.applied(1.0):
+        adapted = model(inputs)
+        assert _tree(model) == tree
+    assert not torch.allclose(adapted, base_output)
+
+
+def test_detaching_restores_the_exact_base_output():
+    model = _model()
+    inputs = torch.randn(2, 3, 4, 4)
+    base_output = model(inputs)
+    network = _network(model)
+    network.attach()
+    network.detach()
+    assert torch.equal(model(inputs), base_output)
+
+
+def test_multiplier_zero_is_exactly_the_base_model():
+    model = _model()
+    inputs = torch.randn(2, 3, 4, 4)
+    base_output = model(inputs)
+    with _network(model).applied(0.0):
+        assert torch.equal(model(inputs), base_output)
+
+
+def test_linear_lora_equals_merged_weight_delta_times_alpha_over_rank():
+    layer = nn.Linear(6, 5)
+    network = _network_for(layer, rank=3, alpha=1.5)
+    module = network.lora_modules["lora_unet_x"]
+    inputs = torch.randn(4, 6)
+    merged = layer.weight + (module.up @ module.down) * (1.5 / 3)
+    with network.applied(0.7):
+        expected = inputs @ (layer.weight + 0.7 * (merged - layer.weight)).T + layer.bias
+        assert torch.allclose(layer(inputs), expected, atol=1e-6)
+
+
+def _network_for(layer: nn.Module, rank: int, alpha: float) -> LoraNetwork:
+    network = LoraNetwork([LoraTarget("lora_unet_x", "unet.x", layer, rank, alpha)])
+    with torch.no_grad():
+        network.lora_modules["lora_unet_x"].up.normal_()
+    return network
+
+
+def test_only_lora_parameters_receive_gradients():
+    model = _model().requires_grad_(False)
+    network = _network(model)
+    with network.applied():
+        model(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert all(p.grad is not None for p in network.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_kohya_state_dict_round_trips_into_a_fresh_network():
+    model = _model()
+    network = _network(model, rank=2, alpha=4.0)
+    state = network.kohya_state_dict()
+    assert set(state) == {f"lora_unet_{i}.{part}" for i in (0, 2) for part in
+                          ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert state["lora_unet_0.lora_down.weight"].shape == (2, 3, 3, 3)
+    assert state["lora_unet_0.lora_up.weight"].shape == (8, 2, 1, 1)
+    fresh = LoraNetwork([LoraTarget("lora_unet_0", "unet.0", model[0], 2, 1.0),
+                         LoraTarget("lora_unet_2", "unet.2", model[2], 2, 1.0)])
+    fresh.load_kohya_state_dict(state)
+    inputs = torch.randn(1, 3, 4, 4)
+    with network.applied():
+        expected = model(inputs)
+    with fresh.applied():
+        assert torch.equal(model(inputs), expected)
