@@ -170,7 +170,8 @@ class TrainConfig:
                 setattr(self, name, Path(value).expanduser())
         _check_types(self)
         positive = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size",
-                    "gradient_accumulation_steps", "epochs", "log_every_n_steps", "scheduler_num_cycles", "sample_steps")
+                    "gradient_accumulation_steps", "epochs", "log_every_n_steps", "scheduler_num_cycles",
+                    "sample_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")

@@ -40,7 +40,8 @@ def test_sdxl_attention_in_second_level_maps_like_kohya_sdxl_files():
 
 
 def test_kohya_key_joins_prefix_and_path_with_underscores():
-    assert kohya_key("lora_unet", "down_blocks.0.attentions.0.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
+    key = kohya_key("lora_unet", "down_blocks.0.attentions.0.proj_in")
+    assert key == "lora_unet_down_blocks_0_attentions_0_proj_in"
 
 
 def test_text_model_level_is_added_for_transformers_5_paths_and_kept_otherwise():

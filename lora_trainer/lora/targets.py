@@ -8,8 +8,8 @@ from torch import nn
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
-from lora_trainer.lora.naming import STEM_CONVS, kohya_key
 from lora_trainer.lora.files import read_lora
+from lora_trainer.lora.naming import STEM_CONVS, kohya_key
 from lora_trainer.lora.network import LoraNetwork, LoraTarget
 from lora_trainer.models.base import LoraRoot
 

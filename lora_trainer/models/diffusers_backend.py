@@ -145,20 +145,17 @@ class DiffusersBackend(DiffusionBackend):
 
     @contextmanager
     def training_mode(self, gradient_checkpointing: bool) -> Iterator[None]:
-        modules = [self.unet, self.pipeline.vae, *self.text_encoders]
-        with frozen_parameters(modules):
+        # Only the UNet is checkpointed: transformers' text-encoder checkpointing leaves an input hook
+        # behind on the embeddings, and the encoders are small next to the UNet.
+        with frozen_parameters([self.unet, self.pipeline.vae, *self.text_encoders]):
             checkpointing_before = self.unet.is_gradient_checkpointing
-            if gradient_checkpointing:
+            if gradient_checkpointing and not checkpointing_before:
                 self.unet.enable_gradient_checkpointing()
-                for encoder in self.text_encoders:
-                    encoder.gradient_checkpointing_enable()
             try:
                 yield
             finally:
                 if gradient_checkpointing and not checkpointing_before:
                     self.unet.disable_gradient_checkpointing()
-                    for encoder in self.text_encoders:
-                        encoder.gradient_checkpointing_disable()
 
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,

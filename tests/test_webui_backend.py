@@ -1,0 +1,381 @@
+"""The WebUI backend on tiny models built from the real `ldm` classes, shaped as the WebUI loads them."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+pytest.importorskip("ldm")
+
+from lora_trainer.config import TrainConfig  # noqa: E402
+from lora_trainer.data.dataset import TrainingData  # noqa: E402
+from lora_trainer.data.scan import scan_dataset  # noqa: E402
+from lora_trainer.errors import UserError  # noqa: E402
+from lora_trainer.lora.network import LoraNetwork  # noqa: E402
+from lora_trainer.lora.targets import find_lora_targets, network_from_file  # noqa: E402
+from lora_trainer.models.webui_backend import WebUIBackend  # noqa: E402
+from lora_trainer.train.events import TrainingEvents  # noqa: E402
+from lora_trainer.train.loop import train  # noqa: E402
+from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target  # noqa: E402
+from tests.ldm_models import tiny_sd1, tiny_sd2, tiny_sdxl  # noqa: E402
+
+BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
+SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on cores shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, nn.Module]:
+    """One tiny model per family, shared by the tests that leave it as it was (as the bit-identity test checks)."""
+    folder = tmp_path_factory.mktemp("ldm-models")
+    return {family: build(folder) for family, build in BUILDERS.items()}
+
+
+def _config(dataset, output_dir, **overrides) -> TrainConfig:
+    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=5e-3,
+                    batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _fixed_noise_loss(backend: WebUIBackend, config: TrainConfig) -> float:
+    """Denoising loss on the training images with fixed noise and timesteps."""
+    data = TrainingData(scan_dataset(config.train_data_dir), config, backend.latent_scale)
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    with torch.no_grad():
+        torch.manual_seed(1234)  # the VAE samples its latents
+        data.cache_latents(backend.encode_images)
+        for index, example in enumerate(data.examples):
+            latents = data.latent_cache[(index, False)].unsqueeze(0)
+            text = backend.encode_text([example.record.caption])
+            for timestep in (100, 300, 500, 700, 900):
+                noise = torch.randn(latents.shape, generator=generator)
+                timesteps = torch.tensor([timestep])
+                noisy = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
+                prediction = backend.predict(noisy, timesteps, text, SIZES)
+                target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
+                losses.append(float(diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
+                                                   backend.prediction_type, None)))
+    return sum(losses) / len(losses)
+
+
+def _state_hashes(model: nn.Module) -> dict[str, str]:
+    return {name: hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+            for name, tensor in model.state_dict().items()}
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """Everything training must leave as it was: weights, tree, flags, modes, hooks and plain attributes."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {
+        "state": _state_hashes(model),
+        "tree": [(name, type(module).__qualname__) for name, module in model.named_modules()],
+        "requires_grad": [(name, parameter.requires_grad) for name, parameter in model.named_parameters()],
+        "training": [(name, module.training) for name, module in model.named_modules()],
+        "hooks": [(name, len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks))
+                  for name, module in model.named_modules()],
+        "attributes": [(name, sorted(vars(module)), {key: value for key, value in vars(module).items()
+                                                     if isinstance(value, plain)})
+                       for name, module in model.named_modules()],
+    }
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, models, shapes_dataset, tmp_path):
+    backend = WebUIBackend(models[family])
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=30, learning_rate=2e-2)
+    path = train(config, backend).saved[-1]
+    network = network_from_file(backend.lora_roots(), path)
+    with network.applied(0.0):
+        base_loss = _fixed_noise_loss(backend, config)
+    with network.applied(1.0):
+        trained_loss = _fixed_noise_loss(backend, config)
+    print(f"{family}: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
+    # Measured strength-1 / strength-0 loss ratios: sd1 0.64, sd2 0.53, sdxl 0.57.
+    assert trained_loss < 0.85 * base_loss
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_training_leaves_the_model_bit_identical(family, models, shapes_dataset, tmp_path):
+    model = models[family]
+    before = _snapshot(model)
+    train(_config(shapes_dataset, tmp_path / "out", train_text_encoder=True, gradient_checkpointing=True),
+          WebUIBackend(model))
+    assert _snapshot(model) == before
+
+
+def test_train_and_eval_modes_of_a_mixed_tree_are_restored(models, shapes_dataset, tmp_path):
+    model = copy.deepcopy(models["sd1"])
+    model.model.diffusion_model.middle_block.train()
+    before = [(name, module.training) for name, module in model.named_modules()]
+    train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1), WebUIBackend(model))
+    assert [(name, module.training) for name, module in model.named_modules()] == before
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes_dataset, tmp_path):
+    # The tiny UNets are built with ldm's own use_checkpoint=True, which would drop LoRA gradients; SDXL's
+    # conditioner runs its text encoders under no_grad unless told otherwise.
+    backend = WebUIBackend(models[family])
+    config = _config(shapes_dataset, tmp_path / "out", train_text_encoder=True, conv_rank=2)
+    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config))
+    with torch.no_grad():
+        for module in network.lora_modules.values():
+            module.up.normal_(std=0.1)
+    torch.manual_seed(0)
+    latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    timesteps = torch.tensor([200, 700])
+
+    def lora_gradients(gradient_checkpointing: bool) -> dict[str, torch.Tensor]:
+        network.zero_grad(set_to_none=True)
+        with backend.training_mode(gradient_checkpointing), network.applied(1.0):
+            text = backend.encode_text(["sks, a red shape", "sks, a blue shape"])
+            prediction = backend.predict(add_noise(latents, noise, timesteps, backend.alphas_cumprod), timesteps,
+                                         text, SIZES.repeat(2, 1))
+            prediction.square().mean().backward()
+        return {name: parameter.grad.clone() for name, parameter in network.named_parameters()
+                if parameter.grad is not None}
+
+    plain, checkpointed = lora_gradients(False), lora_gradients(True)
+    # SDXL reads its first text encoder's penultimate layer, so LoRA on the last layer gets no gradient.
+    unreached = {name for name, _ in network.named_parameters()} - plain.keys()
+    assert (family == "sdxl") == bool(unreached)
+    assert all("lora_te1_text_model_encoder_layers_1_" in name for name in unreached)
+    assert any("lora_te" in name for name in plain)
+    assert all(gradient.abs().sum() > 0 for gradient in plain.values())
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-7) for name in plain)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_lora_merged_by_the_webui_is_undone_before_training(family, models, shapes_dataset, tmp_path):
+    model = copy.deepcopy(models[family])
+    clean = _state_hashes(model)
+    generator = torch.Generator().manual_seed(0)
+    # The extension patches these layer types among the layers it names (an attention's out_proj goes with it).
+    layers = [module for module in _webui_layer_mapping(model).values()
+              if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention))
+              and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    deltas = {layer: [torch.randn(p.shape, generator=generator) * 0.01 for p in _webui_patched_tensors(layer)]
+              for layer in layers}
+    for layer in layers:
+        _webui_apply(layer, deltas[layer], ("merged", 1.0, 1.0, None))
+    merged = _state_hashes(model)
+    assert merged != clean
+    if family == "sd2":
+        assert any(isinstance(layer, nn.MultiheadAttention) for layer in layers)
+
+    class StateAtStart(TrainingEvents):
+        def on_start(self, plan):
+            self.hashes = _state_hashes(model)
+
+    at_start = StateAtStart()
+    train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1), WebUIBackend(model), at_start)
+    assert at_start.hashes == clean
+    assert _state_hashes(model) == clean
+    assert all(layer.network_current_names == () for layer in layers)
+    # The extension kept its backups, so its next generation with the same LoRA merges it exactly as before.
+    for layer in layers:
+        _webui_apply(layer, deltas[layer], ("merged", 1.0, 1.0, None))
+    assert _state_hashes(model) == merged
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_exported_keys_name_the_trained_layers_as_the_webui_maps_them(family, models, shapes_dataset, tmp_path):
+    from safetensors import safe_open
+
+    model = models[family]
+    backend = WebUIBackend(model)
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "emb_layers.1", "skip_connection", "time_embed.0", "time_embed.2", "label_emb.0.0"]
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=1, conv_rank=2, train_text_encoder=True,
+                     target_modules=unet_targets,
+                     text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    trained_layers = {target.key: target.layer for target in find_lora_targets(backend.lora_roots(), config)}
+    path = train(config, backend).saved[-1]
+    with safe_open(str(path), "pt") as handle:
+        file_keys = {key.partition(".")[0] for key in handle.keys()}
+
+    mapping = _webui_layer_mapping(model)
+    unmatched = sorted(key for key in file_keys if _webui_module_for(key, mapping) is None)
+    assert unmatched == []
+    assert file_keys == trained_layers.keys()
+    assert all(_webui_module_for(key, mapping) is trained_layers[key] for key in file_keys)
+    unet_style = "lora_unet_down_blocks_" if family == "sd1" else "lora_unet_input_blocks_"
+    assert any(key.startswith(unet_style) for key in file_keys)
+    assert any(key.startswith("lora_te1_" if family == "sdxl" else "lora_te_") for key in file_keys)
+
+
+def test_sdxl_size_vector_matches_the_webui_conditioning_for_its_default_sizes(models):
+    model = models["sdxl"]
+    backend = WebUIBackend(model)
+    captions = ["sks, a red shape", "a blue shape"]
+    latents, timesteps = torch.randn(2, 4, 16, 16), torch.tensor([100, 800])
+    with torch.no_grad():
+        webui = model.apply_model(latents, timesteps, model.get_learned_conditioning(captions))
+        ours = backend.predict(latents, timesteps, backend.encode_text(captions),
+                               torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(2, 1))
+        other_size = backend.predict(latents, timesteps, backend.encode_text(captions), SIZES.repeat(2, 1))
+    assert torch.equal(ours, webui)
+    assert not torch.allclose(other_size, webui)
+
+
+def test_fp8_weights_are_refused_with_a_clear_message(models):
+    model = copy.deepcopy(models["sd1"])
+    layer = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(UserError, match="FP8.*turn off Settings > Optimizations > FP8 weight"):
+        WebUIBackend(model)
+
+
+def test_inpainting_models_are_refused_with_a_clear_message(models):
+    model = copy.deepcopy(models["sd1"])
+    unet = model.model.diffusion_model
+    unet.in_channels, unet.input_blocks[0][0] = 9, nn.Conv2d(9, 32, 3, padding=1)
+    with pytest.raises(UserError, match="9 input channels.*load a plain text-to-image checkpoint"):
+        WebUIBackend(model)
+
+
+def test_training_the_openclip_text_encoder_is_refused_with_a_clear_message(models, shapes_dataset, tmp_path):
+    with pytest.raises(UserError, match="OpenCLIP.*turn off train_text_encoder"):
+        train(_config(shapes_dataset, tmp_path / "out", train_text_encoder=True), WebUIBackend(models["sd2"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lowvram_is_refused_with_a_clear_message(models):
+    with pytest.raises(UserError, match="--lowvram"):
+        WebUIBackend(models["sd1"], lowvram=True)
+
+
+def test_sample_images_come_from_the_host_generator(models):
+    calls = []
+
+    def render(*arguments):
+        calls.append(arguments)
+        return Image.new("RGB", (32, 32))
+
+    WebUIBackend(models["sd1"], generate_image=render).generate("a cat", "blurry", 7, 20, 32, 32, 5.0)
+    assert calls == [("a cat", "blurry", 7, 20, 32, 32, 5.0)]
+    with pytest.raises(UserError, match="sample_prompts"):
+        WebUIBackend(models["sd1"]).generate("a cat", "", 7, 20, 32, 32, 5.0)
+
+
+def test_model_name_comes_from_the_loaded_checkpoint(models, monkeypatch):
+    model = models["sd1"]
+    assert WebUIBackend(model, model_name="fallback").model_name == "fallback"
+    monkeypatch.setattr(model, "sd_checkpoint_info", type("CheckpointInfo", (), {"model_name": "tiny-sd1"})(),
+                        raising=False)
+    assert WebUIBackend(model, model_name="fallback").model_name == "tiny-sd1"
+
+
+# --- the WebUI's Lora extension, rewritten from its behaviour (extensions-builtin/Lora/networks.py, v1.10.1) ---
+
+def _webui_patched_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    if isinstance(layer, nn.MultiheadAttention):
+        return [layer.in_proj_weight, layer.out_proj.weight, layer.out_proj.bias]
+    return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+
+def _webui_apply(layer: nn.Module, deltas: list[torch.Tensor], name: tuple) -> None:
+    """What the extension's patched forward does with a wanted LoRA: back the weights up once (to the CPU),
+    restore them when the wanted set changed, and add the LoRA's delta in place."""
+    is_attention = isinstance(layer, nn.MultiheadAttention)
+    with torch.no_grad():
+        if getattr(layer, "network_weights_backup", None) is None:
+            bias = layer.out_proj.bias if is_attention else layer.bias
+            layer.network_weights_backup = (layer.in_proj_weight.to("cpu", copy=True),
+                                            layer.out_proj.weight.to("cpu", copy=True)) if is_attention \
+                else layer.weight.to("cpu", copy=True)
+            layer.network_bias_backup = None if bias is None else bias.to("cpu", copy=True)
+        if getattr(layer, "network_current_names", ()) == (name,):
+            return
+        backups = list(layer.network_weights_backup) if is_attention else [layer.network_weights_backup]
+        if layer.network_bias_backup is not None:
+            backups.append(layer.network_bias_backup)
+        for tensor, backup, delta in zip(_webui_patched_tensors(layer), backups, deltas, strict=True):
+            tensor.copy_(backup)
+            tensor.add_(delta)
+        layer.network_current_names = (name,)
+
+
+def _webui_layer_mapping(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module the extension can patch, under its name with `.` as `_`: the UNet as
+    `diffusion_model_...`, text encoders as named under their `.wrapped` (SDXL: `0_...`, `1_...`)."""
+    mapping: dict[str, nn.Module] = {}
+    if model.is_sdxl:
+        for index, embedder in enumerate(model.conditioner.embedders):
+            if hasattr(embedder, "wrapped"):
+                mapping.update({f"{index}_{name}".replace(".", "_"): module
+                                for name, module in embedder.wrapped.named_modules()})
+    else:
+        text_encoder = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
+        mapping.update({name.replace(".", "_"): module for name, module in text_encoder.named_modules()})
+    mapping.update({name.replace(".", "_"): module for name, module in model.model.named_modules()})
+    return mapping
+
+
+_RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                 "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+
+
+def _webui_compvis_name(key: str, is_sd2: bool) -> str:
+    """The extension's translation of diffusers-style kohya names (SD1/SD2 files) to its layer names; it
+    assumes two resnets per level, as every SD UNet has."""
+    if match := re.fullmatch(r"lora_unet_conv_in(.*)", key):
+        return f"diffusion_model_input_blocks_0_0{match[1]}"
+    if match := re.fullmatch(r"lora_unet_conv_out(.*)", key):
+        return f"diffusion_model_out_2{match[1]}"
+    if match := re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)(.*)", key):
+        return f"diffusion_model_time_embed_{2 * int(match[1]) - 2}{match[2]}"
+    if match := re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        level, index, part = int(match[2]), int(match[4]), match[5]
+        position = 1 if match[3] == "attentions" else 0
+        part = _RESNET_PARTS.get(part, part) if match[3] == "resnets" else part
+        block = 1 + 3 * level + index if match[1] == "down" else 3 * level + index
+        side = "input" if match[1] == "down" else "output"
+        return f"diffusion_model_{side}_blocks_{block}_{position}_{part}"
+    if match := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
+        part = _RESNET_PARTS.get(match[3], match[3]) if match[1] == "resnets" else match[3]
+        block = 1 if match[1] == "attentions" else 2 * int(match[2])
+        return f"diffusion_model_middle_block_{block}_{part}"
+    if match := re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key):
+        return f"diffusion_model_input_blocks_{3 * int(match[1]) + 3}_0_op"
+    if match := re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key):
+        level = int(match[1])
+        return f"diffusion_model_output_blocks_{3 * level + 2}_{1 if level == 0 else 2}_conv"
+    if match := re.fullmatch(r"lora_te(2?)_text_model_encoder_layers_(\d+)_(.+)", key):
+        if not (match[1] or is_sd2):
+            return f"transformer_text_model_encoder_layers_{match[2]}_{match[3]}"
+        part = match[3].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        return f"{'1_' if match[1] else ''}model_transformer_resblocks_{match[2]}_{part}"
+    return key
+
+
+def _webui_module_for(key: str, mapping: dict[str, nn.Module]) -> nn.Module | None:
+    """The layer the extension patches with the file's weights under `key`, or None (an unmatched key)."""
+    name = _webui_compvis_name(key, is_sd2="model_transformer_resblocks" in mapping)
+    module = mapping.get(name)
+    if module is None and (match := re.fullmatch(r"(.*)_[qkv]_proj", name)):
+        module = mapping.get(match[1])
+    if module is None and "lora_unet" in key:
+        module = mapping.get(key.replace("lora_unet", "diffusion_model"))
+    elif module is None and "lora_te1_text_model" in key:
+        module = mapping.get(key.replace("lora_te1_text_model", "0_transformer_text_model"))
+        if module is None:
+            module = mapping.get(key.replace("lora_te1_text_model", "transformer_text_model"))
+    return module
