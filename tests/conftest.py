@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
+
+# The models are tiny: one thread beats thread contention on small CPUs and shared CI machines.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -29,15 +29,6 @@ BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
 SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, nn.Module]:
     """One tiny model per family, shared by the tests that leave it as it was (as the bit-identity test checks)."""
