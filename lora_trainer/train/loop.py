@@ -77,20 +77,21 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                             total_steps, started_at)
     run_log = RunLog(config.logging_dir, config.output_name)
 
-    def save(path: Path, step: int, epoch: int, batch_in_epoch: int) -> None:
+    def save(path: Path, step: int, epoch: int, next_batch: int) -> None:
+        """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16")
         path = unused_path(path)
-        save_kohya(path, network, file_metadata(metadata, step, epoch))
+        save_kohya(path, network, file_metadata(metadata, step, epoch + 1))
         result.saved.append(path)
         if config.save_diffusers_format:
             save_diffusers_layout(unused_path(path.with_suffix(".diffusers.safetensors")), network,
-                                  file_metadata(metadata, step, epoch))
+                                  file_metadata(metadata, step, epoch + 1))
         if config.save_state:
             save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
-                       epoch, batch_in_epoch, noise_generator, data_rng)
-        events.on_saved(path, step, epoch)
+                       epoch, next_batch, noise_generator, data_rng)
+        events.on_saved(path, step, epoch + 1)
 
     def sample(step: int) -> None:
         network.eval()
@@ -115,7 +116,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if config.resume is not None:
             resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
             network.load_kohya_state_dict(weights)
-            step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.batch_in_epoch
+            step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
             events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
 
         plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary()}\n{data.summary()}\n"
@@ -200,10 +201,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if (config.save_every_n_steps and step % config.save_every_n_steps == 0) or \
                             events.save_requested():
                         save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step,
-                             epoch + 1, batch_index + 1)
+                             epoch, batch_index + 1)
                     if config.save_every_n_epochs and end_of_epoch and (epoch + 1) % config.save_every_n_epochs == 0:
                         save(Path(config.output_dir) / f"{config.output_name}-e{epoch + 1:04d}.safetensors", step,
-                             epoch + 1, 0)
+                             epoch, batch_index + 1)
                     if config.sample_every_n_steps and config.sample_prompts and \
                             step % config.sample_every_n_steps == 0:
                         sample(step)
@@ -211,7 +212,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     break
         except KeyboardInterrupt:
             save(Path(config.output_dir) / f"{config.output_name}-interrupted-s{step:06d}.safetensors", step,
-                 epoch + 1, batch_index + 1)
+                 epoch, batch_index + 1)
             run_log.close()
             raise
         except torch.cuda.OutOfMemoryError:
@@ -221,10 +222,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         result.stopped = step < total_steps
         result.steps = step
         if result.stopped:
-            save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step, epoch + 1,
+            save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step, epoch,
                  batch_index + 1)
         else:
-            save(final_path, step, epochs, 0)
+            save(final_path, step, epoch, batch_index + 1)
         if config.sample_prompts:
             sample(step)
     run_log.close()

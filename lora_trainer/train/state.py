@@ -20,11 +20,11 @@ class ResumePoint:
 
     step: int
     epoch: int
-    batch_in_epoch: int
+    next_batch: int
 
 
 def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               scheduler, step: int, epoch: int, batch_in_epoch: int, noise_generator: torch.Generator,
+               scheduler, step: int, epoch: int, next_batch: int, noise_generator: torch.Generator,
                data_rng: random.Random) -> Path:
     """Write everything `load_state` needs to continue this run exactly."""
     state = {
@@ -33,7 +33,7 @@ def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer: t
         "scheduler": scheduler.state_dict(),
         "step": step,
         "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
+        "next_batch": next_batch,
         "noise_generator": noise_generator.get_state(),
         "data_rng": data_rng.getstate(),
         "torch_rng": torch.get_rng_state(),
@@ -60,4 +60,4 @@ def load_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler, noise_
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return ResumePoint(state["step"], state["epoch"], state["batch_in_epoch"]), state["lora_weights"]
+    return ResumePoint(state["step"], state["epoch"], state["next_batch"]), state["lora_weights"]
