@@ -1,0 +1,89 @@
+"""The seam to an application that hosts the trainer (the WebUI, or a test's fake).
+
+The WebUI extension implements `Host` once, in `scripts/`; everything else (the background job, the tab's
+logic) is written against this interface, so it runs the same with the fake host in the tests.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from lora_trainer.models.base import DiffusionBackend, ModelFamily
+
+
+@dataclass
+class RenderRequest:
+    """One txt2img job through the host's own pipeline. `prompt` may carry `<lora:name:weight>` tags."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = ""
+    """Empty: the host's default sampler."""
+
+
+@dataclass
+class RenderDefaults:
+    """The host's txt2img defaults, to pre-fill sample and grid settings."""
+
+    sampler_name: str = "Euler a"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+
+
+class HostTask(Protocol):
+    """A running job as the host shows it: its progress bar, preview and Interrupt button."""
+
+    def update(self, step: int, total: int, text: str, image: Image.Image | None = None) -> None:
+        """Show progress `step`/`total` with a one-line `text` and, optionally, a preview image."""
+
+    def interrupted(self) -> bool:
+        """True once the user pressed the host's own Interrupt button."""
+
+
+class Host(Protocol):
+    """What the trainer needs from the application it runs in."""
+
+    def model_family(self) -> ModelFamily | None:
+        """The family of the loaded model (for default settings), or None when no model is loaded."""
+
+    def loaded_model_backend(self) -> DiffusionBackend:
+        """A training backend over the loaded model itself (no copy, no reload). Call only inside `busy`.
+
+        Raises `UserError` when no model is loaded or it cannot be trained (fp8 storage, --lowvram...).
+        """
+
+    def busy(self, job_name: str) -> AbstractContextManager[HostTask]:
+        """Hold the host's model exclusively (its generation queue waits) and show the job's progress."""
+
+    def render(self, request: RenderRequest) -> Image.Image:
+        """One image through the host's pipeline with the model as it is now. Call only inside `busy`."""
+
+    def render_defaults(self) -> RenderDefaults:
+        """The host's txt2img settings."""
+
+    def lora_dir(self) -> Path:
+        """Where the host looks for LoRA files."""
+
+    def datasets_dir(self) -> Path | None:
+        """A default folder for datasets, if the host has one."""
+
+    def register_lora(self, path: Path) -> None:
+        """Make a LoRA file written into `lora_dir` usable at once (`<lora:stem:0.8>`)."""
+
+
+def list_loras(host: Host) -> list[Path]:
+    """LoRA files in the host's folder, newest first."""
+    files = [path for path in Path(host.lora_dir()).rglob("*.safetensors") if path.is_file()]
+    return sorted(files, key=lambda path: path.stat().st_mtime, reverse=True)

@@ -1,0 +1,132 @@
+"""A small stand-in for the WebUI host: the one thing the tests fake.
+
+It implements `lora_trainer.host.Host` over a tiny real `ldm` model, the way the A1111 adapter does over
+`shared.sd_model`: a non-reentrant lock for the generation queue, recorded progress, an Interrupt flag,
+a LoRA folder, and txt2img that understands `<lora:name:weight>` tags by applying those files.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from lora_trainer.errors import UserError
+from lora_trainer.host import RenderDefaults, RenderRequest
+from lora_trainer.lora.targets import network_from_file
+from lora_trainer.models.base import DiffusionBackend, ModelFamily
+from lora_trainer.models.webui_backend import WebUIBackend
+
+LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
+
+
+@dataclass
+class FakeTask:
+    """Records what a job showed on the host's progress bar."""
+
+    updates: list[tuple[int, int, str]] = field(default_factory=list)
+    images: int = 0
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+    def update(self, step: int, total: int, text: str, image: Image.Image | None = None) -> None:
+        self.updates.append((step, total, text))
+        self.images += image is not None
+
+    def interrupted(self) -> bool:
+        return self.interrupt.is_set()
+
+
+class FakeHost:
+    """The WebUI as the trainer sees it, around a tiny ldm model."""
+
+    def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32):
+        self.model = model
+        self.family = family
+        self._lora_dir = Path(lora_dir)
+        self._lora_dir.mkdir(parents=True, exist_ok=True)
+        self.queue_lock = threading.Lock()
+        self.task = FakeTask()
+        self.registered: list[str] = []
+        self.renders: list[RenderRequest] = []
+        self.resolution = resolution
+
+    def model_family(self) -> ModelFamily | None:
+        return self.family
+
+    def loaded_model_backend(self) -> DiffusionBackend:
+        if not self.queue_lock.locked():
+            raise AssertionError("loaded_model_backend() must be called inside busy()")
+        return WebUIBackend(self.model, generate_image=self._generate_for_backend, model_name="tiny-ldm")
+
+    @contextmanager
+    def busy(self, job_name: str) -> Iterator[FakeTask]:
+        if not self.queue_lock.acquire(blocking=False):
+            raise UserError("the model is busy")
+        self.task = FakeTask()
+        try:
+            yield self.task
+        finally:
+            self.queue_lock.release()
+
+    def render(self, request: RenderRequest) -> Image.Image:
+        self.renders.append(request)
+        prompt = LORA_TAG.sub("", request.prompt)
+        backend = WebUIBackend(self.model, model_name="tiny-ldm")
+        networks = [(network_from_file(backend.lora_roots(), self._lora_dir / f"{name}.safetensors"), float(weight))
+                    for name, weight in LORA_TAG.findall(request.prompt)]
+        for network, weight in networks:
+            network.multiplier = weight
+            network.attach()
+        try:
+            return _ddim_sample(self.model, prompt, request.seed, request.steps, request.width, request.height)
+        finally:
+            for network, _ in networks:
+                network.detach()
+
+    def render_defaults(self) -> RenderDefaults:
+        return RenderDefaults(sampler_name="DDIM", steps=4, cfg_scale=1.0, width=self.resolution,
+                              height=self.resolution)
+
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def datasets_dir(self) -> Path | None:
+        return None
+
+    def register_lora(self, path: Path) -> None:
+        self.registered.append(Path(path).stem)
+
+    def _generate_for_backend(self, prompt, negative_prompt, seed, steps, width, height, guidance_scale):
+        return self.render(RenderRequest(prompt, negative_prompt, seed, steps, guidance_scale, width, height))
+
+
+@torch.no_grad()
+def _ddim_sample(model, prompt: str, seed: int, steps: int, width: int, height: int) -> Image.Image:
+    """Deterministic DDIM (eta 0) without guidance: enough to see what a LoRA does to the tiny model."""
+    context = model.get_learned_conditioning([prompt])
+    alphas = model.alphas_cumprod.float()
+    scale = 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((1, 4, height // scale, width // scale), generator=generator)
+    timesteps = torch.linspace(len(alphas) - 1, 0, steps).long()
+    for index, timestep in enumerate(timesteps):
+        alpha = alphas[timestep]
+        output = model.apply_model(latents, timestep.reshape(1), context)
+        if model.parameterization == "v":
+            predicted_noise = alpha.sqrt() * output + (1 - alpha).sqrt() * latents
+        else:
+            predicted_noise = output
+        clean = (latents - (1 - alpha).sqrt() * predicted_noise) / alpha.sqrt()
+        next_alpha = alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else torch.tensor(1.0)
+        latents = next_alpha.sqrt() * clean + (1 - next_alpha).sqrt() * predicted_noise
+    pixels = model.decode_first_stage(latents)[0].clamp(-1, 1)
+    array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    return Image.fromarray(array)

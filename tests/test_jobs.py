@@ -1,0 +1,130 @@
+"""Background jobs inside a host: training on the host's loaded model, one job at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+
+pytest.importorskip("ldm")
+
+from fake_host import FakeHost  # noqa: E402
+from ldm_models import tiny_sd1  # noqa: E402
+
+from lora_trainer.config import TrainConfig  # noqa: E402
+from lora_trainer.errors import UserError  # noqa: E402
+from lora_trainer.jobs import JobRunner  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_sd1(tmp_path_factory.mktemp("sd1"))
+
+
+@pytest.fixture
+def host(model, tmp_path):
+    return FakeHost(model, tmp_path / "Lora")
+
+
+def _config(dataset, **overrides) -> TrainConfig:
+    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=1e-3,
+                    max_train_steps=4, output_name="job", logging_dir=None, log_every_n_steps=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _state_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_training_job_saves_into_the_host_lora_folder_with_preview_and_user_metadata(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, save_every_n_steps=2), trigger_word="sks",
+                          preview_prompt="sks, a red shape")
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    names = [path.name for path in status.saved]
+    assert names == ["job-s000002.safetensors", "job.safetensors"]
+    for path in status.saved:
+        assert path.parent == host.lora_dir()
+        assert path.with_name(f"{path.stem}.preview.png").is_file()
+        user_metadata = json.loads(path.with_suffix(".json").read_text())
+        assert user_metadata["activation text"] == "sks" and user_metadata["sd version"] == "SD1"
+    assert host.registered == ["job-s000002", "job"]
+    assert [step for step, _ in status.losses] == [1, 2, 3, 4]
+
+
+def test_training_job_reports_progress_to_the_host(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset))
+    runner.wait(120)
+    steps = [step for step, _, _ in host.task.updates]
+    assert steps[-1] == 4 and all(total == 4 for _, total, _ in host.task.updates)
+    assert not host.queue_lock.locked()
+
+
+def test_loaded_model_is_bit_identical_after_a_job(host, model, shapes_dataset):
+    before = _state_hash(model)
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, train_text_encoder=True), preview_prompt="sks")
+    assert runner.wait(120).state == "finished"
+    assert _state_hash(model) == before
+
+
+def test_a_second_job_while_one_runs_is_refused(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=200))
+    with pytest.raises(UserError, match="already running"):
+        runner.start_training(_config(shapes_dataset, output_name="other"))
+    runner.stop()
+    assert runner.wait(120).state == "stopped"
+
+
+def test_stop_saves_the_weights_so_far(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=500))
+    _wait_for(lambda: runner.status().step >= 2)
+    runner.stop()
+    status = runner.wait(120)
+    assert status.state == "stopped"
+    assert status.saved and status.saved[-1].name.startswith("job-s")
+
+
+def test_the_hosts_interrupt_button_stops_the_job(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=500))
+    _wait_for(lambda: runner.status().step >= 1)
+    host.task.interrupt.set()
+    assert runner.wait(120).state == "stopped"
+
+
+def test_save_now_writes_a_file_and_training_goes_on(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=30))
+    _wait_for(lambda: runner.status().step >= 2)
+    runner.save_now()
+    status = runner.wait(120)
+    assert status.state == "finished"
+    assert len(status.saved) == 2 and status.saved[-1].name == "job.safetensors"
+
+
+def test_a_user_error_ends_the_job_with_its_message(host, tmp_path):
+    runner = JobRunner(host)
+    runner.start_training(_config(tmp_path / "missing"))
+    status = runner.wait(60)
+    assert status.state == "failed" and "does not exist" in status.message
+    assert not host.queue_lock.locked()
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
