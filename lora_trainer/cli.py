@@ -86,34 +86,17 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from lora_trainer.files import atomic_write, unused_path
-    from lora_trainer.grid import labelled_grid
-    from lora_trainer.lora.targets import network_from_file
+    from lora_trainer.files import unused_path
+    from lora_trainer.grid import GridPlan, render_grid, save_png, tag_renderer
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
 
-    strengths = _numbers(args.strengths, float, "--strengths")
-    seeds = _numbers(args.seeds, int, "--seeds")
+    plan = GridPlan(prompt=args.prompt, loras=list(args.lora), strengths=_numbers(args.strengths, float, "--strengths"),
+                    seeds=_numbers(args.seeds, int, "--seeds"), negative_prompt=args.negative_prompt,
+                    steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height)
     backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device))
-    networks = [network_from_file(backend.lora_roots(), path).to(backend.device) for path in args.lora]
-    if len(networks) > 1 and len(seeds) > 1:
-        raise UserError("rows are either LoRA files or seeds: give several files or several seeds, not both")
-    if len(networks) > 1:
-        rows = [(network, seeds[0], path.stem) for network, path in zip(networks, args.lora)]
-    else:
-        rows = [(networks[0], seed, f"{args.lora[0].stem}, seed {seed}") for seed in seeds]
-    cells = []
-    for network, seed, _ in rows:
-        row = []
-        for strength in strengths:
-            with network.applied(strength):
-                row.append(backend.generate(args.prompt, args.negative_prompt, seed, args.steps, args.width,
-                                            args.height, args.cfg))
-        cells.append(row)
-    grid = labelled_grid(cells, [f"strength {s:g}" for s in strengths], [label for *_, label in rows],
-                         title=args.prompt)
-    out = unused_path(args.out)
-    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+    grid, _ = render_grid(plan, tag_renderer(backend, plan.loras))
+    out = save_png(grid, unused_path(args.out), plan.infotext())
     print(f"wrote {out}")
     return 0
 

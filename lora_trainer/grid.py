@@ -6,11 +6,28 @@ pin) and on current Pillow alike.
 
 from __future__ import annotations
 
-from PIL import Image, ImageDraw, ImageFont
+import re
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from lora_trainer.errors import UserError
+from lora_trainer.files import atomic_write
+from lora_trainer.host import RenderRequest
+from lora_trainer.lora.targets import network_from_file
+from lora_trainer.models.base import DiffusionBackend
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (0, 0, 0)
 PADDING = 4
+LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
+
+
+class GridStopped(UserError):
+    """The user stopped a grid before all its images were rendered."""
 
 
 def _font(size: int):
@@ -83,3 +100,96 @@ def cell_box(grid_size: tuple[int, int], rows: int, columns: int, cell_size: tup
     top_margin = grid_size[1] - rows * cell_height
     left, top = left_margin + column * cell_width, top_margin + row * cell_height
     return left, top, left + cell_width, top + cell_height
+
+
+@dataclass
+class GridPlan:
+    """A strength x file (or strength x seed) comparison: columns are strengths, rows are LoRA files,
+    or seeds when there is one file. Every cell of a row uses the same seed."""
+
+    prompt: str
+    loras: list[Path]
+    strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.loras or not self.strengths or not self.seeds:
+            raise UserError("a grid needs at least one LoRA file, one strength and one seed")
+        if len(self.loras) > 1 and len(self.seeds) > 1:
+            raise UserError("grid rows are either LoRA files or seeds: pick several files or several seeds")
+
+    def rows(self) -> list[tuple[Path, int, str]]:
+        """(LoRA file, seed, row label) per row."""
+        if len(self.loras) > 1:
+            return [(path, self.seeds[0], Path(path).stem) for path in self.loras]
+        return [(self.loras[0], seed, f"{Path(self.loras[0]).stem}, seed {seed}") for seed in self.seeds]
+
+    def request(self, lora: Path, seed: int, strength: float) -> RenderRequest:
+        """The render of one cell: strength 0 is the base model itself, without a LoRA tag."""
+        prompt = self.prompt if strength == 0 else f"{self.prompt} <lora:{Path(lora).stem}:{strength:g}>"
+        return RenderRequest(prompt=prompt, negative_prompt=self.negative_prompt, seed=seed, steps=self.steps,
+                             cfg_scale=self.cfg_scale, width=self.width, height=self.height,
+                             sampler_name=self.sampler_name)
+
+    def infotext(self) -> str:
+        """Generation parameters for the PNG text of the grid, in the WebUI's style."""
+        return (f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, Sampler: "
+                f"{self.sampler_name or 'default'}, CFG scale: {self.cfg_scale:g}, Seeds: "
+                f"{', '.join(map(str, self.seeds))}, Size: {self.width}x{self.height}, LoRA strengths: "
+                f"{', '.join(f'{s:g}' for s in self.strengths)}, LoRAs: "
+                f"{', '.join(Path(p).stem for p in self.loras)}")
+
+
+def render_grid(plan: GridPlan, render: Callable[[RenderRequest], Image.Image],
+                progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[Image.Image, list[list[Image.Image]]]:
+    """Render every cell of `plan` with `render` and assemble the labelled grid. Returns (grid, cells)."""
+    rows = plan.rows()
+    total, done = len(rows) * len(plan.strengths), 0
+    cells: list[list[Image.Image]] = []
+    for lora, seed, _ in rows:
+        row = []
+        for strength in plan.strengths:
+            if should_stop is not None and should_stop():
+                raise GridStopped(f"grid stopped after {done} of {total} images")
+            row.append(render(plan.request(lora, seed, strength)))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        cells.append(row)
+    grid = labelled_grid(cells, [f"strength {s:g}" for s in plan.strengths], [label for *_, label in rows],
+                         title=plan.prompt)
+    return grid, cells
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
+    """Write `image` atomically as PNG with `parameters` in its text chunk (as the WebUI does)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def tag_renderer(backend: DiffusionBackend, lora_files: list[Path]) -> Callable[[RenderRequest], Image.Image]:
+    """A `render` for a library backend that applies `<lora:stem:weight>` tags from `lora_files`, as the WebUI does."""
+    networks = {Path(path).stem: network_from_file(backend.lora_roots(), Path(path)).to(backend.device)
+                for path in lora_files}
+
+    def render(request: RenderRequest) -> Image.Image:
+        tags = LORA_TAG.findall(request.prompt)
+        unknown = [name for name, _ in tags if name not in networks]
+        if unknown:
+            raise UserError(f"no LoRA file named {unknown[0]!r} among {sorted(networks)}")
+        applied = [networks[name].applied(float(weight)) for name, weight in tags]
+        with ExitStack() as stack:
+            for context in applied:
+                stack.enter_context(context)
+            return backend.generate(LORA_TAG.sub("", request.prompt).strip(), request.negative_prompt, request.seed,
+                                    request.steps, request.width, request.height, request.cfg_scale)
+
+    return render

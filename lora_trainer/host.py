@@ -76,6 +76,9 @@ class Host(Protocol):
     def lora_dir(self) -> Path:
         """Where the host looks for LoRA files."""
 
+    def grids_dir(self) -> Path:
+        """Where the host saves grids."""
+
     def datasets_dir(self) -> Path | None:
         """A default folder for datasets, if the host has one."""
 

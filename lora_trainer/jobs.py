@@ -20,7 +20,8 @@ from PIL import Image
 from lora_trainer.caption import CaptionOptions, caption_folder
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
-from lora_trainer.files import atomic_write, atomic_write_text
+from lora_trainer.files import atomic_write, atomic_write_text, unused_path
+from lora_trainer.grid import GridPlan, GridStopped, render_grid, save_png
 from lora_trainer.host import Host, HostTask, RenderRequest
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loop import train
@@ -46,6 +47,9 @@ class JobStatus:
     samples: list[tuple[int, str, Image.Image]] = field(default_factory=list)
     """(step, prompt, image) of the sample images so far."""
     saved: list[Path] = field(default_factory=list)
+    grid: Image.Image | None = None
+    grid_cells: list[list[Image.Image]] = field(default_factory=list)
+    grid_path: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -82,6 +86,10 @@ class JobRunner:
     def start_captioning(self, folder: Path, options: CaptionOptions) -> None:
         """Caption the images of `folder` in place."""
         self._start("captioning", lambda task: self._caption(task, Path(folder), options))
+
+    def start_grid(self, plan: GridPlan) -> None:
+        """Render `plan` through the host's own pipeline and save it (with its parameters) in the grids folder."""
+        self._start("grid", lambda task: self._grid(task, plan))
 
     def stop(self) -> None:
         """Ask the running job to stop (a training run saves what it has first)."""
@@ -144,6 +152,20 @@ class JobRunner:
         report = caption_folder(folder, options, progress=progress,
                                 should_stop=lambda: self._stop.is_set() or task.interrupted())
         return ("stopped" if report.stopped else "finished"), report.summary()
+
+    def _grid(self, task: HostTask, plan: GridPlan):
+        def progress(done: int, total: int) -> None:
+            task.update(done, total, f"LoRA grid: image {done}/{total}")
+            self._update(step=done, total_steps=total, message=f"Rendered {done}/{total}")
+
+        try:
+            grid, cells = render_grid(plan, self.host.render, progress,
+                                      should_stop=lambda: self._stop.is_set() or task.interrupted())
+        except GridStopped as stopped:
+            return "stopped", str(stopped)
+        path = save_png(grid, unused_path(Path(self.host.grids_dir()) / "lora-grid.png"), plan.infotext())
+        self._update(grid=grid, grid_cells=cells, grid_path=path)
+        return "finished", f"Saved the grid to {path}"
 
     def _on_saved(self, path: Path, step: int, trigger_word: str, preview: RenderRequest | None,
                   family: str) -> None:

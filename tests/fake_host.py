@@ -7,7 +7,6 @@ a LoRA folder, and txt2img that understands `<lora:name:weight>` tags by applyin
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,12 +19,10 @@ from PIL import Image
 from torch import nn
 
 from lora_trainer.errors import UserError
+from lora_trainer.grid import LORA_TAG, tag_renderer
 from lora_trainer.host import RenderDefaults, RenderRequest
-from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.webui_backend import WebUIBackend
-
-LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
 
 
 @dataclass
@@ -78,18 +75,9 @@ class FakeHost:
 
     def render(self, request: RenderRequest) -> Image.Image:
         self.renders.append(request)
-        prompt = LORA_TAG.sub("", request.prompt)
-        backend = WebUIBackend(self.model, model_name="tiny-ldm")
-        networks = [(network_from_file(backend.lora_roots(), self._lora_dir / f"{name}.safetensors"), float(weight))
-                    for name, weight in LORA_TAG.findall(request.prompt)]
-        for network, weight in networks:
-            network.multiplier = weight
-            network.attach()
-        try:
-            return _ddim_sample(self.model, prompt, request.seed, request.steps, request.width, request.height)
-        finally:
-            for network, _ in networks:
-                network.detach()
+        backend = WebUIBackend(self.model, generate_image=self._sample, model_name="tiny-ldm")
+        files = [self._lora_dir / f"{name}.safetensors" for name, _ in LORA_TAG.findall(request.prompt)]
+        return tag_renderer(backend, files)(request)
 
     def render_defaults(self) -> RenderDefaults:
         return RenderDefaults(sampler_name="DDIM", steps=4, cfg_scale=1.0, width=self.resolution,
@@ -104,8 +92,14 @@ class FakeHost:
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)
 
+    def grids_dir(self) -> Path:
+        return self._lora_dir.parent / "grids"
+
     def _generate_for_backend(self, prompt, negative_prompt, seed, steps, width, height, guidance_scale):
         return self.render(RenderRequest(prompt, negative_prompt, seed, steps, guidance_scale, width, height))
+
+    def _sample(self, prompt, negative_prompt, seed, steps, width, height, guidance_scale):
+        return _ddim_sample(self.model, prompt, seed, steps, width, height)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
-        "ss_sd_model_name": model_name,
+        "ss_sd_model_name": str(model_name),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_clip_skip": "None",
         "ss_num_train_images": str(data.examples_per_epoch),

@@ -69,7 +69,7 @@ class DiffusersBackend(DiffusionBackend):
         self.pipeline = pipeline
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
-        self.model_name = model_name or pipeline.name_or_path or "diffusers-model"
+        self.model_name = str(model_name or pipeline.name_or_path or "diffusers-model")
         self.unet = pipeline.unet
         self.text_encoders = [pipeline.text_encoder] + (
             [pipeline.text_encoder_2] if getattr(pipeline, "text_encoder_2", None) is not None else [])

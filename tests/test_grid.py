@@ -1,0 +1,56 @@
+"""Grids of LoRA strength x file (or seed): layout, labels, and rendering through a host or the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from lora_trainer.errors import UserError
+from lora_trainer.grid import GridPlan, cell_box, labelled_grid
+
+
+def _cells(rows: int, columns: int, size=(40, 30)) -> list[list[Image.Image]]:
+    return [[Image.new("RGB", size, (20 * r, 30 * c, 100)) for c in range(columns)] for r in range(rows)]
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (2, 3), (4, 5)])
+def test_every_cell_lands_in_its_box(rows, columns):
+    cells = _cells(rows, columns)
+    grid = labelled_grid(cells, [f"strength {c}" for c in range(columns)], [f"epoch {r}" for r in range(rows)],
+                         title="a prompt")
+    for r in range(rows):
+        for c in range(columns):
+            box = cell_box(grid.size, rows, columns, (40, 30), r, c)
+            assert list(grid.crop(box).getdata()) == list(cells[r][c].getdata())
+
+
+def test_labels_take_room_above_and_left_and_are_drawn():
+    grid = labelled_grid(_cells(2, 2), ["strength 0", "strength 1"], ["epoch 1", "epoch 2"])
+    left, top, _, _ = cell_box(grid.size, 2, 2, (40, 30), 0, 0)
+    assert left > 0 and top > 0
+    header = grid.crop((left, 0, grid.width, top))
+    assert header.convert("L").getextrema()[0] < 128  # dark text on white
+
+
+def test_without_labels_the_grid_is_just_the_cells():
+    grid = labelled_grid(_cells(2, 3), ["", "", ""], ["", ""])
+    assert grid.size == (120, 60)
+
+
+def test_mismatched_labels_are_refused():
+    with pytest.raises(ValueError, match="needs 2 column labels"):
+        labelled_grid(_cells(1, 2), ["only one"], ["row"])
+
+
+def test_plan_rows_are_files_or_seeds_but_not_both(tmp_path):
+    one, two = tmp_path / "a-e0001.safetensors", tmp_path / "a-e0002.safetensors"
+    assert [label for *_, label in GridPlan("p", [one, two]).rows()] == ["a-e0001", "a-e0002"]
+    assert [seed for _, seed, _ in GridPlan("p", [one], seeds=[3, 4]).rows()] == [3, 4]
+    with pytest.raises(UserError, match="either LoRA files or seeds"):
+        GridPlan("p", [one, two], seeds=[1, 2])
+
+
+def test_strength_zero_renders_without_a_lora_tag(tmp_path):
+    plan = GridPlan("a castle", [tmp_path / "style.safetensors"])
+    assert plan.request(plan.loras[0], 1, 0.0).prompt == "a castle"
+    assert plan.request(plan.loras[0], 1, 0.5).prompt == "a castle <lora:style:0.5>"
