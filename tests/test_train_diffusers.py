@@ -234,3 +234,28 @@ def test_resume_continues_exactly_where_the_state_was_saved(pipelines, shapes_da
     resumed = _Recorder()
     train(_config(shapes_dataset, tmp_path / "resumed", max_train_steps=6, resume=state), backend, resumed)
     assert resumed.losses == pytest.approx(straight.losses[3:], rel=1e-4)
+
+
+def test_a_single_file_checkpoint_loads_offline_with_a_local_config(pipelines, tmp_path):
+    from original_checkpoint import save_original_checkpoint
+
+    from lora_trainer.models.diffusers_backend import load_pipeline
+
+    pipelines["sd1"].save_pretrained(tmp_path / "config")
+    checkpoint = save_original_checkpoint(pipelines["sd1"], tmp_path / "model.safetensors")
+    loaded = load_pipeline(str(checkpoint), str(tmp_path / "config"))
+    for name in ("unet", "vae", "text_encoder"):
+        expected = getattr(pipelines["sd1"], name).state_dict()
+        for key, value in getattr(loaded, name).state_dict().items():
+            assert torch.equal(value, expected[key].reshape(value.shape)), f"{name}.{key}"
+
+
+def test_a_single_file_without_a_local_config_says_what_to_do_offline(pipelines, tmp_path, monkeypatch):
+    from original_checkpoint import save_original_checkpoint
+
+    from lora_trainer.models.diffusers_backend import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = save_original_checkpoint(pipelines["sd1"], tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match="base_model_config"):
+        load_pipeline(str(checkpoint))

@@ -43,9 +43,11 @@ def load_pipeline(base_model: str, base_model_config: str | None = None, dtype: 
             options["config"] = str(Path(base_model_config).expanduser())
         try:
             return pipeline_class.from_single_file(str(path), **options)
-        except OSError as error:
-            raise UserError(f"could not load {path} as a single-file checkpoint ({error}); offline, set "
-                            "base_model_config to a local diffusers folder of the same architecture") from None
+        except Exception as error:  # diffusers raises many kinds (hub, conversion, shape) for a file it can't use
+            hint = "" if base_model_config else (
+                "; without a network, set base_model_config to a local diffusers folder of the same architecture")
+            raise UserError(f"could not load {path} as a single-file checkpoint ({type(error).__name__}: "
+                            f"{error}){hint}") from error
     raise UserError(f"base_model {base_model!r} is neither a diffusers folder nor a checkpoint file "
                     f"({', '.join(SINGLE_FILE_SUFFIXES)})")
 
