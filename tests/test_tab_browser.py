@@ -1,0 +1,272 @@
+"""The Train LoRA tab in a real browser: gradio 3.41.2 as the WebUI pins it, the page script and stylesheet
+injected as the WebUI injects them, and a run from a dataset folder to a registered LoRA file.
+
+Drives Debian's Chromium through Playwright; skipped where either is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+gr = pytest.importorskip("gradio")
+pytest.importorskip("ldm")
+pytest.importorskip("open_clip")
+if not gr.__version__.startswith("3.41."):
+    pytest.skip(f"the WebUI's gradio is 3.41.x; this is {gr.__version__}", allow_module_level=True)
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+import gradio.routes  # noqa: E402
+from caption_models import TINY_CLIP, register_tiny_configs, save_tiny_checkpoint  # noqa: E402
+from fake_host import FakeHost  # noqa: E402
+from ldm_models import tiny_sd1  # noqa: E402
+
+from lora_trainer.config import load_config  # noqa: E402
+from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.tab import build_tab  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "out" / "screenshots" / "train-tab.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 30_000
+
+
+class ServedTab:
+    """The tab served on 127.0.0.1 with the fake host, its job runner, presets folder and Lora card refreshes."""
+
+    def __init__(self, host: FakeHost, runner: JobRunner, presets_dir: Path, url: str, lora_refreshes: list[int]):
+        self.host, self.runner, self.presets_dir, self.url = host, runner, presets_dir, url
+        self.lora_refreshes = lora_refreshes
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[ServedTab]:
+    folder = tmp_path_factory.mktemp("tab")
+    host = FakeHost(tiny_sd1(folder / "model"), folder / "Lora")
+    runner = JobRunner(host)
+    lora_refreshes: list[int] = []
+    # As the WebUI does: the tab is built outside any Blocks, then rendered inside the page's tabs.
+    tab = build_tab(host, runner, presets_dir=folder / "presets")
+    with gr.Blocks(analytics_enabled=False) as demo:
+        with gr.Tab("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
+            tab.render()
+        # The WebUI's hidden Lora-card refresh button, which the page script clicks after a save.
+        refresh = gr.Button(visible=False, elem_id="txt2img_lora_extra_refresh_internal")
+        refresh.click(lambda: lora_refreshes.append(1), None, None, queue=False)
+    demo.queue(64)  # as the WebUI: shared.demo.queue(64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gradio.routes.templates, "TemplateResponse", _with_extension_assets(
+            gradio.routes.templates.TemplateResponse))
+        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            yield ServedTab(host, runner, folder / "presets", demo.local_url, lora_refreshes)
+        finally:
+            runner.stop()
+            runner.wait(60)
+            demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser(served) -> Iterator:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    page = _open(browser, served)
+    yield page
+    page.close()
+
+
+def _open(browser, served):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(served.url)
+    # The page-load event fills in the loaded model's note: the tab is live once it shows.
+    _wait_in_page(page, f"{_text('model_note')}.includes('SD1')", "the page-load event")
+    return page
+
+
+def test_gallery_caption_edits_and_the_caption_button_write_the_txt_files(served, page, tmp_path):
+    dataset = _uncaptioned_images(tmp_path / "dataset")
+    register_tiny_configs(tmp_path)
+    weights = save_tiny_checkpoint(TINY_CLIP, tmp_path / "clip.pt")
+
+    _fill(page, "train_data_dir", str(dataset))
+    page.click("#lora_trainer_load_dataset")
+    thumbnails = page.locator("#lora_trainer_dataset_gallery .thumbnail-item")
+    thumbnails.nth(3).wait_for()
+    assert thumbnails.count() == 4
+
+    thumbnails.first.click()
+    _wait_in_page(page, f"{_value('selected_image')}.endsWith('00.png')", "the clicked image in the caption editor")
+    _fill(page, "caption", "sks, my own words")
+    page.click("#lora_trainer_save_caption")
+    _wait_for(lambda: (dataset / "00.txt").is_file(), "the edited caption to be saved")
+    assert (dataset / "00.txt").read_text(encoding="utf-8") == "sks, my own words"
+
+    page.click("#lora_trainer_captioning >> text=Caption the images automatically")
+    page.check("#lora_trainer_captioner input[value='clip-tags']")
+    _fill(page, "caption_prefix", "sks")
+    _fill(page, "caption_arch", TINY_CLIP)
+    _fill(page, "caption_weights", str(weights))
+    page.click("#lora_trainer_caption_button")
+    _wait_in_page(page, f"{_text('status')}.includes('Captioning: finished')", "the captioning job to finish")
+    captions = [(dataset / f"{index:02d}.txt").read_text(encoding="utf-8") for index in range(4)]
+    assert captions[0] == "sks, my own words"  # mode "skip" keeps the existing caption
+    assert all(caption.startswith("sks, ") and len(caption) > len("sks, ") for caption in captions[1:])
+    _wait_in_page(page, f"!{_text('dataset_gallery')}.includes('(no caption)')",
+                  "the gallery to show the new captions once the job ended")
+
+
+def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registered_lora(served, browser, page,
+                                                                                          tmp_path):
+    dataset = _uncaptioned_images(tmp_path / "dataset")
+    for image in dataset.glob("*.png"):
+        image.with_suffix(".txt").write_text(f"sks, shape {image.stem}", encoding="utf-8")
+
+    _fill(page, "train_data_dir", str(dataset))
+    page.click("#lora_trainer_load_dataset")
+    page.locator("#lora_trainer_dataset_gallery .thumbnail-item").nth(3).wait_for()
+    _fill(page, "output_name", "tab_lora")
+    _fill(page, "trigger_word", "sks")
+    for name, value in {"resolution": "32", "lora_rank": "4", "lora_alpha": "4", "unet_lr": "1e-3",
+                        "max_train_steps": "500", "save_every_n_epochs": "", "sample_prompts": "sks, a shape",
+                        "sample_every_n_steps": "3"}.items():
+        _fill(page, name, value)
+    page.click("#lora_trainer_advanced >> text=Advanced")
+    _fill(page, "bucket_step", "8")
+    _fill(page, "sample_steps", "4")
+    _fill(page, "log_every_n_steps", "1")
+    page.click("#lora_trainer_start")
+
+    _wait_in_page(page, f"/Step ([3-9]|\\d\\d+)\\//.test({_text('status')})", "step 3")
+    _wait_in_page(page, f"{_chart_points()} >= 3", "three points on the loss chart")
+    page.locator("#lora_trainer_samples img").first.wait_for()
+    assert page.locator("#lora_trainer_chart polyline").count() == 2
+
+    # The job lives in the runner, not in the page: a page opened now (or reloaded) shows the same run.
+    other_page = _open(browser, served)
+    _wait_in_page(other_page, f"{_text('status')}.includes('Training: running')", "the run on a page opened later")
+    _wait_in_page(other_page, f"{_chart_points()} >= 3", "the loss chart on a page opened later")
+    other_page.locator("#lora_trainer_samples img").first.wait_for()
+    other_page.close()
+
+    page.click("#lora_trainer_save_now")
+    _wait_in_page(page, f"{_text('saved')}.includes('tab_lora-s')", "the file saved by 'Save now'")
+    page.click("#lora_trainer_stop")
+    _wait_in_page(page, f"{_text('status')}.includes('Training: stopped')", "the stopped job")
+    page.locator("#lora_trainer_samples img").first.wait_for()
+    page.click("#lora_trainer_advanced >> text=Advanced")  # closed again, for a screenshot of the whole run
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    status = served.runner.status()
+    assert status.state == "stopped" and len(status.saved) == 2
+    listed = page.inner_text("#lora_trainer_saved")
+    for path in status.saved:
+        assert path.name in listed
+        assert path.parent == served.host.lora_dir() and path.is_file()
+        assert path.with_name(f"{path.stem}.preview.png").is_file()
+        assert json.loads(path.with_suffix(".json").read_text())["activation text"] == "sks"
+    assert served.host.registered[-2:] == [path.stem for path in status.saved]
+    _wait_for(lambda: len(served.lora_refreshes) >= 1, "the page to refresh the Lora cards after a save")
+
+
+def test_a_preset_saved_from_the_form_loads_back_and_is_never_overwritten_silently(served, page):
+    _fill(page, "output_name", "preset_lora")
+    _fill(page, "lora_rank", "12")
+    page.click("#lora_trainer_presets >> text=Presets")
+    _fill(page, "preset_name", "my style")
+    page.click("#lora_trainer_save_preset")
+    _wait_in_page(page, f"{_text('notice')}.includes('Saved preset')", "the preset to be saved")
+    preset = served.presets_dir / "my style.yaml"
+    assert load_config(preset).lora_rank == 12 and load_config(preset).output_name == "preset_lora"
+
+    page.click("#lora_trainer_save_preset")
+    _wait_in_page(page, f"{_text('notice')}.includes('exists')", "the refusal to overwrite")
+    page.click("#lora_trainer_defaults")
+    _wait_in_page(page, f"{_value('lora_rank')} === '16' && {_value('output_name')} === 'lora'", "the defaults")
+    page.click("#lora_trainer_load_preset")  # the saved preset is the chosen one
+    _wait_in_page(page, f"{_value('lora_rank')} === '12' && {_value('output_name')} === 'preset_lora'",
+                  "the preset's values back in the form")
+
+
+def _uncaptioned_images(folder: Path, count: int = 4, size: int = 32) -> Path:
+    folder.mkdir(parents=True)
+    colours = ["red", "blue", "green", "orange"]
+    for index in range(count):
+        image = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(image).ellipse((4, 4, size - 4, size - 4), fill=colours[index % len(colours)])
+        image.save(folder / f"{index:02d}.png")
+    return folder
+
+
+def _text(name: str) -> str:
+    return f"(document.querySelector('#lora_trainer_{name}')?.innerText ?? '')"
+
+
+def _value(name: str) -> str:
+    return f"(document.querySelector('#lora_trainer_{name} textarea, #lora_trainer_{name} input')?.value ?? '')"
+
+
+def _chart_points() -> str:
+    return "Number(document.querySelector('#lora_trainer_chart .lora-trainer-chart')?.dataset.points ?? 0)"
+
+
+def _wait_in_page(page, condition: str, what: str) -> None:
+    """Wait for the JavaScript expression `condition`; on timeout say what the tab showed."""
+    try:
+        page.wait_for_function(f"() => {condition}")
+    except sync_api.TimeoutError:
+        shown = {name: page.inner_text(f"#lora_trainer_{name}") for name in ("status", "notice", "dataset_info")}
+        raise AssertionError(f"timed out waiting for {what}; the tab showed {shown}") from None
+
+
+def _fill(page, field: str, value: str) -> None:
+    page.locator(f"#lora_trainer_{field}").locator("textarea, input").first.fill(value)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT_MS / 1000) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _with_extension_assets(template_response):
+    """gradio's page template with the extension's script in <head> and its stylesheet before </body>,
+    as the WebUI's `ui_gradio_extensions.reload_javascript` does."""
+    script = (ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8")
+    style = (ROOT / "style.css").read_text(encoding="utf-8")
+
+    def response(*args, **kwargs):
+        page = template_response(*args, **kwargs)
+        page.body = page.body.replace(b"</head>", f"<script>{script}</script></head>".encode())
+        page.body = page.body.replace(b"</body>", f"<style>{style}</style></body>".encode())
+        page.init_headers()
+        return page
+
+    return response
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
