@@ -59,16 +59,21 @@ class Host(Protocol):
         """The family of the loaded model (for default settings), or None when no model is loaded."""
 
     def loaded_model_backend(self) -> DiffusionBackend:
-        """A training backend over the loaded model itself (no copy, no reload). Call only inside `busy`.
+        """A training backend over the loaded model itself (no copy, no reload). Only inside `busy`
+        (outside it: AssertionError).
 
         Raises `UserError` when no model is loaded or it cannot be trained (fp8 storage, --lowvram...).
         """
 
     def busy(self, job_name: str) -> AbstractContextManager[HostTask]:
-        """Hold the host's model exclusively (its generation queue waits) and show the job's progress."""
+        """Hold the host's model exclusively (its generation queue waits) and show the job's progress.
+
+        Never waits and is not re-entrant: raises `UserError` at once when the host is busy.
+        """
 
     def render(self, request: RenderRequest) -> Image.Image:
-        """One image through the host's pipeline with the model as it is now. Call only inside `busy`."""
+        """One image through the host's pipeline with the model as it is now. Only inside `busy`
+        (outside it: AssertionError)."""
 
     def render_defaults(self) -> RenderDefaults:
         """The host's txt2img settings."""

@@ -57,6 +57,25 @@ class JobStatus:
         return self.state == "running"
 
 
+_process_runner: JobRunner | None = None
+_process_runner_lock = threading.Lock()
+
+
+def process_runner(host: Host) -> JobRunner:
+    """This process's one `JobRunner`, created on first use and kept when the host reloads its UI.
+
+    While no job runs, the runner moves to `host` (a reloaded UI brings a new host object); a running job
+    keeps its host, so the reloaded tab shows it.
+    """
+    global _process_runner
+    with _process_runner_lock:
+        if _process_runner is None:
+            _process_runner = JobRunner(host)
+        elif not _process_runner.status().running:
+            _process_runner.host = host
+        return _process_runner
+
+
 class JobRunner:
     """Runs one job at a time in a background thread and keeps its status."""
 

@@ -74,6 +74,8 @@ class FakeHost:
             self.queue_lock.release()
 
     def render(self, request: RenderRequest) -> Image.Image:
+        if not self.queue_lock.locked():
+            raise AssertionError("render() must be called inside busy()")
         self.renders.append(request)
         backend = WebUIBackend(self.model, generate_image=self._sample, model_name="tiny-ldm")
         files = [self._lora_dir / f"{name}.safetensors" for name, _ in LORA_TAG.findall(request.prompt)]

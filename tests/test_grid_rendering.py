@@ -42,7 +42,8 @@ def test_host_grid_strength_zero_column_is_the_base_image(host_with_epochs):
     runner.start_grid(plan)
     status = runner.wait(120)
     assert status.state == "finished", status.message
-    base = host.render(RenderRequest("sks, a red shape", seed=1, steps=4, cfg_scale=1.0, width=32, height=32))
+    with host.busy("base image"):
+        base = host.render(RenderRequest("sks, a red shape", seed=1, steps=4, cfg_scale=1.0, width=32, height=32))
     for row in status.grid_cells:
         assert list(row[0].getdata()) == list(base.getdata())
         assert list(row[1].getdata()) != list(base.getdata())

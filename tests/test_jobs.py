@@ -15,7 +15,7 @@ from ldm_models import tiny_sd1  # noqa: E402
 
 from lora_trainer.config import TrainConfig  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
-from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.jobs import JobRunner, process_runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,10 @@ def _wait_for(condition, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.05)
+
+
+def test_the_process_keeps_one_runner_across_ui_reloads(host, model, tmp_path):
+    first = process_runner(host)
+    reloaded_host = FakeHost(model, tmp_path / "Lora")
+    assert process_runner(reloaded_host) is first
+    assert first.host is reloaded_host
