@@ -10,16 +10,15 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from measures import TINY_SIZES, fixed_noise_loss  # noqa: E402
+
 from lora_trainer.config import TrainConfig  # noqa: E402
-from lora_trainer.data.dataset import TrainingData  # noqa: E402
-from lora_trainer.data.scan import scan_dataset  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.lora.targets import network_from_file  # noqa: E402
 from lora_trainer.models.diffusers_backend import DiffusersBackend  # noqa: E402
 from lora_trainer.tiny import tiny_sd_pipeline  # noqa: E402
 from lora_trainer.train.events import TrainingEvents  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
-from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,29 +32,6 @@ def _config(dataset, output_dir, **overrides) -> TrainConfig:
                     batch_size=2, max_train_steps=40, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def _fixed_noise_loss(backend: DiffusersBackend, config: TrainConfig) -> float:
-    """Denoising loss on the training images with fixed noise and timesteps."""
-    data = TrainingData(scan_dataset(config.train_data_dir), config, backend.latent_scale)
-    generator = torch.Generator().manual_seed(1234)
-    losses = []
-    with torch.no_grad():
-        torch.manual_seed(1234)  # the VAE samples its latents
-        data.cache_latents(backend.encode_images)
-        for index, example in enumerate(data.examples):
-            latents = data.latent_cache[(index, False)].unsqueeze(0)
-            text = backend.encode_text([example.record.caption])
-            sizes = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
-            for timestep in (100, 300, 500, 700, 900):
-                noise = torch.randn(latents.shape, generator=generator)
-                timesteps = torch.tensor([timestep])
-                noisy = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
-                prediction = backend.predict(noisy, timesteps, text, sizes)
-                target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-                losses.append(float(diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
-                                                   backend.prediction_type, None)))
-    return sum(losses) / len(losses)
 
 
 class _Recorder(TrainingEvents):
@@ -82,9 +58,9 @@ def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, p
     result = train(config, backend)
     network = network_from_file(backend.lora_roots(), result.saved[-1])
     with network.applied(0.0):
-        base_loss = _fixed_noise_loss(backend, config)
+        base_loss = fixed_noise_loss(backend, config)
     with network.applied(1.0):
-        trained_loss = _fixed_noise_loss(backend, config)
+        trained_loss = fixed_noise_loss(backend, config)
     # Measured (60 steps, lr 1e-2): sdxl 1.162 -> 1.038 (x0.89); sd1 1.206 -> 1.003 at lr 2e-3 (x0.83).
     bound = {"sd1": 0.9, "sdxl": 0.95}[family]
     assert trained_loss < bound * base_loss, f"{family}: {base_loss:.4f} -> {trained_loss:.4f}"
@@ -104,10 +80,6 @@ def test_training_leaves_the_model_bit_identical(pipelines, shapes_dataset, tmp_
     assert not pipeline.unet.is_gradient_checkpointing
 
 
-def _diffusers_copy(pipeline):
-    return copy.deepcopy(pipeline)
-
-
 @pytest.mark.parametrize(("family", "alpha", "text_encoder"), [
     ("sd1", None, False), ("sd1", 2.0, True), ("sd2", 8.0, True), ("sdxl", 2.0, True)])
 def test_diffusers_load_lora_weights_reproduces_our_outputs(family, alpha, text_encoder, pipelines,
@@ -117,14 +89,14 @@ def test_diffusers_load_lora_weights_reproduces_our_outputs(family, alpha, text_
                      train_text_encoder=text_encoder, learning_rate=1e-2)
     path = train(config, backend).saved[-1]
 
-    reference = _diffusers_copy(pipelines[family])
+    reference = copy.deepcopy(pipelines[family])
     reference.load_lora_weights(str(path.parent), weight_name=path.name)
     reference_backend = DiffusersBackend(reference, "cpu")
 
     torch.manual_seed(0)
     latents = torch.randn(1, 4, 16, 16)
     timesteps = torch.tensor([500])
-    sizes = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
+    sizes = TINY_SIZES
     captions = ["sks, a red shape"]
     network = network_from_file(backend.lora_roots(), path)
     with torch.no_grad():
@@ -135,7 +107,7 @@ def test_diffusers_load_lora_weights_reproduces_our_outputs(family, alpha, text_
             base = backend.predict(latents, timesteps, backend.encode_text(captions), sizes)
         theirs_text = reference_backend.encode_text(captions)
         theirs = reference_backend.predict(latents, timesteps, theirs_text, sizes)
-        reference.set_adapters([], adapter_weights=[]) if False else reference.disable_lora()
+        reference.disable_lora()
         theirs_base = reference_backend.predict(latents, timesteps, reference_backend.encode_text(captions), sizes)
     assert (ours - base).abs().max() > 1e-3  # the LoRA does something
     assert (ours_text.context - theirs_text.context).abs().max() <= 1e-4

@@ -13,20 +13,19 @@ from torch import nn
 
 pytest.importorskip("ldm")
 
+from measures import TINY_SIZES, fixed_noise_loss  # noqa: E402
+
 from lora_trainer.config import TrainConfig  # noqa: E402
-from lora_trainer.data.dataset import TrainingData  # noqa: E402
-from lora_trainer.data.scan import scan_dataset  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.lora.network import LoraNetwork  # noqa: E402
 from lora_trainer.lora.targets import find_lora_targets, network_from_file  # noqa: E402
 from lora_trainer.models.webui_backend import WebUIBackend  # noqa: E402
 from lora_trainer.train.events import TrainingEvents  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
-from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target  # noqa: E402
+from lora_trainer.train.loss import add_noise  # noqa: E402
 from tests.ldm_models import tiny_sd1, tiny_sd2, tiny_sdxl  # noqa: E402
 
 BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
-SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +40,6 @@ def _config(dataset, output_dir, **overrides) -> TrainConfig:
                     batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def _fixed_noise_loss(backend: WebUIBackend, config: TrainConfig) -> float:
-    """Denoising loss on the training images with fixed noise and timesteps."""
-    data = TrainingData(scan_dataset(config.train_data_dir), config, backend.latent_scale)
-    generator = torch.Generator().manual_seed(1234)
-    losses = []
-    with torch.no_grad():
-        torch.manual_seed(1234)  # the VAE samples its latents
-        data.cache_latents(backend.encode_images)
-        for index, example in enumerate(data.examples):
-            latents = data.latent_cache[(index, False)].unsqueeze(0)
-            text = backend.encode_text([example.record.caption])
-            for timestep in (100, 300, 500, 700, 900):
-                noise = torch.randn(latents.shape, generator=generator)
-                timesteps = torch.tensor([timestep])
-                noisy = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
-                prediction = backend.predict(noisy, timesteps, text, SIZES)
-                target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-                losses.append(float(diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
-                                                   backend.prediction_type, None)))
-    return sum(losses) / len(losses)
 
 
 def _state_hashes(model: nn.Module) -> dict[str, str]:
@@ -93,9 +70,9 @@ def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, m
     path = train(config, backend).saved[-1]
     network = network_from_file(backend.lora_roots(), path)
     with network.applied(0.0):
-        base_loss = _fixed_noise_loss(backend, config)
+        base_loss = fixed_noise_loss(backend, config)
     with network.applied(1.0):
-        trained_loss = _fixed_noise_loss(backend, config)
+        trained_loss = fixed_noise_loss(backend, config)
     print(f"{family}: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
     # Measured strength-1 / strength-0 loss ratios: sd1 0.64, sd2 0.53, sdxl 0.57.
     assert trained_loss < 0.85 * base_loss
@@ -137,7 +114,7 @@ def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes
         with backend.training_mode(gradient_checkpointing), network.applied(1.0):
             text = backend.encode_text(["sks, a red shape", "sks, a blue shape"])
             prediction = backend.predict(add_noise(latents, noise, timesteps, backend.alphas_cumprod), timesteps,
-                                         text, SIZES.repeat(2, 1))
+                                         text, TINY_SIZES.repeat(2, 1))
             prediction.square().mean().backward()
         return {name: parameter.grad.clone() for name, parameter in network.named_parameters()
                 if parameter.grad is not None}
@@ -221,7 +198,7 @@ def test_sdxl_size_vector_matches_the_webui_conditioning_for_its_default_sizes(m
         webui = model.apply_model(latents, timesteps, model.get_learned_conditioning(captions))
         ours = backend.predict(latents, timesteps, backend.encode_text(captions),
                                torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(2, 1))
-        other_size = backend.predict(latents, timesteps, backend.encode_text(captions), SIZES.repeat(2, 1))
+        other_size = backend.predict(latents, timesteps, backend.encode_text(captions), TINY_SIZES.repeat(2, 1))
     assert torch.equal(ours, webui)
     assert not torch.allclose(other_size, webui)
 
