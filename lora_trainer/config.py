@@ -124,8 +124,9 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     cache_latents: bool = True
     """Encode every image with the VAE once, before training (not with random_crop)."""
-    cache_text_encoder_outputs: bool = False
-    """Encode every caption once (needs a frozen text encoder and no caption shuffling)."""
+    cache_text_encoder_outputs: bool | None = None
+    """Encode every caption once (needs a frozen text encoder and no caption shuffling).
+    Default: on whenever that holds."""
     min_snr_gamma: float | None = None
     """Min-SNR loss weighting (5 is the paper's choice); None: plain MSE."""
     noise_offset: float = 0.0
@@ -198,6 +199,13 @@ class TrainConfig:
         if self.cache_text_encoder_outputs and (self.train_text_encoder or self.shuffle_caption):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
+
+    @property
+    def uses_text_encoder_cache(self) -> bool:
+        """Whether caption encodings are computed once up front."""
+        if self.cache_text_encoder_outputs is not None:
+            return self.cache_text_encoder_outputs
+        return not self.train_text_encoder and not self.shuffle_caption
 
     @property
     def effective_unet_lr(self) -> float:

@@ -1,9 +1,11 @@
-"""The Train LoRA tab: a dataset with editable captions, settings and presets, and the live status of a job.
+"""The Train LoRA tab: a dataset with editable captions, settings and presets, a job's live status, a test grid.
 
 Written against `Host` only: the WebUI skin calls `build_tab(A1111Host())`, the tests call it with a fake.
 The functions above `build_tab` are the tab's logic and need no gradio. The job itself lives in the
-`JobRunner`, not in the page, so a reloaded page shows the run still going. `javascript/lora_trainer.js`
-clicks the hidden poll button, draws the loss chart and refreshes the WebUI's Lora cards after a save.
+`JobRunner`, not in the page, so a reloaded page shows the run still going. The Test panel renders its
+strength x file grid as one more job of that runner: the same queue, progress and Stop as training.
+`javascript/lora_trainer.js` clicks the hidden poll button, draws the loss chart and refreshes the WebUI's
+Lora cards after a save.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import functools
 import html
 import inspect
 import json
+import math
+import random
 import re
 import types
 import typing
@@ -30,7 +34,8 @@ from lora_trainer.config import MixedPrecision, TrainConfig, config_from_dict, l
 from lora_trainer.data.images import is_image_file
 from lora_trainer.data.scan import image_files
 from lora_trainer.errors import UserError
-from lora_trainer.host import Host
+from lora_trainer.grid import GridPlan
+from lora_trainer.host import Host, list_loras
 from lora_trainer.jobs import JobRunner, JobStatus
 from lora_trainer.models.base import ModelFamily
 
@@ -55,6 +60,10 @@ SAMPLES_SHOWN = 12
 PRESET_NAME = re.compile(r"^\w[\w .-]{0,63}$")
 NO_CAPTION = "(no caption)"
 UNREADABLE_CAPTION = "(caption file is not UTF-8 text)"
+DEFAULT_STRENGTHS = "0, 0.25, 0.5, 0.75, 1"
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1
+"""As in the WebUI's seed box: a random seed, drawn once so that every cell of the grid shares it."""
 
 FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines"]
 
@@ -303,6 +312,137 @@ def _notice(text: str, error: bool = False) -> str:
     return f'<div class="{css_class}">{html.escape(text)}</div>'
 
 
+# --- test grid --------------------------------------------------------------------------------------------------
+
+def parse_strengths(text: str) -> list[float]:
+    """LoRA strengths (the grid's columns) from text like "0, 0.5, 1"; commas or spaces separate them."""
+    strengths = []
+    for part in _list_items(text):
+        try:
+            strength = float(part)
+        except ValueError:
+            strength = math.nan
+        if not math.isfinite(strength):
+            raise UserError(f"Strength {part!r} is not a number. Enter strengths separated by commas, "
+                            "e.g. 0, 0.5, 1.")
+        strengths.append(strength)
+    if not strengths:
+        raise UserError(f"Enter at least one strength, e.g. {DEFAULT_STRENGTHS}.")
+    return strengths
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from text like "1, 2"; -1 is replaced by a random seed, as in the WebUI."""
+    seeds = []
+    for part in _list_items(text):
+        try:
+            seed = int(part)
+        except ValueError:
+            raise UserError(f"Seed {part!r} is not a whole number. Enter seeds separated by commas, e.g. 1, 2, "
+                            "or -1 for a random one.") from None
+        if seed == RANDOM_SEED:
+            seed = random.randint(0, MAX_SEED)
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"Seed {seed} is out of range: seeds go from 0 to {MAX_SEED} (-1 for a random one).")
+        seeds.append(seed)
+    if not seeds:
+        raise UserError("Enter at least one seed, e.g. 1 (or -1 for a random one).")
+    return seeds
+
+
+def _list_items(text: str) -> list[str]:
+    return [item for item in re.split(r"[,\s]+", str(text or "").strip()) if item]
+
+
+def default_grid_prompt(trigger_word: str, folder: str | Path | None) -> str:
+    """The trigger word and the first caption of the dataset in `folder` ("sks, a red bike"): the caption alone
+    when it holds the trigger word already, the trigger word alone when no caption can be read."""
+    trigger = trigger_word.strip()
+    caption = _first_caption(folder)
+    if not caption or (trigger and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption)):
+        return caption or trigger
+    return f"{trigger}, {caption}" if trigger else caption
+
+
+def _first_caption(folder: str | Path | None) -> str:
+    try:
+        images = image_files(_dataset_folder(folder or ""))
+    except UserError:
+        return ""
+    for image in images:
+        try:
+            caption = read_caption(image)
+        except UnicodeDecodeError:
+            continue
+        if caption:
+            return caption
+    return ""
+
+
+def lora_choices(host: Host) -> list[str]:
+    """The LoRA files of the host's folder as the grid's file picker names them (relative paths), newest first."""
+    return list(_lora_names(host).values())
+
+
+def last_run_choices(host: Host, saved: list[Path]) -> list[str]:
+    """The file picker's names for `saved` (the last run's files, in saving order) still in the host's folder."""
+    names = _lora_names(host)
+    return [names[path.resolve()] for path in map(Path, saved) if path.resolve() in names]
+
+
+def _lora_names(host: Host) -> dict[Path, str]:
+    lora_dir = Path(host.lora_dir()).resolve()
+    return {path.resolve(): path.resolve().relative_to(lora_dir).as_posix() for path in list_loras(host)}
+
+
+def grid_plan_from_form(host: Host, prompt: str, negative_prompt: str, files: list[str], strengths: str,
+                        seeds: str, sampler_name: str, steps: Any, cfg_scale: Any, width: Any,
+                        height: Any) -> GridPlan:
+    """The grid the Test panel asks for: `files` are names from `lora_choices`, the rest widget values."""
+    if not str(prompt or "").strip():
+        raise UserError("Enter a prompt for the grid, e.g. the trigger word and a caption of the dataset.")
+    if not files:
+        raise UserError("Pick at least one LoRA file to compare.")
+    lora_dir = Path(host.lora_dir()).resolve()
+    loras = []
+    for name in files:
+        path = (lora_dir / name).resolve()
+        if not (path.is_relative_to(lora_dir) and path.is_file()):
+            raise UserError(f"There is no LoRA file {name!r} in {lora_dir}: refresh the list of files and pick "
+                            "again.")
+        loras.append(path)
+    try:
+        cfg = float(cfg_scale)
+    except (TypeError, ValueError):
+        cfg = math.nan
+    if not math.isfinite(cfg) or cfg < 0:
+        raise UserError(f"CFG scale {cfg_scale!r} is not usable: enter a number such as 7.")
+    return GridPlan(prompt=prompt.strip(), loras=loras, strengths=parse_strengths(strengths),
+                    seeds=parse_seeds(seeds), negative_prompt=(negative_prompt or "").strip(),
+                    steps=_whole_number(steps, "Steps", 1), cfg_scale=cfg, width=_image_side(width, "Width"),
+                    height=_image_side(height, "Height"), sampler_name=(sampler_name or "").strip())
+
+
+def _whole_number(value: Any, label: str, minimum: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"{label} must be a whole number of at least {minimum}, not {value!r}.")
+    return value
+
+
+def _image_side(value: Any, label: str) -> int:
+    side = _whole_number(value, label, 8)
+    if side % 8:
+        raise UserError(f"{label} must be a multiple of 8 pixels (e.g. 512), not {side}.")
+    return side
+
+
+def grid_cell_captions(plan: GridPlan) -> list[str]:
+    """A caption per cell of `plan`'s grid, row by row: the row's file (or seed) and the column's strength."""
+    return [f"{label}, strength {strength:g}" for *_, label in plan.rows() for strength in plan.strengths]
+
+
 # --- the tab ----------------------------------------------------------------------------------------------------
 
 def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | None = None) -> gr.Blocks:
@@ -335,6 +475,7 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
         return component
 
     by_name = {field.name: field for field in fields}
+    txt2img_defaults = host.render_defaults()
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Column(elem_id="lora_trainer_tab"):
             model_note = gr.HTML(elem_id="lora_trainer_model_note")
@@ -414,10 +555,55 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                 with gr.Column():
                     samples_gallery = gr.Gallery(label="Samples, newest first", columns=4, height=320,
                                                  elem_id="lora_trainer_samples")
+            with gr.Accordion("Test: compare strengths and epochs in a grid", open=False,
+                              elem_id="lora_trainer_test"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        grid_prompt = gr.Textbox(label="Prompt", lines=2, info="Default: the trigger word and a "
+                                                 "caption of the dataset", elem_id="lora_trainer_grid_prompt")
+                        grid_negative = gr.Textbox(label="Negative prompt", lines=1,
+                                                   elem_id="lora_trainer_grid_negative")
+                        with gr.Row():
+                            grid_files = gr.Dropdown(choices=lora_choices(host), value=[], multiselect=True,
+                                                     label="LoRA files: one row each", scale=5,
+                                                     info="Default: every file saved by the last run",
+                                                     elem_id="lora_trainer_grid_files")
+                            grid_refresh_button = gr.Button("\U0001f504", scale=0, min_width=48,
+                                                            elem_id="lora_trainer_grid_refresh")
+                        with gr.Row():
+                            grid_strengths = gr.Textbox(DEFAULT_STRENGTHS, label="Strengths: one column each",
+                                                        max_lines=1, elem_id="lora_trainer_grid_strengths")
+                            grid_seeds = gr.Textbox("1", label="Seeds", max_lines=1, info="The same seed in "
+                                                    "every cell; several seeds (with one file) make the rows; "
+                                                    "-1: a random one", elem_id="lora_trainer_grid_seeds")
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            grid_sampler = gr.Textbox(txt2img_defaults.sampler_name, label="Sampler", max_lines=1,
+                                                      info="As txt2img names it", elem_id="lora_trainer_grid_sampler")
+                            grid_steps = gr.Number(txt2img_defaults.steps, precision=0, label="Steps",
+                                                   elem_id="lora_trainer_grid_steps")
+                            grid_cfg = gr.Number(txt2img_defaults.cfg_scale, label="CFG scale",
+                                                 elem_id="lora_trainer_grid_cfg")
+                        with gr.Row():
+                            grid_width = gr.Number(txt2img_defaults.width, precision=0, label="Width",
+                                                   elem_id="lora_trainer_grid_width")
+                            grid_height = gr.Number(txt2img_defaults.height, precision=0, label="Height",
+                                                    elem_id="lora_trainer_grid_height")
+                        with gr.Row():
+                            grid_button = gr.Button("Render the grid", variant="primary",
+                                                    elem_id="lora_trainer_grid_button")
+                            grid_defaults_button = gr.Button("Defaults from the last run",
+                                                             elem_id="lora_trainer_grid_defaults")
+                        grid_notice = gr.HTML(elem_id="lora_trainer_grid_notice")
+                with gr.Row():
+                    grid_image = gr.Image(label="Grid (saved with its parameters in the WebUI's grids folder)",
+                                          type="pil", interactive=False, elem_id="lora_trainer_grid_image")
+                    grid_cells = gr.Gallery(label="Cells", columns=5, height=360, elem_id="lora_trainer_grid_cells")
             chart_data = gr.Textbox(visible=False, elem_id="lora_trainer_chart_data")
             poll_button = gr.Button("Poll", visible=False, elem_id="lora_trainer_poll")
             seen = gr.State(None)
             image_paths = gr.State([])
+            cell_captions = gr.State([])
 
         form = [components[field.name] for field in fields]
         dataset_outputs = [dataset_gallery, dataset_info, image_paths]
@@ -487,7 +673,10 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
 
         def stop() -> dict:
             runner.stop()
-            return {notice: _notice("Stopping: the weights so far are saved first.")}
+            kind = runner.status().kind
+            if kind == "training":
+                return {notice: _notice("Stopping: the weights so far are saved first.")}
+            return {notice: _notice(f"Stopping the {kind}.")}
 
         def save_current_preset(name: str, overwrite: bool, *values) -> dict:
             try:
@@ -512,29 +701,65 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
             return {model_note: _model_note(family),
                     **{components[f.name]: values[f.name] for f in fields if f.name != "train_data_dir"}}
 
-        def page_load(folder_text: str) -> dict:
+        grid_form = [grid_prompt, grid_negative, grid_files, grid_strengths, grid_seeds, grid_sampler, grid_steps,
+                     grid_cfg, grid_width, grid_height]
+        grid_defaults_outputs = [grid_prompt, grid_files, grid_sampler, grid_steps, grid_cfg, grid_width, grid_height]
+
+        def grid_defaults(trigger: str, folder_text: str) -> dict:
+            txt2img = host.render_defaults()
+            last_run = last_run_choices(host, runner.status().saved)
+            # Without a last run (or after another job), the files picked so far stay picked.
+            files = gr.update(choices=lora_choices(host), value=last_run) if last_run else \
+                gr.update(choices=lora_choices(host))
+            return {grid_prompt: default_grid_prompt(trigger, folder_text), grid_files: files,
+                    grid_sampler: txt2img.sampler_name, grid_steps: txt2img.steps, grid_cfg: txt2img.cfg_scale,
+                    grid_width: txt2img.width, grid_height: txt2img.height}
+
+        def refresh_lora_files() -> dict:
+            return {grid_files: gr.update(choices=lora_choices(host))}
+
+        def start_grid(*values) -> dict:
+            try:
+                plan = grid_plan_from_form(host, *values)
+                runner.start_grid(plan)
+            except UserError as error:
+                return {grid_notice: _notice(str(error), error=True)}
+            seeds = ", ".join(map(str, plan.seeds))
+            return {grid_notice: _notice(f"Rendering {len(plan.rows())} x {len(plan.strengths)} images, "
+                                         f"seed {seeds}."),
+                    cell_captions: grid_cell_captions(plan)}
+
+        def page_load(folder_text: str, trigger: str) -> dict:
             family = host.model_family()
             return {**dataset_view(folder_text), model_note: _model_note(family),
                     components["resolution"]: FAMILY_RESOLUTION[family or "sd1"],
-                    preset_choice: gr.update(choices=preset_names(presets_dir))}
+                    preset_choice: gr.update(choices=preset_names(presets_dir)), **grid_defaults(trigger, folder_text)}
 
-        def poll(seen_before: dict | None, folder_text: str) -> dict:
+        def poll(seen_before: dict | None, folder_text: str, trigger: str, captions: list[str]) -> dict:
             status = runner.status()
             seen_now = {"kind": status.kind, "state": status.state, "samples": len(status.samples)}
             updates = {status_box: status_html(status), chart_data: chart_json(status), saved_box: saved_html(status),
                        start_button: gr.update(interactive=not status.running),
                        caption_button: gr.update(interactive=not status.running),
                        stop_button: gr.update(interactive=status.running),
-                       save_now_button: gr.update(interactive=status.running and status.kind == "training")}
+                       save_now_button: gr.update(interactive=status.running and status.kind == "training"),
+                       grid_button: gr.update(interactive=not status.running)}
             if seen_now == seen_before:
                 return updates
             updates[seen] = seen_now
-            newest = status.samples[::-1][:SAMPLES_SHOWN]
-            updates[samples_gallery] = [(image, f"step {step}: {prompt}") for step, prompt, image in newest]
-            captioning_ended = seen_before is not None and seen_before.get("kind") == "captioning" and \
-                seen_before.get("state") == "running" and not status.running
-            if captioning_ended:
+            if status.kind == "training":
+                newest = status.samples[::-1][:SAMPLES_SHOWN]
+                updates[samples_gallery] = [(image, f"step {step}: {prompt}") for step, prompt, image in newest]
+            if status.kind == "grid" and status.grid is not None:  # the last grid stays up until a new one is done
+                cells = [cell for row in status.grid_cells for cell in row]
+                labels = captions if len(captions) == len(cells) else [None] * len(cells)
+                updates[grid_image] = status.grid
+                updates[grid_cells] = gr.update(value=list(zip(cells, labels)), columns=len(status.grid_cells[0]))
+            ended = seen_before is not None and seen_before.get("state") == "running" and not status.running
+            if ended and seen_before.get("kind") == "captioning":
                 updates.update(dataset_view(folder_text))
+            if ended and seen_before.get("kind") == "training":
+                updates.update(grid_defaults(trigger, folder_text))
             return updates
 
         folder_events = dict(fn=load_dataset, inputs=[folder],
@@ -553,13 +778,17 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                                  [notice, preset_choice])
         load_preset_button.click(load_chosen_preset, [preset_choice], [notice, *form]).then(**folder_events)
         defaults_button.click(model_defaults, None, [model_note, *form])
+        grid_button.click(start_grid, grid_form, [grid_notice, cell_captions])
+        grid_defaults_button.click(grid_defaults, [trigger_word, folder], grid_defaults_outputs)
+        grid_refresh_button.click(refresh_lora_files, None, [grid_files])
         # Clicked by javascript/lora_trainer.js about once a second. A `load(every=...)` event would hold a
         # queue worker per open page for as long as the page is open.
-        poll_button.click(poll, [seen, folder], [status_box, chart_data, saved_box, start_button, caption_button,
-                                                 stop_button, save_now_button, seen, samples_gallery,
-                                                 *dataset_outputs], queue=False, show_progress="hidden")
-        tab.load(page_load, [folder], [*dataset_outputs, model_note, components["resolution"], preset_choice],
-                 queue=False)
+        poll_button.click(poll, [seen, folder, trigger_word, cell_captions],
+                          [status_box, chart_data, saved_box, start_button, caption_button, stop_button,
+                           save_now_button, grid_button, seen, samples_gallery, grid_image, grid_cells,
+                           *dataset_outputs, *grid_defaults_outputs], queue=False, show_progress="hidden")
+        tab.load(page_load, [folder, trigger_word], [*dataset_outputs, model_note, components["resolution"],
+                                                     preset_choice, *grid_defaults_outputs], queue=False)
     return tab
 
 

@@ -107,7 +107,7 @@ def tiny_sd_pipeline(family: str = "sd1", seed: int = 0, tokenizer_folder: Path 
         sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=(2, 4) if is_sd2 else 8, use_linear_projection=is_sd2)
+        attention_head_dim=2, use_linear_projection=is_sd2)
     text_encoder = CLIPTextModel(_text_encoder_config(hidden_act="gelu" if is_sd2 else "quick_gelu"))
     return StableDiffusionPipeline(
         vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -61,8 +61,8 @@ def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, p
         base_loss = fixed_noise_loss(backend, config)
     with network.applied(1.0):
         trained_loss = fixed_noise_loss(backend, config)
-    # Measured (60 steps, lr 1e-2): sdxl 1.162 -> 1.038 (x0.89); sd1 1.206 -> 1.003 at lr 2e-3 (x0.83).
-    bound = {"sd1": 0.9, "sdxl": 0.95}[family]
+    # Measured (60 steps, lr 1e-2): sd1 1.206 -> 0.751 (x0.62), sdxl 1.162 -> 1.038 (x0.89).
+    bound = {"sd1": 0.8, "sdxl": 0.95}[family]
     assert trained_loss < bound * base_loss, f"{family}: {base_loss:.4f} -> {trained_loss:.4f}"
 
 

@@ -108,10 +108,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             events.on_message(f"Caching latents of {len(data.examples)} images...")
             data.cache_latents(backend.encode_images)
         text_cache: dict[str, TextConditioning] = {}
-        if config.cache_text_encoder_outputs:
+        if config.uses_text_encoder_cache:
+            captions = sorted({example.record.caption for example in data.examples} | {""})
             with torch.no_grad():
-                for caption in sorted({example.record.caption for example in data.examples} | {""}):
-                    text_cache[caption] = backend.encode_text([caption])
+                for start in range(0, len(captions), 16):
+                    chunk = captions[start:start + 16]
+                    encoded = backend.encode_text(chunk)
+                    text_cache.update((caption, encoded[i:i + 1]) for i, caption in enumerate(chunk))
 
         if config.resume is not None:
             resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
