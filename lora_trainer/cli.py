@@ -87,25 +87,15 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
 
 def _grid(args: argparse.Namespace) -> int:
     from lora_trainer.files import unused_path
-    from lora_trainer.grid import GridPlan, render_grid, save_png, tag_renderer
+    from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths, render_grid, save_png, tag_renderer
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
 
-    plan = GridPlan(prompt=args.prompt, loras=list(args.lora), strengths=_numbers(args.strengths, float, "--strengths"),
-                    seeds=_numbers(args.seeds, int, "--seeds"), negative_prompt=args.negative_prompt,
+    plan = GridPlan(prompt=args.prompt, loras=list(args.lora), strengths=parse_strengths(args.strengths),
+                    seeds=parse_seeds(args.seeds), negative_prompt=args.negative_prompt,
                     steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height)
     backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device))
     grid, _ = render_grid(plan, tag_renderer(backend, plan.loras))
     out = save_png(grid, unused_path(args.out), plan.infotext())
     print(f"wrote {out}")
     return 0
-
-
-def _numbers(text: str, kind: type, option: str) -> list:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UserError(f"{option} needs at least one number")
-    return values

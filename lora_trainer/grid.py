@@ -6,6 +6,8 @@ pin) and on current Pillow alike.
 
 from __future__ import annotations
 
+import math
+import random
 import re
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -24,6 +26,11 @@ BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (0, 0, 0)
 PADDING = 4
 LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
+
+
+DEFAULT_STRENGTHS = "0, 0.25, 0.5, 0.75, 1"
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1
 
 
 class GridStopped(UserError):
@@ -193,3 +200,43 @@ def tag_renderer(backend: DiffusionBackend, lora_files: list[Path]) -> Callable[
                                     request.steps, request.width, request.height, request.cfg_scale)
 
     return render
+
+
+def parse_strengths(text: str) -> list[float]:
+    """LoRA strengths (the grid's columns) from text like "0, 0.5, 1"; commas or spaces separate them."""
+    strengths = []
+    for part in _list_items(text):
+        try:
+            strength = float(part)
+        except ValueError:
+            strength = math.nan
+        if not math.isfinite(strength):
+            raise UserError(f"Strength {part!r} is not a number. Enter strengths separated by commas, "
+                            "e.g. 0, 0.5, 1.")
+        strengths.append(strength)
+    if not strengths:
+        raise UserError(f"Enter at least one strength, e.g. {DEFAULT_STRENGTHS}.")
+    return strengths
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from text like "1, 2"; -1 is replaced by a random seed, as in the WebUI."""
+    seeds = []
+    for part in _list_items(text):
+        try:
+            seed = int(part)
+        except ValueError:
+            raise UserError(f"Seed {part!r} is not a whole number. Enter seeds separated by commas, e.g. 1, 2, "
+                            "or -1 for a random one.") from None
+        if seed == RANDOM_SEED:
+            seed = random.randint(0, MAX_SEED)
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"Seed {seed} is out of range: seeds go from 0 to {MAX_SEED} (-1 for a random one).")
+        seeds.append(seed)
+    if not seeds:
+        raise UserError("Enter at least one seed, e.g. 1 (or -1 for a random one).")
+    return seeds
+
+
+def _list_items(text: str) -> list[str]:
+    return [item for item in re.split(r"[,\s]+", str(text or "").strip()) if item]

@@ -129,7 +129,9 @@ class JobRunner:
         with self._lock:
             if self._status.running:
                 raise UserError(f"a {self._status.kind} job is already running: stop it or wait for it to finish")
-            self._status = JobStatus(kind=kind, state="running", message=f"Starting {kind}...")
+            # `saved` keeps naming the last training run's files through later captioning and grid jobs.
+            last_run_files = [] if kind == "training" else self._status.saved
+            self._status = JobStatus(kind=kind, state="running", message=f"Starting {kind}...", saved=last_run_files)
         self._stop.clear()
         self._save_now.clear()
         self._thread = threading.Thread(target=self._run, args=(kind, work), name=f"lora-trainer-{kind}",

@@ -17,7 +17,6 @@ import html
 import inspect
 import json
 import math
-import random
 import re
 import types
 import typing
@@ -34,7 +33,7 @@ from lora_trainer.config import MixedPrecision, TrainConfig, config_from_dict, l
 from lora_trainer.data.images import is_image_file
 from lora_trainer.data.scan import image_files
 from lora_trainer.errors import UserError
-from lora_trainer.grid import GridPlan
+from lora_trainer.grid import DEFAULT_STRENGTHS, GridPlan, parse_seeds, parse_strengths
 from lora_trainer.host import Host, list_loras
 from lora_trainer.jobs import JobRunner, JobStatus
 from lora_trainer.models.base import ModelFamily
@@ -60,9 +59,6 @@ SAMPLES_SHOWN = 12
 PRESET_NAME = re.compile(r"^\w[\w .-]{0,63}$")
 NO_CAPTION = "(no caption)"
 UNREADABLE_CAPTION = "(caption file is not UTF-8 text)"
-DEFAULT_STRENGTHS = "0, 0.25, 0.5, 0.75, 1"
-MAX_SEED = 2**32 - 1
-RANDOM_SEED = -1
 """As in the WebUI's seed box: a random seed, drawn once so that every cell of the grid shares it."""
 
 FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines"]
@@ -314,46 +310,6 @@ def _notice(text: str, error: bool = False) -> str:
 
 # --- test grid --------------------------------------------------------------------------------------------------
 
-def parse_strengths(text: str) -> list[float]:
-    """LoRA strengths (the grid's columns) from text like "0, 0.5, 1"; commas or spaces separate them."""
-    strengths = []
-    for part in _list_items(text):
-        try:
-            strength = float(part)
-        except ValueError:
-            strength = math.nan
-        if not math.isfinite(strength):
-            raise UserError(f"Strength {part!r} is not a number. Enter strengths separated by commas, "
-                            "e.g. 0, 0.5, 1.")
-        strengths.append(strength)
-    if not strengths:
-        raise UserError(f"Enter at least one strength, e.g. {DEFAULT_STRENGTHS}.")
-    return strengths
-
-
-def parse_seeds(text: str) -> list[int]:
-    """Seeds from text like "1, 2"; -1 is replaced by a random seed, as in the WebUI."""
-    seeds = []
-    for part in _list_items(text):
-        try:
-            seed = int(part)
-        except ValueError:
-            raise UserError(f"Seed {part!r} is not a whole number. Enter seeds separated by commas, e.g. 1, 2, "
-                            "or -1 for a random one.") from None
-        if seed == RANDOM_SEED:
-            seed = random.randint(0, MAX_SEED)
-        if not 0 <= seed <= MAX_SEED:
-            raise UserError(f"Seed {seed} is out of range: seeds go from 0 to {MAX_SEED} (-1 for a random one).")
-        seeds.append(seed)
-    if not seeds:
-        raise UserError("Enter at least one seed, e.g. 1 (or -1 for a random one).")
-    return seeds
-
-
-def _list_items(text: str) -> list[str]:
-    return [item for item in re.split(r"[,\s]+", str(text or "").strip()) if item]
-
-
 def default_grid_prompt(trigger_word: str, folder: str | Path | None) -> str:
     """The trigger word and the first caption of the dataset in `folder` ("sks, a red bike"): the caption alone
     when it holds the trigger word already, the trigger word alone when no caption can be read."""
@@ -568,7 +524,7 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                                                      label="LoRA files: one row each", scale=5,
                                                      info="Default: every file saved by the last run",
                                                      elem_id="lora_trainer_grid_files")
-                            grid_refresh_button = gr.Button("\U0001f504", scale=0, min_width=48,
+                            grid_refresh_button = gr.Button("Refresh", size="sm", scale=0, min_width=80,
                                                             elem_id="lora_trainer_grid_refresh")
                         with gr.Row():
                             grid_strengths = gr.Textbox(DEFAULT_STRENGTHS, label="Strengths: one column each",
@@ -595,10 +551,10 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                             grid_defaults_button = gr.Button("Defaults from the last run",
                                                              elem_id="lora_trainer_grid_defaults")
                         grid_notice = gr.HTML(elem_id="lora_trainer_grid_notice")
-                with gr.Row():
-                    grid_image = gr.Image(label="Grid (saved with its parameters in the WebUI's grids folder)",
-                                          type="pil", interactive=False, elem_id="lora_trainer_grid_image")
-                    grid_cells = gr.Gallery(label="Cells", columns=5, height=360, elem_id="lora_trainer_grid_cells")
+                grid_image = gr.Image(label="Grid (saved with its parameters in the WebUI's grids folder)", type="pil",
+                                      interactive=False, height=640, elem_id="lora_trainer_grid_image")
+                grid_cells = gr.Gallery(label="Cells: click one to see it large", columns=5, height=480,
+                                        elem_id="lora_trainer_grid_cells")
             chart_data = gr.Textbox(visible=False, elem_id="lora_trainer_chart_data")
             poll_button = gr.Button("Poll", visible=False, elem_id="lora_trainer_poll")
             seen = gr.State(None)
@@ -640,6 +596,11 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                 return {notice: _notice(str(error), error=True)}
             return {**dataset_view(folder_text), notice: _notice(f"Saved {path.name}.")}
 
+        def started(seen_now: dict | None, kind: str) -> dict:
+            # What the poll has seen, as if it had seen the job running: the poll then acts on the job's end
+            # (refreshes the gallery, fills the Test panel, shows the grid) even when it ends before the next poll.
+            return {**(seen_now or {}), "kind": kind, "state": "running"}
+
         def start_captioning(folder_text: str, model: str, mode: str, prefix: str, arch: str, weights: str,
                              seen_now: dict | None) -> dict:
             try:
@@ -648,15 +609,13 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                 runner.start_captioning(_dataset_folder(folder_text), options)
             except UserError as error:
                 return {notice: _notice(str(error), error=True)}
-            # The poll refreshes the gallery when it sees this job end, even one that ends before the next poll.
-            return {notice: _notice("Captioning started."), seen: {**(seen_now or {}), "kind": "captioning",
-                                                                     "state": "running"}}
+            return {notice: _notice("Captioning started."), seen: started(seen_now, "captioning")}
 
         def form_config(values: tuple) -> TrainConfig:
             values_by_name = {field.name: value for field, value in zip(fields, values, strict=True)}
             return replace(config_from_form(values_by_name), output_dir=Path(host.lora_dir()))
 
-        def start_training(trigger: str, *values) -> dict:
+        def start_training(seen_now: dict | None, trigger: str, *values) -> dict:
             try:
                 config = form_config(values)
                 if config.train_data_dir is None:
@@ -665,7 +624,7 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                 runner.start_training(config, trigger.strip(), preview_prompt)
             except UserError as error:
                 return {notice: _notice(str(error), error=True)}
-            return {notice: _notice(f"Training {config.output_name} started.")}
+            return {notice: _notice(f"Training {config.output_name} started."), seen: started(seen_now, "training")}
 
         def save_now() -> dict:
             runner.save_now()
@@ -718,16 +677,16 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
         def refresh_lora_files() -> dict:
             return {grid_files: gr.update(choices=lora_choices(host))}
 
-        def start_grid(*values) -> dict:
+        def start_grid(seen_now: dict | None, *values) -> dict:
             try:
                 plan = grid_plan_from_form(host, *values)
                 runner.start_grid(plan)
             except UserError as error:
                 return {grid_notice: _notice(str(error), error=True)}
             seeds = ", ".join(map(str, plan.seeds))
-            return {grid_notice: _notice(f"Rendering {len(plan.rows())} x {len(plan.strengths)} images, "
-                                         f"seed {seeds}."),
-                    cell_captions: grid_cell_captions(plan)}
+            return {grid_notice: _notice(f"Rendering {len(plan.rows())} x {len(plan.strengths)} images with seed "
+                                         f"{seeds}: progress above, the grid below when it is done."),
+                    cell_captions: grid_cell_captions(plan), seen: started(seen_now, "grid")}
 
         def page_load(folder_text: str, trigger: str) -> dict:
             family = host.model_family()
@@ -750,6 +709,8 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
             if status.kind == "training":
                 newest = status.samples[::-1][:SAMPLES_SHOWN]
                 updates[samples_gallery] = [(image, f"step {step}: {prompt}") for step, prompt, image in newest]
+            if status.kind == "grid" and not status.running:
+                updates[grid_notice] = _notice(status.message, error=status.state == "failed")
             if status.kind == "grid" and status.grid is not None:  # the last grid stays up until a new one is done
                 cells = [cell for row in status.grid_cells for cell in row]
                 labels = captions if len(captions) == len(cells) else [None] * len(cells)
@@ -771,21 +732,21 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                                   [notice, *dataset_outputs])
         caption_button.click(start_captioning, [folder, captioner, caption_mode, caption_prefix, caption_arch,
                                                 caption_weights, seen], [notice, seen])
-        start_button.click(start_training, [trigger_word, *form], [notice])
+        start_button.click(start_training, [seen, trigger_word, *form], [notice, seen])
         save_now_button.click(save_now, None, [notice])
         stop_button.click(stop, None, [notice])
         save_preset_button.click(save_current_preset, [preset_name, overwrite_preset, *form],
                                  [notice, preset_choice])
         load_preset_button.click(load_chosen_preset, [preset_choice], [notice, *form]).then(**folder_events)
         defaults_button.click(model_defaults, None, [model_note, *form])
-        grid_button.click(start_grid, grid_form, [grid_notice, cell_captions])
+        grid_button.click(start_grid, [seen, *grid_form], [grid_notice, cell_captions, seen])
         grid_defaults_button.click(grid_defaults, [trigger_word, folder], grid_defaults_outputs)
         grid_refresh_button.click(refresh_lora_files, None, [grid_files])
         # Clicked by javascript/lora_trainer.js about once a second. A `load(every=...)` event would hold a
         # queue worker per open page for as long as the page is open.
         poll_button.click(poll, [seen, folder, trigger_word, cell_captions],
                           [status_box, chart_data, saved_box, start_button, caption_button, stop_button,
-                           save_now_button, grid_button, seen, samples_gallery, grid_image, grid_cells,
+                           save_now_button, grid_button, seen, samples_gallery, grid_notice, grid_image, grid_cells,
                            *dataset_outputs, *grid_defaults_outputs], queue=False, show_progress="hidden")
         tab.load(page_load, [folder, trigger_word], [*dataset_outputs, model_note, components["resolution"],
                                                      preset_choice, *grid_defaults_outputs], queue=False)

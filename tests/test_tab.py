@@ -1,9 +1,12 @@
 """The Train LoRA tab's logic: the caption editor, defaults per model family, the form <-> config mapping,
-presets and the status view. None of it needs gradio; the last test builds the tab where gradio is installed."""
+presets, the status view and the Test panel's grid form. None of it needs gradio; the last test builds the tab
+where gradio is installed."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 
 from lora_trainer.config import TrainConfig, load_config
 from lora_trainer.errors import UserError
+from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths
 from lora_trainer.jobs import JobStatus
 from lora_trainer.tab import (
     HOST_OWNED_KEYS,
@@ -20,11 +24,16 @@ from lora_trainer.tab import (
     config_from_form,
     dataset_images,
     default_config,
+    default_grid_prompt,
     form_fields,
     form_values,
     format_duration,
     gpu_mixed_precision,
+    grid_cell_captions,
+    grid_plan_from_form,
+    last_run_choices,
     load_preset,
+    lora_choices,
     preset_names,
     save_caption,
     save_preset,
@@ -227,6 +236,125 @@ def test_saved_files_are_listed_by_name_escaped():
     assert "&lt;b&gt;.safetensors" in shown and "<b>" not in shown
 
 
+def test_strengths_are_numbers_separated_by_commas_or_spaces():
+    assert parse_strengths("0, 0.25 ,0.5  1,") == [0.0, 0.25, 0.5, 1.0]
+    assert parse_strengths("-0.5") == [-0.5]
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "at least one strength"), (" , ", "at least one strength"),
+                                               ("0, strong", "'strong' is not a number"),
+                                               ("nan", "'nan' is not a number"), ("1, inf", "'inf' is not a number")])
+def test_strengths_that_are_not_numbers_are_user_errors(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_strengths(text)
+
+
+def test_seeds_are_whole_numbers_and_minus_one_draws_one_random_seed(monkeypatch):
+    assert parse_seeds("1, 2 3") == [1, 2, 3]
+    assert parse_seeds("4294967295") == [4294967295]
+    monkeypatch.setattr(random, "randint", lambda low, high: (low + high) // 2)
+    assert parse_seeds("-1") == [2147483647]
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "at least one seed"), ("1.5", "'1.5' is not a whole number"),
+                                               ("-2", "out of range"), ("4294967296", "out of range")])
+def test_seeds_outside_the_webuis_range_are_user_errors(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_seeds(text)
+
+
+def test_the_default_grid_prompt_is_the_trigger_word_and_the_first_caption(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / name)
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe")  # unreadable: skipped
+    (tmp_path / "c.txt").write_text("a blue bike", encoding="utf-8")  # a.png has none: the first caption is c's
+
+    assert default_grid_prompt(" sks ", tmp_path) == "sks, a blue bike"
+    assert default_grid_prompt("", tmp_path) == "a blue bike"
+    assert default_grid_prompt("bike", tmp_path) == "a blue bike"  # the caption holds the trigger word already
+    assert default_grid_prompt("bik", tmp_path) == "bik, a blue bike"
+
+
+@pytest.mark.parametrize("folder", ["", None, "missing", "empty"])
+def test_without_a_caption_the_default_grid_prompt_is_the_trigger_word(tmp_path, folder):
+    (tmp_path / "empty").mkdir()
+    _image(tmp_path / "empty" / "uncaptioned.png")
+    assert default_grid_prompt("sks", tmp_path / folder if folder else folder) == "sks"
+
+
+class _LoraFolder:
+    """The one part of `Host` the grid form reads."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def lora_dir(self) -> Path:
+        return self.folder
+
+
+def _lora_file(path: Path, mtime: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_the_file_picker_names_lora_files_by_their_path_in_the_lora_folder_newest_first(tmp_path):
+    host = _LoraFolder(tmp_path)
+    old = _lora_file(tmp_path / "style-000001.safetensors", 100)
+    new = _lora_file(tmp_path / "sub" / "x.safetensors", 200)
+    (tmp_path / "style-000001.json").write_text("{}")
+
+    assert lora_choices(host) == ["sub/x.safetensors", "style-000001.safetensors"]
+    # The last run's files in saving order, leaving out one deleted since.
+    assert last_run_choices(host, [old, tmp_path / "gone.safetensors", new]) == ["style-000001.safetensors",
+                                                                                  "sub/x.safetensors"]
+
+
+def test_the_grid_form_makes_a_plan_of_the_picked_files_in_the_picked_order(tmp_path):
+    host = _LoraFolder(tmp_path)
+    first, second = _lora_file(tmp_path / "e1.safetensors", 1), _lora_file(tmp_path / "e2.safetensors", 2)
+
+    plan = grid_plan_from_form(host, " sks, a cat ", " blurry ", ["e2.safetensors", "e1.safetensors"], "0, 1", "7",
+                               " DDIM ", 4, 1.5, 64.0, 32)
+
+    assert plan == GridPlan(prompt="sks, a cat", loras=[second.resolve(), first.resolve()], strengths=[0.0, 1.0],
+                            seeds=[7], negative_prompt="blurry", steps=4, cfg_scale=1.5, width=64, height=32,
+                            sampler_name="DDIM")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"prompt": "  "}, "Enter a prompt"),
+    ({"files": []}, "Pick at least one LoRA file"),
+    ({"files": ["gone.safetensors"]}, "no LoRA file 'gone.safetensors'.*refresh"),
+    ({"files": ["../outside.safetensors"]}, "no LoRA file '../outside.safetensors'"),
+    ({"strengths": "half"}, "'half' is not a number"),
+    ({"seeds": "1, 2"}, "either LoRA files or seeds"),
+    ({"steps": 0}, "Steps must be a whole number of at least 1"),
+    ({"steps": None}, "Steps must be a whole number"),
+    ({"cfg_scale": "x"}, "CFG scale 'x' is not usable"),
+    ({"width": 500}, "Width must be a multiple of 8"),
+    ({"height": 4}, "Height must be a whole number of at least 8"),
+])
+def test_grid_form_mistakes_are_user_errors(tmp_path, changes, message):
+    lora_dir = tmp_path / "Lora"
+    for name in ("e1", "e2"):
+        _lora_file(lora_dir / f"{name}.safetensors", 1)
+    _lora_file(tmp_path / "outside.safetensors", 1)
+    values = dict(prompt="sks", negative_prompt="", files=["e1.safetensors", "e2.safetensors"], strengths="0, 1",
+                  seeds="1", sampler_name="", steps=4, cfg_scale=7, width=64, height=64)
+    values.update(changes)
+    with pytest.raises(UserError, match=message):
+        grid_plan_from_form(_LoraFolder(lora_dir), **values)
+
+
+def test_grid_cells_are_captioned_with_their_row_and_strength():
+    by_file = GridPlan("sks", [Path("a.safetensors"), Path("b.safetensors")], strengths=[0.0, 0.5])
+    assert grid_cell_captions(by_file) == ["a, strength 0", "a, strength 0.5", "b, strength 0", "b, strength 0.5"]
+    by_seed = GridPlan("sks", [Path("a.safetensors")], strengths=[1.0], seeds=[3, 4])
+    assert grid_cell_captions(by_seed) == ["a, seed 3, strength 1", "a, seed 4, strength 1"]
+
+
 def test_the_tab_builds_on_the_installed_gradio(tmp_path):
     gr = pytest.importorskip("gradio")
     pytest.importorskip("ldm")
@@ -239,4 +367,6 @@ def test_the_tab_builds_on_the_installed_gradio(tmp_path):
     assert isinstance(tab, gr.Blocks)
     elem_ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
     assert {"lora_trainer_tab", "lora_trainer_poll", "lora_trainer_chart_data", "lora_trainer_start",
-            "lora_trainer_stop", "lora_trainer_save_now", "lora_trainer_caption_button"} <= elem_ids
+            "lora_trainer_stop", "lora_trainer_save_now", "lora_trainer_caption_button", "lora_trainer_test",
+            "lora_trainer_grid_files", "lora_trainer_grid_button", "lora_trainer_grid_image",
+            "lora_trainer_grid_cells"} <= elem_ids

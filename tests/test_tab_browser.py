@@ -1,5 +1,6 @@
 """The Train LoRA tab in a real browser: gradio 3.41.2 as the WebUI pins it, the page script and stylesheet
-injected as the WebUI injects them, and a run from a dataset folder to a registered LoRA file.
+injected as the WebUI injects them, a run from a dataset folder to a registered LoRA file, and the Test
+panel's grid of the run's files.
 
 Drives Debian's Chromium through Playwright; skipped where either is missing.
 """
@@ -32,10 +33,11 @@ from ldm_models import tiny_sd1  # noqa: E402
 
 from lora_trainer.config import load_config  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
-from lora_trainer.tab import build_tab  # noqa: E402
+from lora_trainer.tab import DEFAULT_STRENGTHS, build_tab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "out" / "screenshots" / "train-tab.png"
+TEST_PANEL_SCREENSHOT = ROOT / "out" / "screenshots" / "test-panel.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
@@ -73,6 +75,8 @@ def served(tmp_path_factory) -> Iterator[ServedTab]:
         finally:
             runner.stop()
             runner.wait(60)
+            # uvicorn otherwise waits, now and then forever, for a connection the closed browser left open.
+            demo.server.force_exit = True
             demo.close()
 
 
@@ -188,6 +192,69 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
     _wait_for(lambda: len(served.lora_refreshes) >= 1, "the page to refresh the Lora cards after a save")
 
 
+def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_with_its_parameters(served, page,
+                                                                                                 tmp_path):
+    dataset = _uncaptioned_images(tmp_path / "dataset")
+    for image in dataset.glob("*.png"):
+        image.with_suffix(".txt").write_text(f"shape {image.stem}", encoding="utf-8")
+    _fill(page, "train_data_dir", str(dataset))
+    _fill(page, "output_name", "grid_lora")
+    _fill(page, "trigger_word", "sks")
+    for name, value in {"resolution": "32", "lora_rank": "4", "lora_alpha": "4", "unet_lr": "1e-3", "epochs": "2",
+                        "save_every_n_epochs": "1"}.items():
+        _fill(page, name, value)
+    page.click("#lora_trainer_advanced >> text=Advanced")
+    _fill(page, "bucket_step", "8")
+    page.click("#lora_trainer_start")
+    _wait_in_page(page, f"{_text('status')}.includes('Training: finished')", "the training run to finish")
+    saved = served.runner.status().saved
+    assert len(saved) == 2
+
+    # The panel is pre-filled from the run that just ended and from the host's txt2img settings.
+    page.click("#lora_trainer_test >> text=Test: compare strengths and epochs in a grid")
+    picked = page.locator("#lora_trainer_grid_files .token")
+    _wait_in_page(page, f"{_value('grid_prompt')} === 'sks, shape 00'", "the trigger word and the first caption")
+    assert picked.all_inner_texts() == [path.name for path in saved]
+    assert _input_values(page, "grid_strengths", "grid_sampler", "grid_steps", "grid_cfg", "grid_width",
+                         "grid_height") == [DEFAULT_STRENGTHS, "DDIM", "4", "1", "32", "32"]
+
+    _fill(page, "grid_strengths", "0, 1")
+    _fill(page, "grid_width", "64")  # room for the column labels
+    _fill(page, "grid_height", "64")
+    page.click("#lora_trainer_grid_button")
+    _wait_in_page(page, f"{_text('status')}.includes('Grid: finished')", "the grid job to finish")
+    page.locator("#lora_trainer_grid_image img").wait_for()
+    cells = page.locator("#lora_trainer_grid_cells .thumbnail-item")
+    cells.nth(3).wait_for()
+    assert cells.count() == 4
+    assert f"{saved[1].stem}, strength 1" in page.inner_text("#lora_trainer_grid_cells")
+    TEST_PANEL_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.locator("#lora_trainer_test").screenshot(path=str(TEST_PANEL_SCREENSHOT))
+
+    grid_path = served.runner.status().grid_path
+    assert grid_path.parent == served.host.grids_dir()
+    assert grid_path.name in page.inner_text("#lora_trainer_grid_notice")
+    with Image.open(grid_path) as grid:
+        parameters = grid.text["parameters"]
+    assert parameters.startswith("sks, shape 00\n")
+    for part in ("Steps: 4, Sampler: DDIM, CFG scale: 1, Seeds: 1, Size: 64x64", "LoRA strengths: 0, 1",
+                 f"LoRAs: {saved[0].stem}, {saved[1].stem}"):
+        assert part in parameters
+    prompts = [request.prompt for request in served.host.renders[-4:]]
+    assert prompts == [f"sks, shape 00{tag}" for path in saved for tag in ("", f" <lora:{path.stem}:1>")]
+
+    # A grid goes through the same job as training: the tab's Stop ends it, and the last grid stays up.
+    _fill(page, "grid_steps", "100")
+    page.click("#lora_trainer_grid_button")
+    _wait_in_page(page, f"{_text('status')}.includes('Grid: running') && "
+                  "!document.querySelector('#lora_trainer_stop').disabled", "the slow grid to start")
+    page.click("#lora_trainer_stop")
+    _wait_in_page(page, f"{_text('grid_notice')}.includes('grid stopped after')", "the stopped grid")
+    assert "Grid: stopped" in page.inner_text("#lora_trainer_status")
+    assert list(served.host.grids_dir().iterdir()) == [grid_path]
+    assert page.locator("#lora_trainer_grid_image img").is_visible()
+
+
 def test_a_preset_saved_from_the_form_loads_back_and_is_never_overwritten_silently(served, page):
     _fill(page, "output_name", "preset_lora")
     _fill(page, "lora_rank", "12")
@@ -223,6 +290,10 @@ def _text(name: str) -> str:
 
 def _value(name: str) -> str:
     return f"(document.querySelector('#lora_trainer_{name} textarea, #lora_trainer_{name} input')?.value ?? '')"
+
+
+def _input_values(page, *names: str) -> list[str]:
+    return [page.locator(f"#lora_trainer_{name}").locator("textarea, input").first.input_value() for name in names]
 
 
 def _chart_points() -> str:
