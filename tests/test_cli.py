@@ -1,0 +1,32 @@
+"""The command line: train from a YAML config with overrides; user errors exit with code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_trainer.cli import main
+
+
+def test_train_from_a_yaml_config_with_a_command_line_override(shapes_dataset, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from lora_trainer.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", "sd1")
+    config = tmp_path / "my.yaml"
+    config.write_text(f"train_data_dir: {shapes_dataset}\nbase_model: {model}\nresolution: 32\nbucket_step: 8\n"
+                      f"lora_rank: 4\nmax_train_steps: 50\noutput_dir: {tmp_path / 'out'}\nlogging_dir: null\n")
+    assert main(["train", "--config", str(config), "--max_train_steps", "2", "--output_name", "cli"]) == 0
+    assert (tmp_path / "out" / "cli.safetensors").is_file()
+    assert "done: 2 steps" in capsys.readouterr().out
+
+
+def test_an_unknown_config_key_exits_with_code_2_and_says_why(tmp_path, capsys):
+    config = tmp_path / "my.yaml"
+    config.write_text("lora_rnak: 4\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "did you mean 'lora_rank'" in capsys.readouterr().err
+
+
+def test_train_without_data_or_model_says_what_is_missing(capsys):
+    assert main(["train", "--lora_rank", "4"]) == 2
+    assert "train_data_dir and base_model" in capsys.readouterr().err
