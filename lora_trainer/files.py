@@ -31,11 +31,6 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def unused_path(path: Path) -> Path:
     """`path` if nothing is there yet, else the first free `stem-2.ext`, `stem-3.ext`, ..."""
     path = Path(path)

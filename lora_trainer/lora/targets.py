@@ -27,21 +27,21 @@ def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTa
         if root.not_trainable:
             raise UserError(root.not_trainable)
         suffixes = config.text_encoder_target_modules if root.is_text_encoder else config.target_modules
-        found = []
+        found, linear_paths = [], []
         for path, layer in root.module.named_modules():
             weight = getattr(layer, "weight", None)
             if not isinstance(weight, nn.Parameter) or weight.dim() not in (2, 4):
                 continue
+            if weight.dim() == 2:
+                linear_paths.append(path)
             if _matches(path, suffixes) and (weight.dim() == 2 or weight.shape[-2:] == (1, 1)):
                 found.append(_target(root, path, layer, config.lora_rank, config.effective_lora_alpha))
             elif (not root.is_text_encoder and config.conv_rank and weight.dim() == 4
                   and weight.shape[-2:] == (3, 3) and path not in STEM_CONVS):
                 found.append(_target(root, path, layer, config.conv_rank, config.effective_conv_alpha))
         if not found and suffixes:
-            examples = [path for path, layer in root.module.named_modules()
-                        if getattr(getattr(layer, "weight", None), "dim", lambda: 0)() == 2][:8]
             raise UserError(f"no layer of {root.prefix} matches {suffixes}; layer names look like: "
-                            + ", ".join(examples))
+                            + ", ".join(linear_paths[:8]))
         targets += found
     return targets
 
