@@ -60,16 +60,20 @@ class LoraModule(nn.Module):
         """alpha / rank, the factor kohya and the WebUI apply to `up @ down`."""
         return self.alpha / self.rank
 
-    def delta(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The LoRA's contribution to the layer's output for `inputs`, unscaled by the multiplier."""
+    def delta(self, inputs: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+        """The LoRA's contribution to the layer's output for `inputs` at strength `multiplier`."""
         # fp32 LoRA weights; under autocast the functional ops below recast to the autocast dtype.
-        inputs = self.dropout(inputs.to(self.down.dtype))
-        down, up = self.down, self.up
+        if inputs.dtype != self.down.dtype:
+            inputs = inputs.to(self.down.dtype)
+        inputs = self.dropout(inputs)
+        # The scale goes on the rank-r hidden state, which is far smaller than the layer's output, and is
+        # skipped at 1 (alpha = rank, full strength): a full-size multiply per layer costs about 4% of a step.
+        factor = self.scale * multiplier
         if self.conv is None:
-            hidden = F.linear(inputs, down)
-            return F.linear(hidden, up) * self.scale
-        hidden = F.conv2d(inputs, down, **self.conv)
-        return F.conv2d(hidden, up) * self.scale
+            hidden = F.linear(inputs, self.down)
+            return F.linear(hidden if factor == 1.0 else hidden * factor, self.up)
+        hidden = F.conv2d(inputs, self.down, **self.conv)
+        return F.conv2d(hidden if factor == 1.0 else hidden * factor, self.up)
 
 
 class LoraNetwork(nn.Module):
@@ -143,6 +147,7 @@ class LoraNetwork(nn.Module):
         def add_lora_output(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if self.multiplier == 0.0:
                 return output
-            return output + (module.delta(inputs[0]) * self.multiplier).to(output.dtype)
+            delta = module.delta(inputs[0], self.multiplier)
+            return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
         return add_lora_output
