@@ -24,7 +24,7 @@ class Batch:
 
     captions: list[str]
     size_conditioning: torch.Tensor
-    """[B, 6]: original height/width, crop top/left, target height/width."""
+    """[B, 6]: original height/width, crop top/left, target height/width; on the device when latents are cached."""
     pixels: torch.Tensor | None = None
     """[B, 3, H, W] in [-1, 1], when latents are not cached."""
     latents: torch.Tensor | None = None
@@ -56,7 +56,8 @@ class TrainingData:
         self.examples = [_Example(record, nearest_bucket(record.width, record.height, buckets))
                          for record in scan.records]
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] | None = None
-        self._cached_crops: dict[int, tuple[int, int]] = {}
+        self._cached_sizes: dict[int, torch.Tensor] = {}
+        """Each cached example's size conditioning, on the latents' device: no host-to-device copy per step."""
 
     @property
     def uses_latent_cache(self) -> bool:
@@ -106,14 +107,17 @@ class TrainingData:
             for start in range(0, len(indices), chunk_size):
                 chunk = indices[start:start + chunk_size]
                 pixels = []
+                sizes = []
                 for index in chunk:
                     example = self.examples[index]
-                    image, self._cached_crops[index] = crop_to_bucket(load_rgb_image(example.record.path),
-                                                                      example.bucket, False, random.Random(0))
+                    image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
+                                                 random.Random(0))
                     pixels += [to_tensor(image, flip) for flip in flips]
+                    sizes.append(_size_conditioning(example, crop))
                 latents = encode_images(torch.stack(pixels))
                 for position, key in enumerate(itertools.product(chunk, flips)):
                     self.latent_cache[key] = latents[position]
+                self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=latents.device).unbind()))
 
     def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch."""
@@ -124,17 +128,15 @@ class TrainingData:
             flip = config.flip_aug and rng.random() < 0.5
             captions.append(process_caption(example.record.caption, config.shuffle_caption, config.keep_tokens,
                                             config.caption_dropout_rate, rng))
-            bucket_width, bucket_height = example.bucket
             if self.latent_cache is not None:
                 latents.append(self.latent_cache[(index, flip)])
-                crop_top, crop_left = self._cached_crops[index]
+                sizes.append(self._cached_sizes[index])
             else:
-                image, (crop_top, crop_left) = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
-                                                              config.random_crop, rng)
+                image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
+                                             config.random_crop, rng)
                 pixels.append(to_tensor(image, flip))
-            sizes.append([example.record.height, example.record.width, crop_top, crop_left,
-                          bucket_height, bucket_width])
-        return Batch(captions=captions, size_conditioning=torch.tensor(sizes, dtype=torch.float32),
+                sizes.append(torch.tensor(_size_conditioning(example, crop)))
+        return Batch(captions=captions, size_conditioning=torch.stack(sizes),
                      pixels=torch.stack(pixels) if pixels else None,
                      latents=torch.stack(latents) if latents else None)
 
@@ -145,3 +147,9 @@ class TrainingData:
         return (f"{len(self.bucket_counts)} bucket(s) ({buckets}); {self.examples_per_epoch} examples and "
                 f"{self.batches_per_epoch()} batches of up to {self.config.batch_size} per epoch; latents {cache}")
 
+
+def _size_conditioning(example: _Example, crop: tuple[int, int]) -> list[float]:
+    """SDXL's size conditioning: original height/width, crop top/left, target height/width."""
+    bucket_width, bucket_height = example.bucket
+    return [float(example.record.height), float(example.record.width), float(crop[0]), float(crop[1]),
+            float(bucket_height), float(bucket_width)]
