@@ -38,10 +38,27 @@ class TextConditioning:
         return TextConditioning(self.context[index], pooled)
 
     @staticmethod
-    def stack(items: list[TextConditioning]) -> TextConditioning:
-        """Concatenate per-caption conditionings (each with batch size 1) into one batch."""
+    def stack(items: list[TextConditioning], padding: torch.Tensor | None = None) -> TextConditioning:
+        """Concatenate per-caption conditionings (each with batch size 1) into one batch.
+
+        Contexts shorter than the longest are lengthened with copies of `padding` ([1, chunk, D]: the empty
+        caption's context), as the WebUI pads a batch's prompts that need fewer 75-token chunks.
+        """
+        length = max(item.context.shape[1] for item in items)
+        contexts = [_padded_context(item.context, length, padding) for item in items]
         pooled = None if items[0].pooled is None else torch.cat([item.pooled for item in items])
-        return TextConditioning(torch.cat([item.context for item in items]), pooled)
+        return TextConditioning(torch.cat(contexts), pooled)
+
+
+def _padded_context(context: torch.Tensor, length: int, padding: torch.Tensor | None) -> torch.Tensor:
+    missing = length - context.shape[1]
+    if missing == 0:
+        return context
+    if padding is None or missing % padding.shape[1]:
+        chunk = "no padding" if padding is None else f"padding chunks of {padding.shape[1]} tokens"
+        raise ValueError(f"cannot stack a text context of {context.shape[1]} tokens with one of {length}: "
+                         f"{chunk} cannot fill the difference")
+    return torch.cat([context, padding.repeat(1, missing // padding.shape[1], 1)], dim=1)
 
 
 @dataclass

@@ -109,12 +109,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             data.cache_latents(backend.encode_images)
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
-            captions = sorted({example.record.caption for example in data.examples} | {""})
-            with torch.no_grad():
-                for start in range(0, len(captions), 16):
-                    chunk = captions[start:start + 16]
-                    encoded = backend.encode_text(chunk)
-                    text_cache.update((caption, encoded[i:i + 1]) for i, caption in enumerate(chunk))
+            text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
 
         if config.resume is not None:
             resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
@@ -133,7 +128,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             else:
                 latents = backend.encode_images(batch.pixels)
             if text_cache:
-                text = TextConditioning.stack([text_cache[caption] for caption in batch.captions])
+                text = TextConditioning.stack([text_cache[caption] for caption in batch.captions],
+                                              padding=text_cache[""].context)
             else:
                 text = backend.encode_text(batch.captions)
             noise = sample_noise(latents, config.noise_offset, noise_generator)
@@ -233,6 +229,29 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             sample(step)
     run_log.close()
     return result
+
+
+@torch.no_grad()
+def _encode_captions(backend: DiffusionBackend, captions: set[str]) -> dict[str, TextConditioning]:
+    """Each caption's text conditioning (batch size 1) exactly as if encoded alone, always with "" (caption
+    dropout gives it, and its context pads longer ones).
+
+    The WebUI encodes a caption of more than 75 tokens as several 77-token chunks and pads the shorter captions
+    of its batch with empty chunks; a group that comes back longer than the empty caption's context is encoded
+    again one caption at a time, so that each cached context keeps its own length and is padded only as far as
+    its training batch needs (`TextConditioning.stack`).
+    """
+    cache = {"": backend.encode_text([""])}
+    chunk_length = cache[""].context.shape[1]
+    ordered = sorted(captions - {""})
+    for start in range(0, len(ordered), 16):
+        group = ordered[start:start + 16]
+        encoded = backend.encode_text(group)
+        if encoded.context.shape[1] == chunk_length:
+            cache.update((caption, encoded[i:i + 1]) for i, caption in enumerate(group))
+        else:
+            cache.update((caption, backend.encode_text([caption])) for caption in group)
+    return cache
 
 
 def _accelerator(config: TrainConfig, device: torch.device):
