@@ -41,6 +41,7 @@ class JobStatus:
     total_steps: int = 0
     epoch: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    steps_per_second: float = 0.0
     samples_per_second: float = 0.0
     seconds_left: float = 0.0
     memory: str = ""
@@ -218,7 +219,8 @@ class _JobEvents(TrainingEvents):
         with self.runner._lock:
             status = self.runner._status
             status.step, status.total_steps, status.epoch = report.step, report.total_steps, report.epoch
-            status.samples_per_second, status.seconds_left = report.samples_per_second, report.seconds_left
+            status.steps_per_second, status.samples_per_second = report.steps_per_second, report.samples_per_second
+            status.seconds_left = report.seconds_left
             status.memory = _memory_in_use()
             if report.loss is not None:
                 status.losses.append((report.step, report.loss))

@@ -278,8 +278,8 @@ def _progress_details(status: JobStatus) -> list[str]:
     details = [f"Step {status.step}/{status.total_steps}", f"epoch {status.epoch}"]
     if status.losses:
         details.append(f"loss {status.losses[-1][1]:.4f}")
-    if status.samples_per_second:
-        details.append(f"{status.samples_per_second:.2f} it/s")
+    if status.steps_per_second:
+        details.append(f"{status.steps_per_second:.2f} it/s, {status.samples_per_second:.1f} samples/s")
     if status.running and status.seconds_left:
         details.append(f"ETA {format_duration(status.seconds_left)}")
     if status.memory:

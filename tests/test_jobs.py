@@ -69,6 +69,15 @@ def test_training_job_reports_progress_to_the_host(host, shapes_dataset):
     assert not host.queue_lock.locked()
 
 
+def test_training_job_reports_steps_per_second_and_samples_per_second(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, batch_size=2, gradient_accumulation_steps=2))
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    assert status.steps_per_second > 0
+    assert status.samples_per_second == pytest.approx(4 * status.steps_per_second)
+
+
 def test_loaded_model_is_bit_identical_after_a_job(host, model, shapes_dataset):
     before = _state_hash(model)
     runner = JobRunner(host)

@@ -205,12 +205,12 @@ def test_chart_json_carries_losses_saved_names_and_state():
 
 def test_status_of_a_running_training_shows_progress_speed_eta_and_memory():
     status = JobStatus(kind="training", state="running", step=30, total_steps=120, epoch=2, losses=[(30, 0.12345)],
-                       samples_per_second=2.5, seconds_left=3725, memory="1.20 GiB peak VRAM",
+                       steps_per_second=1.25, samples_per_second=5.0, seconds_left=3725, memory="1.20 GiB peak VRAM",
                        message="Saved x.safetensors")
     shown = status_html(status)
     assert 'style="width: 25.0%"' in shown
-    for part in ("Training: running", "Step 30/120", "epoch 2", "loss 0.1235", "2.50 it/s", "ETA 1:02:05",
-                 "1.20 GiB peak VRAM", "Saved x.safetensors"):
+    for part in ("Training: running", "Step 30/120", "epoch 2", "loss 0.1235", "1.25 it/s, 5.0 samples/s",
+                 "ETA 1:02:05", "1.20 GiB peak VRAM", "Saved x.safetensors"):
         assert part in shown
 
 

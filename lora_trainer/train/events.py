@@ -27,7 +27,10 @@ class StepReport:
     epoch: int
     loss: float | None
     learning_rate: float
+    steps_per_second: float
+    """Optimizer steps per second (trainers' "it/s"), measured between the last two loss reports."""
     samples_per_second: float
+    """Training images per second: steps per second times batch size times gradient accumulation."""
     seconds_elapsed: float
     seconds_left: float
 

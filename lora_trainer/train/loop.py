@@ -182,11 +182,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         now = time.perf_counter()
                         seconds_per_step = (now - window_start) / max(1, step - window_step)
                         window_start, window_step = now, step
+                    steps_per_second = 1 / seconds_per_step if seconds_per_step else 0.0
                     report = StepReport(
                         step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
-                        learning_rate=scheduler.get_last_lr()[0],
-                        samples_per_second=config.batch_size * config.gradient_accumulation_steps / seconds_per_step
-                        if seconds_per_step else 0.0,
+                        learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
+                        samples_per_second=steps_per_second * config.batch_size * config.gradient_accumulation_steps,
                         seconds_elapsed=time.time() - started_at,
                         seconds_left=seconds_per_step * (total_steps - step))
                     events.on_step(report)

@@ -31,6 +31,7 @@ class RunLog:
         if report.loss is not None:
             self._writer.add_scalar("loss/train", report.loss, report.step)
         self._writer.add_scalar("lr", report.learning_rate, report.step)
+        self._writer.add_scalar("speed/steps_per_second", report.steps_per_second, report.step)
         self._writer.add_scalar("speed/samples_per_second", report.samples_per_second, report.step)
 
     def close(self) -> None:
