@@ -79,7 +79,8 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     pipeline = load_pipeline(config.base_model, config.base_model_config, weight_dtype)
     backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(config.base_model).stem,
                                v_parameterization=config.v_parameterization)
-    result = train(config, backend, ConsoleEvents())
+    with ConsoleEvents() as events:
+        result = train(config, backend, events)
     print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
           + ", ".join(str(path) for path in result.saved))
     return 0

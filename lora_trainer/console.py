@@ -10,10 +10,25 @@ from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 
 
 class ConsoleEvents(TrainingEvents):
-    """Prints the plan and saves, and drives a tqdm bar over the optimizer steps."""
+    """Prints the plan and saves, and drives a tqdm bar over the optimizer steps.
+
+    Use it as a context manager: leaving the block closes the bar however the run ended (finished, stopped,
+    interrupted or failed), so that the next line is not printed on the bar's line.
+    """
 
     def __init__(self) -> None:
         self._bar: tqdm | None = None
+
+    def __enter__(self) -> ConsoleEvents:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar, ending its line."""
+        if self._bar is not None:
+            self._bar.close()
 
     def on_message(self, text: str) -> None:
         tqdm.write(text)
@@ -29,7 +44,7 @@ class ConsoleEvents(TrainingEvents):
         if report.loss is not None:
             self._bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2e}", epoch=report.epoch)
         if report.step >= report.total_steps:
-            self._bar.close()
+            self.close()
 
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         tqdm.write(f"saved {path} (step {step}, epoch {epoch})")

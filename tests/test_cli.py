@@ -30,3 +30,19 @@ def test_an_unknown_config_key_exits_with_code_2_and_says_why(tmp_path, capsys):
 def test_train_without_data_or_model_says_what_is_missing(capsys):
     assert main(["train", "--lora_rank", "4"]) == 2
     assert "train_data_dir and base_model" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_midway_ends_the_progress_bar_line_before_the_error(shapes_dataset, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from lora_trainer.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", "sd1")
+    config = tmp_path / "my.yaml"
+    # A huge learning rate without clipping: the loss becomes NaN at the second step and the run stops.
+    config.write_text(f"train_data_dir: {shapes_dataset}\nbase_model: {model}\nresolution: 32\nbucket_step: 8\n"
+                      f"lora_rank: 4\nmax_train_steps: 10\nlearning_rate: 1.0e+30\nmax_grad_norm: null\n"
+                      f"log_every_n_steps: 1\noutput_dir: {tmp_path / 'out'}\nlogging_dir: null\n")
+    assert main(["train", "--config", str(config)]) == 2
+    bar_output, _, error = capsys.readouterr().err.partition("error: ")
+    assert "the loss became" in error
+    assert bar_output.endswith("\n")
