@@ -4,7 +4,8 @@ SD1 and SD2 are real `ldm.models.diffusion.ddpm.LatentDiffusion` objects (ldm UN
 OpenCLIP text encoder), with the text encoder under a `.wrapped` attribute as the WebUI's prompt-parsing
 hijack leaves it. SDXL needs sgm, which is not installable here: `TinySDXL` stands in for sgm's
 `DiffusionEngine` with the attributes the WebUI adds to it, around an SDXL-shaped ldm UNet (linear
-projections, no attention at the top level, a `label_emb` for the 2816-style vector) and two CLIP encoders.
+projections, no attention at the top level, a `label_emb` for the 2816-style vector), a CLIP encoder and an
+OpenCLIP encoder shaped like sgm's `FrozenOpenCLIPEmbedder2`.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def tiny_sdxl(folder: Path, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     clip_l = FrozenCLIPEmbedder(str(_clip_text_folder(folder, "clip-l", seed)), device="cpu", layer="hidden",
                                 layer_idx=-2)
-    clip_g = FrozenCLIPEmbedder(str(_clip_text_folder(folder, "clip-g", seed + 1)), device="cpu", layer="hidden",
-                                layer_idx=-2)
+    _register_tiny_open_clip(folder)
+    big_g = FrozenOpenCLIPEmbedder2(TINY_OPEN_CLIP)
     conditioner = Conditioner([
-        WebUITextEncoder(clip_l), WebUITextEncoder(clip_g, return_pooled=True),
+        WebUITextEncoder(clip_l), WebUITextEncoder(big_g, return_pooled=True),
         SizeEmbedder("original_size_as_tuple"), SizeEmbedder("crop_coords_top_left"),
         SizeEmbedder("target_size_as_tuple")])
     pooled_width = TEXT_WIDTH
@@ -84,7 +85,7 @@ class WebUITextEncoder(nn.Module):
     """Stands in for the WebUI's prompt-parsing wrapper (`FrozenCLIPEmbedderWithCustomWords` and kin): the
     ldm/sgm encoder sits under `.wrapped`, which is where the WebUI's LoRA key mapping looks."""
 
-    def __init__(self, wrapped: FrozenCLIPEmbedder, return_pooled: bool = False):
+    def __init__(self, wrapped: nn.Module, return_pooled: bool = False):
         super().__init__()
         self.wrapped = wrapped
         self.return_pooled = return_pooled
@@ -94,11 +95,36 @@ class WebUITextEncoder(nn.Module):
     def forward(self, texts: list[str]):
         if not self.return_pooled:
             return self.wrapped(texts)
-        encoder = self.wrapped
-        tokens = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length, padding="max_length",
-                                   return_tensors="pt").input_ids.to(encoder.device)
-        outputs = encoder.transformer(input_ids=tokens, output_hidden_states=True)
-        return outputs.hidden_states[encoder.layer_idx], outputs.pooler_output
+        outputs = self.wrapped(texts)
+        return outputs[self.wrapped.layer], outputs["pooled"]
+
+
+class FrozenOpenCLIPEmbedder2(nn.Module):
+    """sgm's `FrozenOpenCLIPEmbedder2` as SDXL configures it (layer "penultimate", legacy False): the
+    penultimate layer's hidden states, and the last layer's end-of-text state, normed and projected."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        model = open_clip.create_model(arch, device="cpu", pretrained=None)
+        del model.visual
+        self.model = model
+        self.layer = "penultimate"
+        self.device = "cpu"
+
+    def forward(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.encode_with_transformer(open_clip.tokenize(texts).to(self.device))
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (self.model.token_embedding(tokens) + self.model.positional_embedding).permute(1, 0, 2)  # NLD -> LND
+        outputs = {}
+        blocks = self.model.transformer.resblocks
+        for index, block in enumerate(blocks):
+            if index == len(blocks) - 1:
+                outputs["penultimate"] = x.permute(1, 0, 2)
+            x = block(x, attn_mask=self.model.attn_mask)
+        last = self.model.ln_final(x.permute(1, 0, 2))
+        outputs["pooled"] = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ self.model.text_projection
+        return outputs
 
 
 class SizeEmbedder(nn.Module):

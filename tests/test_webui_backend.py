@@ -78,7 +78,7 @@ def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, m
     assert trained_loss < 0.85 * base_loss
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_training_leaves_the_model_bit_identical(family, models, shapes_dataset, tmp_path):
     model = models[family]
     before = _snapshot(model)
@@ -95,7 +95,7 @@ def test_train_and_eval_modes_of_a_mixed_tree_are_restored(models, shapes_datase
     assert [(name, module.training) for name, module in model.named_modules()] == before
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes_dataset, tmp_path):
     # The tiny UNets are built with ldm's own use_checkpoint=True, which would drop LoRA gradients; SDXL's
     # conditioner runs its text encoders under no_grad unless told otherwise.
@@ -120,10 +120,13 @@ def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes
                 if parameter.grad is not None}
 
     plain, checkpointed = lora_gradients(False), lora_gradients(True)
-    # SDXL reads its first text encoder's penultimate layer, so LoRA on the last layer gets no gradient.
+    # SD2 and SDXL's first encoder are read at the penultimate layer, so LoRA on their last layer gets no
+    # gradient (SDXL's second encoder's last layer feeds its pooled output).
     unreached = {name for name, _ in network.named_parameters()} - plain.keys()
-    assert (family == "sdxl") == bool(unreached)
-    assert all("lora_te1_text_model_encoder_layers_1_" in name for name in unreached)
+    last_layer = {"sd1": None, "sd2": "lora_te_text_model_encoder_layers_1_",
+                  "sdxl": "lora_te1_text_model_encoder_layers_1_"}[family]
+    assert bool(unreached) == bool(last_layer)
+    assert all(last_layer in name for name in unreached)
     assert any("lora_te" in name for name in plain)
     assert all(gradient.abs().sum() > 0 for gradient in plain.values())
     assert plain.keys() == checkpointed.keys()
@@ -163,7 +166,7 @@ def test_a_lora_merged_by_the_webui_is_undone_before_training(family, models, sh
     assert _state_hashes(model) == merged
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_exported_keys_name_the_trained_layers_as_the_webui_maps_them(family, models, shapes_dataset, tmp_path):
     from safetensors import safe_open
 
@@ -174,7 +177,9 @@ def test_exported_keys_name_the_trained_layers_as_the_webui_maps_them(family, mo
     config = _config(shapes_dataset, tmp_path / "out", max_train_steps=1, conv_rank=2, train_text_encoder=True,
                      target_modules=unet_targets,
                      text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
-    trained_layers = {target.key: target.layer for target in find_lora_targets(backend.lora_roots(), config)}
+    # The extension finds an OpenCLIP attention's q/k/v LoRA on the attention, and its out LoRA on out_proj.
+    trained_layers = {target.key: target.layer.out_proj if target.part == "out" else target.layer
+                      for target in find_lora_targets(backend.lora_roots(), config)}
     path = train(config, backend).saved[-1]
     with safe_open(str(path), "pt") as handle:
         file_keys = {key.partition(".")[0] for key in handle.keys()}
@@ -184,9 +189,14 @@ def test_exported_keys_name_the_trained_layers_as_the_webui_maps_them(family, mo
     assert unmatched == []
     assert file_keys == trained_layers.keys()
     assert all(_webui_module_for(key, mapping) is trained_layers[key] for key in file_keys)
-    unet_style = "lora_unet_down_blocks_" if family == "sd1" else "lora_unet_input_blocks_"
+    unet_style = "lora_unet_input_blocks_" if family == "sdxl" else "lora_unet_down_blocks_"
     assert any(key.startswith(unet_style) for key in file_keys)
     assert any(key.startswith("lora_te1_" if family == "sdxl" else "lora_te_") for key in file_keys)
+    if family != "sd1":
+        open_clip_prefix = "lora_te2_" if family == "sdxl" else "lora_te_"
+        assert {f"{open_clip_prefix}text_model_encoder_layers_0_{layer}" for layer in
+                ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
+                 "mlp_fc2"]} <= file_keys
 
 
 def test_sdxl_size_vector_matches_the_webui_conditioning_for_its_default_sizes(models):
@@ -219,10 +229,62 @@ def test_inpainting_models_are_refused_with_a_clear_message(models):
         WebUIBackend(model)
 
 
-def test_training_the_openclip_text_encoder_is_refused_with_a_clear_message(models, shapes_dataset, tmp_path):
-    with pytest.raises(UserError, match="OpenCLIP.*turn off train_text_encoder"):
-        train(_config(shapes_dataset, tmp_path / "out", train_text_encoder=True), WebUIBackend(models["sd2"]))
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_openclip_text_encoder_lora_acts_as_the_webui_merges_it(family, models, shapes_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(models[family])
+    backend = WebUIBackend(model)
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=3, train_text_encoder=True)
+    path = train(config, backend).saved[-1]
+    network = network_from_file(backend.lora_roots(), path)
+    captions = ["sks, a red shape", "a blue shape on white"]
+    with torch.no_grad():
+        base = backend.encode_text(captions)
+        with network.applied(0.7):
+            ours = backend.encode_text(captions)
+
+    # The extension's way: each layer's up @ down * alpha / rank * strength, added to its weights in place;
+    # an attention's q/k/v deltas stacked into in_proj_weight.
+    state, mapping = load_file(str(path)), _webui_layer_mapping(model)
+    deltas: dict[nn.Module, dict[str, torch.Tensor]] = {}
+    for key in {name.partition(".")[0] for name in state if name.startswith("lora_te")}:
+        delta = state[f"{key}.lora_up.weight"] @ state[f"{key}.lora_down.weight"]
+        delta = delta * float(state[f"{key}.alpha"]) / state[f"{key}.lora_down.weight"].shape[0] * 0.7
+        module = _webui_module_for(key, mapping)
+        part = re.search(r"_([qkv])_proj$", key)[1] if isinstance(module, nn.MultiheadAttention) else "weight"
+        deltas.setdefault(module, {})[part] = delta
+    attentions = [module for module in deltas if isinstance(module, nn.MultiheadAttention)]
+    assert attentions
+    for attention in attentions:
+        parts, out_proj = deltas.pop(attention), deltas.pop(attention.out_proj)
+        _webui_apply(attention, [torch.cat([parts["q"], parts["k"], parts["v"]]), out_proj["weight"],
+                                 torch.zeros_like(attention.out_proj.bias)], ("trained", 0.7, 1.0, None))
+    for module, parts in deltas.items():
+        bias = [torch.zeros_like(module.bias)] if module.bias is not None else []
+        _webui_apply(module, [parts["weight"], *bias], ("trained", 0.7, 1.0, None))
+    with torch.no_grad():
+        merged = backend.encode_text(captions)
+
+    assert not torch.allclose(ours.context, base.context, atol=1e-4)
+    assert torch.allclose(ours.context, merged.context, rtol=1e-4, atol=1e-5)
+    if family == "sdxl":
+        assert not torch.allclose(ours.pooled, base.pooled, atol=1e-4)
+        assert torch.allclose(ours.pooled, merged.pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_openclip_attention_needs_all_four_projections(models, shapes_dataset, tmp_path):
+    config = _config(shapes_dataset, tmp_path / "out", train_text_encoder=True,
+                     text_encoder_target_modules=["q_proj", "v_proj"])
+    with pytest.raises(UserError, match="q_proj, k_proj, v_proj and out_proj together"):
+        train(config, WebUIBackend(models["sd2"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_dropout_on_openclip_attention_is_refused_with_a_clear_message(models, shapes_dataset, tmp_path):
+    config = _config(shapes_dataset, tmp_path / "out", train_text_encoder=True, lora_dropout=0.1)
+    with pytest.raises(UserError, match="lora_dropout.*OpenCLIP"):
+        train(config, WebUIBackend(models["sdxl"]))
 
 
 def test_lowvram_is_refused_with_a_clear_message(models):

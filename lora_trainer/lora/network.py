@@ -4,6 +4,12 @@ The adapted model's module tree is never changed: no wrapper modules, no renamed
 weights live in a separate `LoraNetwork`, which attaches hooks to the target layers and removes them
 again. This works the same on diffusers, transformers, ldm/sgm and Forge layers, because a target is
 recognised by its weight's shape (2-D: linear, 4-D: convolution), not by its class.
+
+One layer type cannot be reached by a hook: `nn.MultiheadAttention` (OpenCLIP's text encoders in SD2 and
+SDXL) projects q, k and v with one fused `in_proj_weight` and never calls its `out_proj` module. Its four
+LoRA parts are applied the way the WebUI applies them, as weight deltas (`up @ down * scale`), through an
+instance `forward` that runs `F.multi_head_attention_forward` on the base weights plus the deltas; detaching
+deletes that instance attribute again, so the class's forward shows through as before.
 """
 
 from __future__ import annotations
@@ -12,30 +18,38 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_trainer.errors import UserError
+
+ATTENTION_PARTS = ("q", "k", "v", "out")
+"""The parts of an `nn.MultiheadAttention` LoRA adapts: the q/k/v thirds of `in_proj_weight`, and `out_proj`."""
+
 
 @dataclass(frozen=True)
 class LoraTarget:
     """A layer to adapt: its kohya key (`lora_unet_..._to_q`), its diffusers/peft key
-    (`unet.down_blocks.0....to_q`), the layer, and the LoRA rank and alpha."""
+    (`unet.down_blocks.0....to_q`), the layer, and the LoRA rank and alpha. For an `nn.MultiheadAttention`,
+    `part` says which of its projections (one of `ATTENTION_PARTS`)."""
 
     key: str
     peft_key: str
     layer: nn.Module
     rank: int
     alpha: float
+    part: str | None = None
 
 
 class LoraModule(nn.Module):
     """The down/up matrices for one layer. `down` sees the layer's input; `up` starts at zero."""
 
-    def __init__(self, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, part: str | None = None):
         super().__init__()
-        weight = layer.weight
+        weight = layer.weight if part is None else attention_part_weight(layer, part)
         if weight.dim() == 2:
             out_features, in_features = weight.shape
             self.conv: dict[str, object] | None = None
@@ -75,37 +89,66 @@ class LoraModule(nn.Module):
         hidden = F.conv2d(inputs, self.down, **self.conv)
         return F.conv2d(hidden if factor == 1.0 else hidden * factor, self.up)
 
+    def weight_delta(self, multiplier: float = 1.0) -> torch.Tensor:
+        """The change this LoRA makes to a linear layer's weight at strength `multiplier`: up @ down * scale."""
+        return (self.up @ self.down) * (self.scale * multiplier)
+
 
 class LoraNetwork(nn.Module):
     """All LoRA modules of one run, keyed by kohya key, plus the hooks that apply them."""
 
     def __init__(self, targets: list[LoraTarget], dropout: float = 0.0):
         super().__init__()
-        self.lora_modules = nn.ModuleDict(
-            {target.key: LoraModule(target.layer, target.rank, target.alpha, dropout) for target in targets})
-        # Plain dict on purpose: the target layers must not become submodules of the network.
-        self._layers = {target.key: target.layer for target in targets}
+        if dropout and any(target.part for target in targets):
+            raise UserError("lora_dropout cannot be used on OpenCLIP attention (the text encoder of SD2, the second "
+                            "one of SDXL), whose LoRA is applied to the weights; set lora_dropout to 0 or turn off "
+                            "train_text_encoder")
+        self.lora_modules = nn.ModuleDict({target.key: LoraModule(target.layer, target.rank, target.alpha, dropout,
+                                                                  target.part) for target in targets})
+        # Plain dicts on purpose: the target layers must not become submodules of the network.
+        self._layers = {target.key: target.layer for target in targets if target.part is None}
+        self._attentions: dict[nn.Module, dict[str, LoraModule]] = {}
+        for target in targets:
+            if target.part is not None:
+                self._attentions.setdefault(target.layer, {})[target.part] = self.lora_modules[target.key]
+        for target in targets:
+            parts = self._attentions.get(target.layer, {})
+            if target.part is not None and set(parts) != set(ATTENTION_PARTS):
+                raise UserError(f"OpenCLIP attention takes LoRA on q_proj, k_proj, v_proj and out_proj together (the "
+                                f"WebUI applies them only as a set), but {target.key} comes without the others; "
+                                "list all four in text_encoder_target_modules")
         self.peft_keys = {target.key: target.peft_key for target in targets}
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False
         self.multiplier = 1.0
 
     def attach(self) -> None:
         """Start adding the LoRA outputs to the target layers (idempotent)."""
-        if self._hook_handles:
+        if self._attached:
             return
+        for attention in self._attentions:
+            if "forward" in vars(attention):
+                raise RuntimeError(f"{type(attention).__name__} already has an instance forward; is another LoRA "
+                                   "attached to it?")
         for key, layer in self._layers.items():
             self._hook_handles.append(layer.register_forward_hook(self._make_hook(self.lora_modules[key])))
+        for attention, parts in self._attentions.items():
+            attention.forward = partial(_attention_with_lora, attention, parts, self)
+        self._attached = True
 
     def detach(self) -> None:
         """Remove every hook: the target layers behave exactly as before `attach`."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        for attention in self._attentions:
+            vars(attention).pop("forward", None)
+        self._attached = False
 
     @property
     def is_attached(self) -> bool:
         """Whether the hooks are in place."""
-        return bool(self._hook_handles)
+        return self._attached
 
     @contextmanager
     def applied(self, multiplier: float = 1.0) -> Iterator[LoraNetwork]:
@@ -151,3 +194,33 @@ class LoraNetwork(nn.Module):
             return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
         return add_lora_output
+
+
+def attention_part_weight(attention: nn.Module, part: str) -> torch.Tensor:
+    """The weight of one projection of an `nn.MultiheadAttention`: a third of `in_proj_weight`, or `out_proj`'s."""
+    if part == "out":
+        return attention.out_proj.weight
+    return attention.in_proj_weight.chunk(3)[ATTENTION_PARTS.index(part)]
+
+
+def _attention_with_lora(attention: nn.MultiheadAttention, parts: dict[str, LoraModule], network: LoraNetwork,
+                         query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                         attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                         is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`nn.MultiheadAttention.forward` (its general path) on the base weights plus the LoRA weight deltas."""
+    in_weight, out_weight = attention.in_proj_weight, attention.out_proj.weight
+    if network.multiplier != 0.0:
+        in_delta = torch.cat([parts[part].weight_delta(network.multiplier) for part in ("q", "k", "v")])
+        in_weight = in_weight + in_delta.to(in_weight.dtype)
+        out_weight = out_weight + parts["out"].weight_delta(network.multiplier).to(out_weight.dtype)
+    batch_first = attention.batch_first and query.dim() == 3
+    if batch_first:
+        query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+    output, weights = F.multi_head_attention_forward(
+        query, key, value, attention.embed_dim, attention.num_heads, in_weight, attention.in_proj_bias,
+        attention.bias_k, attention.bias_v, attention.add_zero_attn, attention.dropout, out_weight,
+        attention.out_proj.bias, training=attention.training, key_padding_mask=key_padding_mask,
+        need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+        is_causal=is_causal)
+    return (output.transpose(0, 1) if batch_first else output), weights

@@ -2,43 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.lora.files import read_lora
 from lora_trainer.lora.naming import STEM_CONVS, kohya_key
-from lora_trainer.lora.network import LoraNetwork, LoraTarget
+from lora_trainer.lora.network import ATTENTION_PARTS, LoraNetwork, LoraTarget, attention_part_weight
 from lora_trainer.models.base import LoraRoot
 
 
 def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTarget]:
     """Every layer of `roots` that the config asks to adapt, with its kohya key, rank and alpha.
 
-    A layer matches a name in `target_modules` (or `text_encoder_target_modules`) when its path ends with
-    it. With `conv_rank > 0`, the UNet's 3x3 convolutions (except the stem's) are adapted too.
+    A layer matches a name in `target_modules` (or `text_encoder_target_modules`) when its path, or its
+    path as kohya files name it, ends with it. With `conv_rank > 0`, the UNet's 3x3 convolutions (except
+    the stem's) are adapted too.
     """
     targets: list[LoraTarget] = []
     for root in roots:
         if root.is_text_encoder and not config.train_text_encoder:
             continue
-        if root.not_trainable:
-            raise UserError(root.not_trainable)
         suffixes = config.text_encoder_target_modules if root.is_text_encoder else config.target_modules
         found, linear_paths = [], []
-        for path, layer in root.module.named_modules():
-            weight = getattr(layer, "weight", None)
-            if not isinstance(weight, nn.Parameter) or weight.dim() not in (2, 4):
-                continue
+        for path, layer, part, weight in _adaptable_layers(root.module):
             if weight.dim() == 2:
                 linear_paths.append(path)
-            if _matches(path, suffixes) and (weight.dim() == 2 or weight.shape[-2:] == (1, 1)):
-                found.append(_target(root, path, layer, config.lora_rank, config.effective_lora_alpha))
+            if _matches(path, root.kohya_path(path), suffixes) and (weight.dim() == 2 or weight.shape[-2:] == (1, 1)):
+                found.append(_target(root, path, layer, part, config.lora_rank, config.effective_lora_alpha))
             elif (not root.is_text_encoder and config.conv_rank and weight.dim() == 4
                   and weight.shape[-2:] == (3, 3) and path not in STEM_CONVS):
-                found.append(_target(root, path, layer, config.conv_rank, config.effective_conv_alpha))
+                found.append(_target(root, path, layer, part, config.conv_rank, config.effective_conv_alpha))
         if not found and suffixes:
             raise UserError(f"no layer of {root.prefix} matches {suffixes}; layer names look like: "
                             + ", ".join(linear_paths[:8]))
@@ -46,8 +44,27 @@ def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTa
     return targets
 
 
-def _target(root: LoraRoot, path: str, layer: nn.Module, rank: int, alpha: float) -> LoraTarget:
-    return LoraTarget(*_keys(root, path), layer, rank, alpha)
+def _adaptable_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module, str | None, torch.Tensor]]:
+    """(path, layer, attention part, weight) of every linear or convolution layer under `module`.
+
+    An `nn.MultiheadAttention` counts as four layers, `<path>.q_proj`, `.k_proj`, `.v_proj` and `.out_proj`,
+    named as transformers names them, whose layer is the attention itself.
+    """
+    attentions = set()
+    for path, layer in module.named_modules():
+        if isinstance(layer, nn.MultiheadAttention) and layer._qkv_same_embed_dim:
+            attentions.add(path)
+            for part in ATTENTION_PARTS:
+                yield f"{path}.{part}_proj", layer, part, attention_part_weight(layer, part)
+            continue
+        weight = getattr(layer, "weight", None)
+        parent = path.rpartition(".")[0]
+        if isinstance(weight, nn.Parameter) and weight.dim() in (2, 4) and parent not in attentions:
+            yield path, layer, None, weight
+
+
+def _target(root: LoraRoot, path: str, layer: nn.Module, part: str | None, rank: int, alpha: float) -> LoraTarget:
+    return LoraTarget(*_keys(root, path), layer, rank, alpha, part)
 
 
 def _keys(root: LoraRoot, path: str) -> tuple[str, str]:
@@ -55,8 +72,9 @@ def _keys(root: LoraRoot, path: str) -> tuple[str, str]:
     return kohya_key(root.prefix, root.kohya_path(path)), f"{root.peft_prefix}.{root.peft_path(path)}"
 
 
-def _matches(path: str, suffixes: list[str]) -> bool:
-    return any(path == suffix or path.endswith("." + suffix) for suffix in suffixes)
+def _matches(path: str, kohya_path: str, suffixes: list[str]) -> bool:
+    """Whether the layer's path, or its path as kohya files name it (`mlp.c_fc` is `mlp.fc1`), ends with a suffix."""
+    return any(name == suffix or name.endswith("." + suffix) for name in (path, kohya_path) for suffix in suffixes)
 
 
 def network_from_file(roots: list[LoraRoot], path: Path) -> LoraNetwork:
@@ -67,18 +85,16 @@ def network_from_file(roots: list[LoraRoot], path: Path) -> LoraNetwork:
     """
     layers = {}
     for root in roots:
-        for module_path, layer in root.module.named_modules():
-            weight = getattr(layer, "weight", None)
-            if isinstance(weight, nn.Parameter) and weight.dim() in (2, 4):
-                key, peft_key = _keys(root, module_path)
-                layers[key] = (peft_key, layer)
-    lora = read_lora(path, {peft_key: key for key, (peft_key, _) in layers.items()})
+        for module_path, layer, part, _ in _adaptable_layers(root.module):
+            key, peft_key = _keys(root, module_path)
+            layers[key] = (peft_key, layer, part)
+    lora = read_lora(path, {peft_key: key for key, (peft_key, _, _) in layers.items()})
     unplaced = sorted(lora.module_keys - layers.keys())
     if unplaced:
         raise UserError(f"{path}: {len(unplaced)} of its {len(lora.module_keys)} layers do not exist in this model "
                         f"(e.g. {unplaced[0]}); is it a LoRA for another model family?")
     targets = [LoraTarget(key, layers[key][0], layers[key][1], lora.rank_of(key),
-                          float(lora.state.get(f"{key}.alpha", lora.rank_of(key))))
+                          float(lora.state.get(f"{key}.alpha", lora.rank_of(key))), layers[key][2])
                for key in sorted(lora.module_keys)]
     network = LoraNetwork(targets)
     network.load_kohya_state_dict(lora.state)

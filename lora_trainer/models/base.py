@@ -75,8 +75,6 @@ class LoraRoot:
     """Maps a module path inside `module` to the path that goes into the kohya key."""
     peft_path: Callable[[str], str]
     """Maps a module path inside `module` to the diffusers path of the same layer."""
-    not_trainable: str | None = None
-    """Why LoRA cannot be trained on this root (a user-facing message), or None when it can."""
 
 
 class DiffusionBackend(ABC):

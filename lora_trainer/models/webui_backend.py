@@ -4,10 +4,10 @@ Nothing of the WebUI is imported: the backend uses only the model object's own a
 (`shared.sd_model`), so tests drive it with tiny models built from the real `ldm` classes. The host (the
 WebUI tab) passes in what only it knows: whether `--lowvram` is on and how to render an image.
 
-Text-encoder LoRA covers the CLIP-L encoders (SD1, and SDXL's first encoder under `lora_te1`). OpenCLIP
-encoders (SD2, SDXL's second encoder) use `nn.MultiheadAttention`, whose q/k/v projections are not
-separate layers a hook can reach: SD2 trains the UNet only (asking for its text encoder is refused), and
-SDXL's second encoder stays frozen.
+Text-encoder LoRA covers every encoder, under the keys kohya files and the WebUI's Lora extension use: SD1's
+CLIP-L and SD2's OpenCLIP-H as `lora_te`, SDXL's CLIP-L as `lora_te1` and its OpenCLIP-bigG as `lora_te2`.
+OpenCLIP layers are named as their transformers twins are (`transformer.resblocks.3.attn` is
+`text_model.encoder.layers.3.self_attn`), which is how those files name them.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ CHECKPOINTED_BLOCKS = frozenset({"ResBlock", "BasicTransformerBlock"})
 """ldm/sgm UNet blocks whose forward is recomputed in the backward pass under gradient checkpointing."""
 OWN_CHECKPOINT_FLAGS = ("use_checkpoint", "checkpoint")
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
-OPEN_CLIP_NOT_TRAINABLE = (
-    "this model's text encoder is OpenCLIP, whose attention is one nn.MultiheadAttention without separate q/k/v "
-    "layers, so this trainer cannot put LoRA on it; turn off train_text_encoder to train the UNet only")
 _OPEN_CLIP_TO_HF = {"attn": "self_attn", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "ln_1": "layer_norm1",
                     "ln_2": "layer_norm2"}
 _FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
@@ -103,11 +100,13 @@ class WebUIBackend(DiffusionBackend):
             clip = _unwrapped(self.model.conditioner.embedders[0]).transformer
             roots.append(LoraRoot("lora_te1", "text_encoder", clip, is_text_encoder=True, kohya_path=hf_clip_path,
                                   peft_path=hf_clip_path))
+            big_g = _unwrapped(self.model.conditioner.embedders[1]).model
+            roots.append(LoraRoot("lora_te2", "text_encoder_2", big_g, is_text_encoder=True,
+                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path))
         else:
             open_clip_model = _unwrapped(self.model.cond_stage_model).model
             roots.append(LoraRoot("lora_te", "text_encoder", open_clip_model, is_text_encoder=True,
-                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path,
-                                  not_trainable=OPEN_CLIP_NOT_TRAINABLE))
+                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path))
         return roots
 
     @torch.no_grad()
