@@ -1,8 +1,12 @@
 """The hook-based LoRA mechanism on a plain torch module tree (runs in both environments)."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
+from lora_trainer.errors import UserError
 from lora_trainer.lora.network import LoraNetwork, LoraTarget
 
 
@@ -98,3 +102,51 @@ def test_kohya_state_dict_round_trips_into_a_fresh_network():
         expected = model(inputs)
     with fresh.applied():
         assert torch.equal(model(inputs), expected)
+
+
+def _attention_network(attention: nn.MultiheadAttention, rank: int = 2, alpha: float = 3.0) -> LoraNetwork:
+    network = LoraNetwork([LoraTarget(f"lora_te_self_attn_{part}_proj", f"text_encoder.self_attn.{part}_proj",
+                                      attention, rank, alpha, part) for part in ("q", "k", "v", "out")])
+    with torch.no_grad():
+        for module in network.lora_modules.values():
+            module.up.normal_()
+    return network
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fused_attention_lora_equals_the_merged_weights_and_detaches_cleanly(batch_first):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    inputs = torch.randn(3, 5, 8)
+    mask = torch.triu(torch.full((5, 5) if batch_first else (3, 3), float("-inf")), 1)
+    base = attention(inputs, inputs, inputs, need_weights=False, attn_mask=mask)[0]
+    network = _attention_network(attention)
+    parts = {key.split("_")[-2]: module for key, module in network.lora_modules.items()}
+    with network.applied(0.5):
+        adapted = attention(inputs, inputs, inputs, need_weights=False, attn_mask=mask)[0]
+        assert "forward" in vars(attention)
+    merged = copy.deepcopy(attention)
+    with torch.no_grad():
+        merged.in_proj_weight += torch.cat([parts[part].weight_delta(0.5) for part in "qkv"])
+        merged.out_proj.weight += parts["out"].weight_delta(0.5)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    assert torch.allclose(adapted, merged(inputs, inputs, inputs, need_weights=False, attn_mask=mask)[0], atol=1e-5)
+    assert "forward" not in vars(attention)
+    assert torch.equal(attention(inputs, inputs, inputs, need_weights=False, attn_mask=mask)[0], base)
+
+
+def test_fused_attention_lora_trains_all_four_parts():
+    attention = nn.MultiheadAttention(8, 2)
+    attention.requires_grad_(False)
+    network = _attention_network(attention)
+    with network.applied(1.0):
+        inputs = torch.randn(4, 2, 8)
+        attention(inputs, inputs, inputs)[0].square().sum().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in network.parameters())
+    assert all(parameter.grad is None for parameter in attention.parameters())
+
+
+def test_fused_attention_lora_needs_all_four_parts():
+    attention = nn.MultiheadAttention(8, 2)
+    with pytest.raises(UserError, match="q_proj, k_proj, v_proj and out_proj together"):
+        LoraNetwork([LoraTarget("lora_te_q_proj", "text_encoder.q_proj", attention, 2, 2.0, "q")])
