@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from lora_trainer.cli import main
@@ -46,3 +52,29 @@ def test_a_run_that_fails_midway_ends_the_progress_bar_line_before_the_error(sha
     bar_output, _, error = capsys.readouterr().err.partition("error: ")
     assert "the loss became" in error
     assert bar_output.endswith("\n")
+
+
+def test_ctrl_c_saves_the_weights_and_exits_with_code_130_without_a_traceback(shapes_dataset, tmp_path):
+    pytest.importorskip("diffusers")
+    from lora_trainer.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", "sd1")
+    config = tmp_path / "my.yaml"
+    config.write_text(f"train_data_dir: {shapes_dataset}\nbase_model: {model}\nresolution: 32\nbucket_step: 8\n"
+                      f"lora_rank: 4\nmax_train_steps: 100000\noutput_dir: {tmp_path / 'out'}\nlogging_dir: null\n")
+    process = subprocess.Popen([sys.executable, "-m", "lora_trainer", "train", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    try:
+        for line in process.stdout:  # the plan is printed once the caches are filled, just before step 1
+            if "steps over" in line:
+                break
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert errors.rstrip().endswith("interrupted") and "Traceback" not in errors
+    saved = [path.name for path in (tmp_path / "out").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("lora-interrupted-s")
