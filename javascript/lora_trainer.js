@@ -57,7 +57,7 @@
         }
         drawChart(data.losses || []);
         const saved = (data.saved || []).length;
-        if (savedCount !== null && saved > savedCount) {
+        if (savedCount !== null && saved > savedCount && data.refresh_lora_cards) {
             refreshLoraCards();
         }
         savedCount = saved;

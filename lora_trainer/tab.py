@@ -251,10 +251,11 @@ def chart_points(losses: list[tuple[int, float]], limit: int = CHART_POINTS) -> 
     return [(chunk[-1][0], sum(loss for _, loss in chunk) / len(chunk)) for chunk in chunks]
 
 
-def chart_json(status: JobStatus) -> str:
-    """What the page's script needs: the loss points, the saved file names and the job state."""
+def chart_json(status: JobStatus, refresh_lora_cards: bool) -> str:
+    """What the page's script needs: the loss points, the saved file names, the job state, and whether it may
+    refresh the host's Lora cards when a file is saved."""
     return json.dumps({"losses": chart_points(status.losses), "saved": [path.name for path in status.saved],
-                       "state": status.state})
+                       "state": status.state, "refresh_lora_cards": refresh_lora_cards})
 
 
 def status_html(status: JobStatus) -> str:
@@ -294,13 +295,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def saved_html(status: JobStatus) -> str:
-    """The files the job saved, newest last."""
+def saved_html(status: JobStatus, cards_refreshed: bool) -> str:
+    """The files the job saved, newest last; when the page cannot refresh the Lora cards, how to see them."""
     if not status.saved:
         return '<div class="lora-trainer-saved">No file saved yet.</div>'
     items = "".join(f'<li><code>{html.escape(path.name)}</code> <span>{html.escape(str(path.parent))}</span></li>'
                     for path in status.saved)
-    return f'<div class="lora-trainer-saved">Saved:<ul>{items}</ul></div>'
+    note = "" if cards_refreshed else (
+        "<p>They work in prompts now. Their cards appear after the Lora tab's Refresh, which also selects the "
+        "--ckpt checkpoint again (a WebUI quirk): the tab does not press it for you.</p>")
+    return f'<div class="lora-trainer-saved">Saved:<ul>{items}</ul>{note}</div>'
 
 
 def _notice(text: str, error: bool = False) -> str:
@@ -697,7 +701,9 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
         def poll(seen_before: dict | None, folder_text: str, trigger: str, captions: list[str]) -> dict:
             status = runner.status()
             seen_now = {"kind": status.kind, "state": status.state, "samples": len(status.samples)}
-            updates = {status_box: status_html(status), chart_data: chart_json(status), saved_box: saved_html(status),
+            refresh_cards = host.can_refresh_lora_cards()
+            updates = {status_box: status_html(status), chart_data: chart_json(status, refresh_cards),
+                       saved_box: saved_html(status, refresh_cards),
                        start_button: gr.update(interactive=not status.running),
                        caption_button: gr.update(interactive=not status.running),
                        stop_button: gr.update(interactive=status.running),

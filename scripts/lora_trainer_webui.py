@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import uuid
@@ -190,6 +191,16 @@ class A1111Host:
             lora_extension.update_available_networks_by_names([Path(path).stem])
         else:
             lora_extension.list_available_networks()
+
+    def can_refresh_lora_cards(self) -> bool:
+        # Any extra-networks refresh reruns `sd_models.list_models()`, which selects the --ckpt file again
+        # whenever it exists: the next generation would silently load it. Safe when it is the selection already.
+        pinned = getattr(shared.cmd_opts, "ckpt", None)
+        if not pinned or not os.path.isfile(pinned):
+            return True
+        selected = sd_models.checkpoints_list.get(shared.opts.sd_model_checkpoint)
+        return selected is not None and os.path.isfile(selected.filename) and os.path.samefile(selected.filename,
+                                                                                                 pinned)
 
     def _check_holder(self, method: str) -> None:
         if self._holder != threading.get_ident():

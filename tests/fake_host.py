@@ -52,6 +52,8 @@ class FakeHost:
         self.queue_lock = threading.Lock()
         self.task = FakeTask()
         self.registered: list[str] = []
+        self.lora_cards_refreshable = True
+        """False plays a WebUI started with --ckpt, where a card refresh would reselect that checkpoint."""
         self.renders: list[RenderRequest] = []
         self.resolution = resolution
 
@@ -93,6 +95,9 @@ class FakeHost:
 
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)
+
+    def can_refresh_lora_cards(self) -> bool:
+        return self.lora_cards_refreshable
 
     def grids_dir(self) -> Path:
         return self._lora_dir.parent / "grids"

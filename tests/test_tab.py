@@ -5,6 +5,7 @@ where gradio is installed."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -198,9 +199,11 @@ def test_chart_points_average_long_runs_down_to_the_limit():
     assert chart_points(losses[:50], limit=100) == losses[:50]
 
 
-def test_chart_json_carries_losses_saved_names_and_state():
+def test_chart_json_carries_losses_saved_names_state_and_whether_to_refresh_the_lora_cards():
     status = JobStatus(kind="training", state="running", losses=[(1, 0.5), (2, 0.25)], saved=[Path("/l/x.safetensors")])
-    assert chart_json(status) == '{"losses": [[1, 0.5], [2, 0.25]], "saved": ["x.safetensors"], "state": "running"}'
+    assert json.loads(chart_json(status, True)) == {"losses": [[1, 0.5], [2, 0.25]], "saved": ["x.safetensors"],
+                                                   "state": "running", "refresh_lora_cards": True}
+    assert json.loads(chart_json(status, False))["refresh_lora_cards"] is False
 
 
 def test_status_of_a_running_training_shows_progress_speed_eta_and_memory():
@@ -231,9 +234,15 @@ def test_idle_status_and_durations():
 
 
 def test_saved_files_are_listed_by_name_escaped():
-    assert "No file saved yet" in saved_html(JobStatus())
-    shown = saved_html(JobStatus(saved=[Path("/loras/<b>.safetensors")]))
+    assert "No file saved yet" in saved_html(JobStatus(), True)
+    shown = saved_html(JobStatus(saved=[Path("/loras/<b>.safetensors")]), True)
     assert "&lt;b&gt;.safetensors" in shown and "<b>" not in shown
+    assert "Refresh" not in shown
+
+
+def test_when_the_page_cannot_refresh_the_lora_cards_the_saved_list_says_how_to_see_them():
+    shown = saved_html(JobStatus(saved=[Path("/loras/x.safetensors")]), False)
+    assert "work in prompts now" in shown and "Refresh" in shown and "--ckpt" in shown
 
 
 def test_strengths_are_numbers_separated_by_commas_or_spaces():

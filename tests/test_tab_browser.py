@@ -173,8 +173,18 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
 
     page.click("#lora_trainer_save_now")
     _wait_in_page(page, f"{_text('saved')}.includes('tab_lora-s')", "the file saved by 'Save now'")
-    page.click("#lora_trainer_stop")
-    _wait_in_page(page, f"{_text('status')}.includes('Training: stopped')", "the stopped job")
+    _wait_for(lambda: len(served.lora_refreshes) >= 1, "the page to refresh the Lora cards after a save")
+    # A WebUI started with --ckpt would reselect that checkpoint on a card refresh: the page must not press it.
+    refreshes = len(served.lora_refreshes)
+    served.host.lora_cards_refreshable = False
+    try:
+        page.click("#lora_trainer_stop")
+        _wait_in_page(page, f"{_text('status')}.includes('Training: stopped')", "the stopped job")
+        _wait_in_page(page, f"{_text('saved')}.includes('work in prompts now')", "the note on the Lora cards")
+        assert len(served.lora_refreshes) == refreshes
+    finally:
+        served.host.lora_cards_refreshable = True
+    _wait_in_page(page, f"!{_text('saved')}.includes('work in prompts now')", "the note to go")
     page.locator("#lora_trainer_samples img").first.wait_for()
     page.click("#lora_trainer_advanced >> text=Advanced")  # closed again, for a screenshot of the whole run
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +199,6 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
         assert path.with_name(f"{path.stem}.preview.png").is_file()
         assert json.loads(path.with_suffix(".json").read_text())["activation text"] == "sks"
     assert served.host.registered[-2:] == [path.stem for path in status.saved]
-    _wait_for(lambda: len(served.lora_refreshes) >= 1, "the page to refresh the Lora cards after a save")
 
 
 def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_with_its_parameters(served, page,
