@@ -1,7 +1,7 @@
 """Grid assembly and axis labels, shared by the CLI `grid` command, the WebUI tab and the demo strip.
 
-Only `ImageDraw.textbbox` and `ImageDraw.text` are used for text, so it works on Pillow 9.5 (the WebUI's
-pin) and on current Pillow alike.
+Only `ImageDraw.multiline_textbbox` and `ImageDraw.multiline_text` are used for text, so it works on Pillow
+9.5 (the WebUI's pin) and on current Pillow alike.
 """
 
 from __future__ import annotations
@@ -65,9 +65,20 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
     def text_size(text: str) -> tuple[int, int]:
         if not text:
             return 0, 0
-        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        left, top, right, bottom = measure.multiline_textbbox((0, 0), text, font=font)
         return right - left, bottom - top
 
+    def wrapped(text: str, width: int) -> str:
+        """`text` broken into lines between words wherever a line would be wider than `width`."""
+        lines: list[str] = []
+        for word in text.split(" "):
+            if lines and text_size(f"{lines[-1]} {word}")[0] <= width:
+                lines[-1] = f"{lines[-1]} {word}"
+            else:
+                lines.append(word)
+        return "\n".join(lines)
+
+    column_labels = [wrapped(label, cell_width - PADDING) for label in column_labels]
     label_width = max((text_size(label)[0] for label in row_labels), default=0)
     left_margin = label_width + 2 * PADDING if label_width else 0
     header_height = max((text_size(label)[1] for label in column_labels), default=0)
@@ -78,15 +89,15 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
                      BACKGROUND)
     draw = ImageDraw.Draw(grid)
     if title:
-        draw.text((PADDING, PADDING), title, fill=TEXT_COLOUR, font=font)
+        draw.multiline_text((PADDING, PADDING), title, fill=TEXT_COLOUR, font=font)
     for column, label in enumerate(column_labels):
         width, _ = text_size(label)
         x = left_margin + column * cell_width + (cell_width - width) // 2
-        draw.text((x, title_height + PADDING), label, fill=TEXT_COLOUR, font=font)
+        draw.multiline_text((x, title_height + PADDING), label, fill=TEXT_COLOUR, font=font, align="center")
     for row, label in enumerate(row_labels):
         _, height = text_size(label)
         y = title_height + top_margin + row * cell_height + (cell_height - height) // 2
-        draw.text((PADDING, y), label, fill=TEXT_COLOUR, font=font)
+        draw.multiline_text((PADDING, y), label, fill=TEXT_COLOUR, font=font)
     for row, row_cells in enumerate(cells):
         for column, cell in enumerate(row_cells):
             if cell.size != (cell_width, cell_height):

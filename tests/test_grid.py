@@ -32,6 +32,20 @@ def test_labels_take_room_above_and_left_and_are_drawn():
     assert header.convert("L").getextrema()[0] < 128  # dark text on white
 
 
+@pytest.mark.parametrize("cell_width", [64, 300])
+def test_column_labels_wider_than_a_cell_wrap_instead_of_running_into_the_next(cell_width):
+    labels = ["strength 0.25", "strength 0.5", "strength 0.75"]
+    grid = labelled_grid(_cells(1, 3, size=(cell_width, 30)), labels, ["epoch 10"])
+    left, top, _, _ = cell_box(grid.size, 1, 3, (cell_width, 30), 0, 0)
+    header = grid.crop((0, 0, grid.width, top)).convert("L")
+    # No ink on the lines between columns, and some in every column.
+    for boundary in (left + cell_width, left + 2 * cell_width):
+        assert min(header.getpixel((boundary, y)) for y in range(top)) > 200
+    for column in range(3):
+        span = header.crop((left + column * cell_width, 0, left + (column + 1) * cell_width, top))
+        assert span.getextrema()[0] < 128
+
+
 def test_without_labels_the_grid_is_just_the_cells():
     grid = labelled_grid(_cells(2, 3), ["", "", ""], ["", ""])
     assert grid.size == (120, 60)
