@@ -198,7 +198,7 @@ class A1111Host:
         pinned = getattr(shared.cmd_opts, "ckpt", None)
         if not pinned or not os.path.isfile(pinned):
             return True
-        selected = sd_models.checkpoints_list.get(shared.opts.sd_model_checkpoint)
+        selected = sd_models.checkpoint_aliases.get(shared.opts.sd_model_checkpoint)  # as select_checkpoint() reads it
         return selected is not None and os.path.isfile(selected.filename) and os.path.samefile(selected.filename,
                                                                                                  pinned)
 
