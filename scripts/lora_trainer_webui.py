@@ -95,7 +95,7 @@ class A1111Host:
         # optimized attention still calls, and those kernels support backward with far less memory than the
         # plain attention undo_optimizations() would put back.
         return WebUIBackend(model, generate_image=self._generate_for_backend, lowvram=bool(shared.cmd_opts.lowvram),
-                            device=devices.device)
+                            device=devices.device, clip_skip=_clip_skip(self.model_family()))
 
     @contextlib.contextmanager
     def busy(self, job_name: str) -> Iterator[A1111Task]:
@@ -221,6 +221,14 @@ def _keep_checkpoint(model) -> dict[str, str]:
     if sd_models.select_checkpoint().filename == loaded.filename:
         return {}
     return {"sd_model_checkpoint": loaded.name}
+
+
+def _clip_skip(family: ModelFamily | None) -> int | None:
+    """The Clip skip setting where the WebUI's prompt encoding applies it: SD1's CLIP, and SDXL's CLIP-L when
+    "Clip skip SDXL" is on (`sd_hijack_clip.py`); SD2's OpenCLIP ignores it."""
+    if family == "sd1" or (family == "sdxl" and getattr(shared.opts, "sdxl_clip_l_skip", False) is True):
+        return int(shared.opts.CLIP_stop_at_last_layers)
+    return None
 
 
 def _lora_extension() -> ModuleType | None:

@@ -409,3 +409,15 @@ def _webui_module_for(key: str, mapping: dict[str, nn.Module]) -> nn.Module | No
         if module is None:
             module = mapping.get(key.replace("lora_te1_text_model", "transformer_text_model"))
     return module
+
+
+def test_the_hosts_clip_skip_is_recorded_in_the_file(models, shapes_dataset, tmp_path):
+    from safetensors import safe_open
+
+    def clip_skip_of(backend: WebUIBackend, name: str) -> str:
+        path = train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1, output_name=name), backend).saved[-1]
+        with safe_open(str(path), "pt") as handle:
+            return handle.metadata()["ss_clip_skip"]
+
+    assert clip_skip_of(WebUIBackend(models["sd1"], clip_skip=2), "skip2") == "2"
+    assert clip_skip_of(WebUIBackend(models["sd1"]), "unset") == "None"

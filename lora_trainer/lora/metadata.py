@@ -25,7 +25,8 @@ def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType)
 
 
 def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: PredictionType, model_name: str,
-                 scan: DatasetScan, data: TrainingData, total_steps: int, started_at: float) -> dict[str, str]:
+                 clip_skip: int | None, scan: DatasetScan, data: TrainingData, total_steps: int,
+                 started_at: float) -> dict[str, str]:
     """Metadata that stays the same for every file of one run."""
     subsets: dict[str, dict[str, int]] = {}
     for record in scan.records:
@@ -47,7 +48,7 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": str(model_name),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
-        "ss_clip_skip": "None",
+        "ss_clip_skip": str(clip_skip),
         "ss_num_train_images": str(data.examples_per_epoch),
         "ss_tag_frequency": json.dumps(scan.tag_frequency()),
         "ss_dataset_dirs": json.dumps(subsets),

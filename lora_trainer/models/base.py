@@ -87,6 +87,9 @@ class DiffusionBackend(ABC):
     model_name: str
     latent_scale: int
     """Pixels per latent cell along each side, including the UNet's own downsampling need."""
+    clip_skip: int | None = None
+    """The CLIP layers the text conditioning skips, counted as kohya's `clip_skip` (2: the penultimate layer),
+    when the host sets it; None when it is the model's own choice."""
 
     @property
     @abstractmethod

@@ -48,11 +48,12 @@ class WebUIBackend(DiffusionBackend):
     `generate_image` renders sample images (the WebUI passes one that runs `process_images`);
     `model_name` is used when the model carries no `sd_checkpoint_info`; `lowvram` says the WebUI runs
     with `--lowvram`, which cannot train; `device` is where training runs (default: where the UNet is;
-    the WebUI passes its `devices.device`, as `--medvram` parks the UNet on the CPU between uses).
+    the WebUI passes its `devices.device`, as `--medvram` parks the UNet on the CPU between uses);
+    `clip_skip` is the WebUI's Clip skip where its prompt encoding applies it (recorded in the files).
     """
 
     def __init__(self, model: nn.Module, generate_image: GenerateImage | None = None, model_name: str = "",
-                 lowvram: bool = False, device: torch.device | str | None = None):
+                 lowvram: bool = False, device: torch.device | str | None = None, clip_skip: int | None = None):
         if lowvram:
             raise UserError("training is not possible with --lowvram, which moves parts of the model between CPU "
                             "and GPU in every forward pass; restart the WebUI without --lowvram (--medvram works)")
@@ -81,6 +82,7 @@ class WebUIBackend(DiffusionBackend):
             alphas_cumprod = model.alphas_cumprod
         self._alphas_cumprod = alphas_cumprod.detach().to(self.device, torch.float32).clone()
         self._generate_image = generate_image
+        self.clip_skip = clip_skip
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

@@ -73,8 +73,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     optimizer = make_optimizer(config, parameter_groups)
     scheduler = make_scheduler(config, optimizer, total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, scan, data,
-                            total_steps, started_at)
+    metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, backend.clip_skip,
+                            scan, data, total_steps, started_at)
     run_log = RunLog(config.logging_dir, config.output_name)
 
     def save(path: Path, step: int, epoch: int, next_batch: int) -> None:
