@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = commands.add_parser("demo", help="train a LoRA on an embedded tiny model and write a PNG")
     demo_parser.add_argument("--workdir", type=Path, default=Path("out/demo"))
     demo_parser.add_argument("--device")
+    demo_parser.add_argument("--steps", type=int, default=300, help="optimizer steps to train (default 300)")
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return _grid(args)
         from lora_trainer.demo import run_demo
 
-        run_demo(args.workdir, args.device)
+        run_demo(args.workdir, args.device, args.steps)
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
