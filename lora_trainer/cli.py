@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     grid_parser.add_argument("--cfg", type=float, default=7.0)
     grid_parser.add_argument("--width", type=int, default=512)
     grid_parser.add_argument("--height", type=int, default=512)
+    grid_parser.add_argument("--clip-skip", type=int, help="the clip_skip the LoRAs were trained with (SD1/SD2)")
     grid_parser.add_argument("--device")
     grid_parser.add_argument("--out", type=Path, required=True, help="PNG to write (never overwritten)")
 
@@ -82,7 +83,7 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
         if device.type == "cuda" else torch.float32
     pipeline = load_pipeline(config.base_model, config.base_model_config, weight_dtype)
     backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(config.base_model).stem,
-                               v_parameterization=config.v_parameterization)
+                               v_parameterization=config.v_parameterization, clip_skip=config.clip_skip)
     with ConsoleEvents() as events:
         result = train(config, backend, events)
     print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
@@ -99,7 +100,8 @@ def _grid(args: argparse.Namespace) -> int:
     plan = GridPlan(prompt=args.prompt, loras=list(args.lora), strengths=parse_strengths(args.strengths),
                     seeds=parse_seeds(args.seeds), negative_prompt=args.negative_prompt,
                     steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height)
-    backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device))
+    backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device),
+                               clip_skip=args.clip_skip)
     grid, _ = render_grid(plan, tag_renderer(backend, plan.loras))
     out = save_png(grid, unused_path(args.out), plan.infotext())
     print(f"wrote {out}")

@@ -68,6 +68,10 @@ class TrainConfig:
     """For a single-file checkpoint: a local diffusers folder whose configs describe it (works offline)."""
     v_parameterization: bool | None = None
     """Force v-prediction on (True) or off (False); by default the model's own setting is used."""
+    clip_skip: int | None = None
+    """Condition on the text encoder's output this many layers from the end, as kohya and the WebUI count
+    (2: the penultimate layer, then the final layer norm). SD1/SD2 only; in the WebUI, its Clip skip
+    setting decides."""
 
     # --- LoRA ---
     lora_rank: int = 16
@@ -176,7 +180,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps"):
+        for name in ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
+                     "clip_skip"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")

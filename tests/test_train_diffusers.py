@@ -231,3 +231,45 @@ def test_a_single_file_without_a_local_config_says_what_to_do_offline(pipelines,
     checkpoint = save_original_checkpoint(pipelines["sd1"], tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="base_model_config"):
         load_pipeline(str(checkpoint))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_clip_skip_2_conditions_on_the_normed_penultimate_layer_in_training_and_sampling(family, pipelines):
+    pipeline = pipelines[family]
+    captions = ["sks, a red shape", "a blue shape"]
+    skipped = DiffusersBackend(pipeline, "cpu", clip_skip=2)
+    plain = DiffusersBackend(pipeline, "cpu")
+    # What the WebUI does for Clip skip 2 (sd_hijack_clip.py): hidden_states[-2], then the final layer norm.
+    token_ids = pipeline.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                   return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipeline.text_encoder(token_ids, output_hidden_states=True).hidden_states[-2]
+        expected = getattr(pipeline.text_encoder, "text_model", pipeline.text_encoder).final_layer_norm(hidden)
+        assert torch.allclose(skipped.encode_text(captions).context, expected, atol=1e-6)
+        assert not torch.allclose(skipped.encode_text(captions).context, plain.encode_text(captions).context,
+                                  atol=1e-3)
+        assert torch.equal(DiffusersBackend(pipeline, "cpu", clip_skip=1).encode_text(captions).context,
+                           plain.encode_text(captions).context)
+    # Sampling: without clip_skip the pipeline's own prompt encoding; with it, a different image.
+    settings = dict(prompt="sks, a red shape", negative_prompt="", seed=3, steps=3, width=32, height=32,
+                    guidance_scale=5.0)
+    generator = torch.Generator("cpu").manual_seed(3)
+    own = pipeline("sks, a red shape", num_inference_steps=3, width=32, height=32, guidance_scale=5.0,
+                   generator=generator).images[0]
+    assert list(plain.generate(**settings).getdata()) == list(own.getdata())
+    assert list(skipped.generate(**settings).getdata()) != list(own.getdata())
+
+
+def test_clip_skip_is_recorded_and_a_mismatch_with_the_model_is_refused(pipelines, shapes_dataset, tmp_path):
+    from safetensors import safe_open
+
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=1, clip_skip=2)
+    path = train(config, DiffusersBackend(pipelines["sd1"], "cpu", clip_skip=2)).saved[-1]
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["ss_clip_skip"] == "2"
+    with pytest.raises(UserError, match="clip_skip 2, but this model's text conditioning uses 1"):
+        train(_config(shapes_dataset, tmp_path / "other", clip_skip=2), DiffusersBackend(pipelines["sd1"], "cpu"))
+    with pytest.raises(UserError, match="SD1 and SD2 only"):
+        DiffusersBackend(pipelines["sdxl"], "cpu", clip_skip=2)
+    with pytest.raises(UserError, match="clip_skip"):
+        TrainConfig(clip_skip=0)

@@ -67,7 +67,7 @@ class DiffusersBackend(DiffusionBackend):
     """A diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` as a training backend."""
 
     def __init__(self, pipeline, device: torch.device | str, weight_dtype: torch.dtype = torch.float32,
-                 model_name: str = "", v_parameterization: bool | None = None):
+                 model_name: str = "", v_parameterization: bool | None = None, clip_skip: int | None = None):
         self.pipeline = pipeline
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -83,6 +83,10 @@ class DiffusersBackend(DiffusionBackend):
             self.family = "sd2"
         else:
             self.family = "sd1"
+        if clip_skip is not None and self.family == "sdxl":
+            raise UserError("clip_skip applies to SD1 and SD2 only: SDXL is always conditioned on the penultimate "
+                            "layers of its text encoders; leave clip_skip out")
+        self.clip_skip = clip_skip
         scheduler_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
         if v_parameterization is not None:
             scheduler_prediction = "v_prediction" if v_parameterization else "epsilon"
@@ -131,7 +135,10 @@ class DiffusersBackend(DiffusionBackend):
             token_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids.to(self.device)
             if self.family != "sdxl":
-                return TextConditioning(encoder(token_ids)[0])
+                if not self.clip_skip or self.clip_skip == 1:
+                    return TextConditioning(encoder(token_ids)[0])
+                hidden = encoder(token_ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+                return TextConditioning(getattr(encoder, "text_model", encoder).final_layer_norm(hidden))
             output = encoder(token_ids, output_hidden_states=True)
             hidden_states.append(output.hidden_states[-2])
             pooled = output[0]  # the last encoder's projected pooled output (text_embeds)
@@ -163,9 +170,16 @@ class DiffusersBackend(DiffusionBackend):
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
                  guidance_scale: float) -> Image.Image:
         generator = torch.Generator("cpu").manual_seed(seed)
-        return self.pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                             width=width, height=height, guidance_scale=guidance_scale,
-                             generator=generator).images[0]
+        settings = dict(num_inference_steps=steps, width=width, height=height, guidance_scale=guidance_scale,
+                        generator=generator)
+        if self.family == "sdxl":
+            return self.pipeline(prompt, negative_prompt=negative_prompt or None, **settings).images[0]
+        # SD1/SD2 sample on the conditioning they train on (clip_skip included: diffusers' own clip_skip needs
+        # transformers' `text_model` level, which transformers 5 removed). An empty negative prompt encodes "",
+        # as the pipeline does.
+        return self.pipeline(prompt_embeds=self.encode_text([prompt]).context,
+                             negative_prompt_embeds=self.encode_text([negative_prompt]).context,
+                             **settings).images[0]
 
 
 def _training_alphas_cumprod(scheduler_config) -> torch.Tensor:

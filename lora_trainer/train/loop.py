@@ -56,6 +56,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     if final_path.exists() and config.resume is None:
         raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
 
+    if config.clip_skip is not None and config.clip_skip != (backend.clip_skip or 1):
+        raise UserError(f"the config asks for clip_skip {config.clip_skip}, but this model's text conditioning "
+                        f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
+
     # --- LoRA on the model ---
     network = LoraNetwork(find_lora_targets(backend.lora_roots(), config), config.lora_dropout).to(backend.device)
     if config.init_lora_weights:
