@@ -111,12 +111,12 @@ class LoraNetwork(nn.Module):
         for target in targets:
             if target.part is not None:
                 self._attentions.setdefault(target.layer, {})[target.part] = self.lora_modules[target.key]
-        for target in targets:
-            parts = self._attentions.get(target.layer, {})
-            if target.part is not None and set(parts) != set(ATTENTION_PARTS):
-                raise UserError(f"OpenCLIP attention takes LoRA on q_proj, k_proj, v_proj and out_proj together (the "
-                                f"WebUI applies them only as a set), but {target.key} comes without the others; "
-                                "list all four in text_encoder_target_modules")
+        incomplete = [target.key for target in targets
+                      if target.part is not None and set(self._attentions[target.layer]) != set(ATTENTION_PARTS)]
+        if incomplete:
+            raise UserError(f"OpenCLIP attention takes LoRA on q_proj, k_proj, v_proj and out_proj together (the WebUI "
+                            f"applies them only as a set), but {incomplete[0]} comes without the others; list all "
+                            "four in text_encoder_target_modules")
         self.peft_keys = {target.key: target.peft_key for target in targets}
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached = False
