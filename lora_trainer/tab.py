@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from lora_trainer import config as config_module
 from lora_trainer.caption import CaptionOptions
 from lora_trainer.caption.writer import CAPTION_MODES, read_caption, write_caption
 from lora_trainer.config import MixedPrecision, TrainConfig, config_from_dict, load_config, save_config
-from lora_trainer.data.images import is_image_file
+from lora_trainer.data.images import is_image_file, thumbnail_file
 from lora_trainer.data.scan import image_files
 from lora_trainer.errors import UserError
 from lora_trainer.grid import DEFAULT_STRENGTHS, GridPlan, parse_seeds, parse_strengths
@@ -43,8 +44,9 @@ if TYPE_CHECKING:
 
 FAMILY_RESOLUTION: dict[ModelFamily, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device")
-"""Config keys the host decides (its loaded model, its LoRA folder, that model's device): not in the form."""
+HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "clip_skip")
+"""Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
+setting): not in the form."""
 MAIN_KEYS = ("output_name", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs", "batch_size",
              "max_train_steps", "save_every_n_epochs", "mixed_precision", "cache_latents", "sample_prompts",
              "sample_every_n_steps")
@@ -59,6 +61,8 @@ SAMPLES_SHOWN = 12
 PRESET_NAME = re.compile(r"^\w[\w .-]{0,63}$")
 NO_CAPTION = "(no caption)"
 UNREADABLE_CAPTION = "(caption file is not UTF-8 text)"
+THUMBNAILS_DIR = Path(tempfile.gettempdir()) / "lora-trainer-thumbnails"
+"""Where the dataset gallery's previews are cached (in the temp folder, which gradio serves files from)."""
 """As in the WebUI's seed box: a random seed, drawn once so that every cell of the grid shares it."""
 
 FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines"]
@@ -576,7 +580,9 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
             except UserError as error:
                 return {dataset_gallery: [], dataset_info: _notice(str(error), error=True), image_paths: []}
             labels = [UNREADABLE_CAPTION if caption is None else caption or NO_CAPTION for _, caption in entries]
-            return {dataset_gallery: [(str(path), label) for (path, _), label in zip(entries, labels)],
+            # Thumbnails: the browser gets a few KB per image instead of the full files.
+            previews = [thumbnail_file(path, THUMBNAILS_DIR) for path, _ in entries]
+            return {dataset_gallery: [(str(preview), label) for preview, label in zip(previews, labels)],
                     dataset_info: _notice(_dataset_summary(entries)), image_paths: [str(path) for path, _ in entries]}
 
         def load_dataset(folder_text: str) -> dict:

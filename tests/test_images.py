@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lora_trainer.data.images import UnreadableImage, image_size, is_image_file, load_rgb_image
+from lora_trainer.data.images import (
+    UnreadableImage,
+    image_size,
+    is_image_file,
+    load_rgb_image,
+    thumbnail_file,
+)
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -176,3 +183,35 @@ def test_image_extensions_are_recognised_in_any_case(name):
 @pytest.mark.parametrize("name", ["caption.txt", "metadata.csv", "notes.json", ".hidden.png", "png"])
 def test_other_files_and_hidden_images_are_not_image_files(name):
     assert not is_image_file(Path(name))
+
+
+def test_thumbnails_are_small_jpegs_cached_until_the_image_changes(tmp_path):
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (1000, 600), "red").save(source)
+    thumbnail = thumbnail_file(source, tmp_path / "thumbs")
+    with Image.open(thumbnail) as opened:
+        assert opened.format == "JPEG" and opened.size == (256, 154)
+    written = thumbnail.stat().st_mtime_ns
+    assert thumbnail_file(source, tmp_path / "thumbs") == thumbnail
+    assert thumbnail.stat().st_mtime_ns == written
+    Image.new("RGB", (500, 1000), "blue").save(source)
+    os.utime(source, ns=(written + 10**9, written + 10**9))
+    changed = thumbnail_file(source, tmp_path / "thumbs")
+    assert changed != thumbnail
+    with Image.open(changed) as opened:
+        assert opened.size == (128, 256)
+
+
+def test_a_large_jpeg_is_thumbnailed_upright_from_a_reduced_decode(tmp_path):
+    source = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.new("RGB", (2400, 1600), "green").save(source, exif=exif)
+    with Image.open(thumbnail_file(source, tmp_path / "thumbs")) as opened:
+        assert opened.size == (171, 256)
+
+
+def test_an_unreadable_image_is_shown_as_it_is(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert thumbnail_file(broken, tmp_path / "thumbs") == broken

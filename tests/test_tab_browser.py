@@ -116,6 +116,8 @@ def test_gallery_caption_edits_and_the_caption_button_write_the_txt_files(served
     thumbnails = page.locator("#lora_trainer_dataset_gallery .thumbnail-item")
     thumbnails.nth(3).wait_for()
     assert thumbnails.count() == 4
+    # The gallery shows cached JPEG previews, not the dataset's own (PNG) files; the editor names the image.
+    assert page.locator("#lora_trainer_dataset_gallery .thumbnail-item img").first.get_attribute("src").endswith(".jpg")
 
     thumbnails.first.click()
     _wait_in_page(page, f"{_value('selected_image')}.endsWith('00.png')", "the clicked image in the caption editor")

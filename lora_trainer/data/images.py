@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lora_trainer.files import atomic_write
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+THUMBNAIL_SIDE = 256
 
 
 class UnreadableImage(Exception):
@@ -19,11 +23,12 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def load_rgb_image(path: Path) -> Image.Image:
+def load_rgb_image(path: Path, at_least: int | None = None) -> Image.Image:
     """Open `path` as an upright 8-bit RGB image, or raise `UnreadableImage` with the reason.
 
     Handles EXIF rotation, CMYK, palette, 16-bit and float images, alpha (composited on white)
-    and animations (the first frame is used).
+    and animations (the first frame is used). With `at_least`, a JPEG may be decoded at a reduced scale
+    that keeps both sides at least that long (several times faster, for previews).
     """
     path = Path(path)
     if not path.is_file():
@@ -33,6 +38,8 @@ def load_rgb_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.seek(0)
+            if at_least is not None:
+                opened.draft("RGB", (at_least, at_least))
             opened.load()
             image = ImageOps.exif_transpose(opened)
             image = _to_rgb(image)
@@ -45,6 +52,23 @@ def load_rgb_image(path: Path) -> Image.Image:
     if image.width < 8 or image.height < 8:
         raise UnreadableImage(f"too small ({image.width}x{image.height})")
     return image
+
+
+def thumbnail_file(path: Path, folder: Path, side: int = THUMBNAIL_SIDE) -> Path:
+    """A JPEG of `path` at most `side` pixels long, cached in `folder` under a name keyed by the file's path,
+    size and modification time; `path` itself when it cannot be read (so the caller shows it as it is)."""
+    path = Path(path)
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{side}".encode()).hexdigest()
+    thumbnail = Path(folder) / f"{key}.jpg"
+    if thumbnail.is_file():
+        return thumbnail
+    try:
+        image = load_rgb_image(path, at_least=side)
+    except UnreadableImage:
+        return path
+    image.thumbnail((side, side))
+    return atomic_write(thumbnail, lambda tmp: image.save(tmp, format="JPEG", quality=85))
 
 
 def image_size(path: Path) -> tuple[int, int]:
