@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 import yaml
 
 from lora_trainer import config as config_module
-from lora_trainer.caption import CaptionOptions
+from lora_trainer.caption import CaptionOptions, CocaDecoding
+from lora_trainer.caption.coca import DECODING_STRATEGIES
 from lora_trainer.caption.writer import CAPTION_MODES, read_caption, write_caption
 from lora_trainer.config import MixedPrecision, TrainConfig, config_from_dict, load_config, save_config
 from lora_trainer.data.images import is_image_file, thumbnail_file
@@ -79,6 +80,17 @@ def dataset_images(folder: str | Path) -> list[tuple[Path, str | None]]:
         except UnicodeDecodeError:
             entries.append((image, None))
     return entries
+
+
+def caption_options(model: str, mode: str, prefix: str, arch: str, weights: str, decoding: str, max_tokens: float,
+                    repetition_penalty: float) -> CaptionOptions:
+    """The captioning job's options from the tab's fields (blank architecture or weights: the defaults)."""
+    max_tokens = int(max_tokens)
+    return CaptionOptions(
+        model=model, mode=mode, prefix=prefix, arch=arch.strip() or None, pretrained=weights.strip() or None,
+        decoding=CocaDecoding(strategy=decoding, max_tokens=max_tokens,
+                              min_tokens=min(CocaDecoding.min_tokens, max_tokens),
+                              repetition_penalty=float(repetition_penalty)))
 
 
 def save_caption(folder: str | Path, image: str | Path, caption: str) -> Path:
@@ -469,6 +481,17 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
                         caption_prefix = gr.Textbox(label="Prefix", info="Put first in every new caption, e.g. "
                                                     "the trigger word", elem_id="lora_trainer_caption_prefix")
                         with gr.Row():
+                            caption_decoding = gr.Radio(list(DECODING_STRATEGIES), value=CocaDecoding.strategy,
+                                                        label="coca decoding", info="beam: the likeliest sentence; "
+                                                        "sample: varied ones", elem_id="lora_trainer_caption_decoding")
+                            caption_max_tokens = gr.Slider(1, 77, value=CocaDecoding.max_tokens, step=1,
+                                                           label="coca max length (tokens)",
+                                                           elem_id="lora_trainer_caption_max_tokens")
+                            caption_repetition = gr.Number(value=CocaDecoding.repetition_penalty,
+                                                           label="coca repetition penalty",
+                                                           info="above 1 avoids repeated words",
+                                                           elem_id="lora_trainer_caption_repetition")
+                        with gr.Row():
                             caption_arch = gr.Textbox(label="open_clip architecture", placeholder="the captioner's "
                                                       "default", elem_id="lora_trainer_caption_arch")
                             caption_weights = gr.Textbox(label="Weights: a file or an open_clip pretrained tag",
@@ -612,10 +635,11 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
             return {**(seen_now or {}), "kind": kind, "state": "running"}
 
         def start_captioning(folder_text: str, model: str, mode: str, prefix: str, arch: str, weights: str,
+                             decoding: str, max_tokens: float, repetition_penalty: float,
                              seen_now: dict | None) -> dict:
             try:
-                options = CaptionOptions(model=model, mode=mode, prefix=prefix, arch=arch.strip() or None,
-                                         pretrained=weights.strip() or None)
+                options = caption_options(model, mode, prefix, arch, weights, decoding, max_tokens,
+                                          repetition_penalty)
                 runner.start_captioning(_dataset_folder(folder_text), options)
             except UserError as error:
                 return {notice: _notice(str(error), error=True)}
@@ -743,7 +767,8 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
         save_caption_button.click(save_selected_caption, [folder, selected_image, caption_box],
                                   [notice, *dataset_outputs])
         caption_button.click(start_captioning, [folder, captioner, caption_mode, caption_prefix, caption_arch,
-                                                caption_weights, seen], [notice, seen])
+                                                caption_weights, caption_decoding, caption_max_tokens,
+                                                caption_repetition, seen], [notice, seen])
         start_button.click(start_training, [seen, trigger_word, *form], [notice, seen])
         save_now_button.click(save_now, None, [notice])
         stop_button.click(stop, None, [notice])

@@ -20,6 +20,7 @@ from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths
 from lora_trainer.jobs import JobStatus
 from lora_trainer.tab import (
     HOST_OWNED_KEYS,
+    caption_options,
     chart_json,
     chart_points,
     config_from_form,
@@ -64,6 +65,18 @@ def test_dataset_images_asks_for_an_existing_folder(tmp_path, name):
     _image(tmp_path / "a.png")
     with pytest.raises(UserError, match="[Dd]ataset folder"):
         dataset_images(tmp_path / name if name.strip() else name)
+
+
+def test_caption_options_come_from_the_tab_fields_with_blank_meaning_the_default():
+    options = caption_options("coca", "overwrite", "sks", "  ", "", "greedy", 3.0, 1.3)
+    assert (options.model, options.mode, options.prefix, options.arch, options.pretrained) == \
+        ("coca", "overwrite", "sks", None, None)
+    assert (options.decoding.strategy, options.decoding.max_tokens, options.decoding.repetition_penalty) == \
+        ("greedy", 3, 1.3)
+    assert options.decoding.min_tokens == 3  # a max length below the default minimum lowers the minimum
+    assert caption_options("coca", "skip", "", "", "", "beam", 30, 1.0).decoding.min_tokens == 5
+    with pytest.raises(UserError, match="Unknown decoding"):
+        caption_options("coca", "skip", "", "", "", "nucleus", 30, 1.0)
 
 
 def test_save_caption_writes_the_txt_beside_the_image(tmp_path):

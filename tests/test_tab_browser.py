@@ -27,7 +27,7 @@ if not CHROMIUM.is_file():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 import gradio.routes  # noqa: E402
-from caption_models import TINY_CLIP, register_tiny_configs, save_tiny_checkpoint  # noqa: E402
+from caption_models import TINY_CLIP, TINY_COCA, register_tiny_configs, save_tiny_checkpoint  # noqa: E402
 from fake_host import FakeHost  # noqa: E402
 from ldm_models import tiny_sd1  # noqa: E402
 
@@ -138,6 +138,22 @@ def test_gallery_caption_edits_and_the_caption_button_write_the_txt_files(served
     assert all(caption.startswith("sks, ") and len(caption) > len("sks, ") for caption in captions[1:])
     _wait_in_page(page, f"!{_text('dataset_gallery')}.includes('(no caption)')",
                   "the gallery to show the new captions once the job ended")
+
+    # CoCa with the decoding fields: greedy, at most 3 tokens (so at most 3 words after the prefix).
+    coca_weights = save_tiny_checkpoint(TINY_COCA, tmp_path / "coca.pt")
+    page.check("#lora_trainer_captioner input[value='coca']")
+    page.check("#lora_trainer_caption_mode input[value='overwrite']")
+    page.check("#lora_trainer_caption_decoding input[value='greedy']")
+    _fill(page, "caption_max_tokens", "3")
+    _fill(page, "caption_arch", TINY_COCA)
+    _fill(page, "caption_weights", str(coca_weights))
+    page.click("#lora_trainer_caption_button")
+    _wait_for(lambda: (dataset / "00.txt").read_text(encoding="utf-8") != "sks, my own words",
+              "the coca job to overwrite the captions")
+    _wait_in_page(page, f"{_text('status')}.includes('Captioning: finished')", "the coca job to finish")
+    for index in range(4):
+        caption = (dataset / f"{index:02d}.txt").read_text(encoding="utf-8")
+        assert caption.startswith("sks, ") and 1 <= len(caption[len("sks, "):].split()) <= 3
 
 
 def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registered_lora(served, browser, page,
