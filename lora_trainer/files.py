@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,10 +15,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
+    # Created with open(), not mkstemp(): the file gets the umask's permissions (mkstemp's are 0600, which
+    # would hide saved LoRAs from other users of a shared WebUI).
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        tmp_path.open("xb").close()
         write(tmp_path)
         os.replace(tmp_path, path)
     finally:
