@@ -15,12 +15,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Created with open(), not mkstemp(): the file gets the umask's permissions (mkstemp's are 0600, which
-    # would hide saved LoRAs from other users of a shared WebUI).
+    # The file gets the permissions open() gives under the umask, whatever `write` does: mkstemp, and writers
+    # such as safetensors >= 0.5 that replace the file themselves, make it 0600, which would hide saved LoRAs
+    # from the other users of a shared WebUI.
     tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp_path.open("xb").close()
+        mode = tmp_path.stat().st_mode
         write(tmp_path)
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

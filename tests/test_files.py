@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lora_trainer.files import atomic_write, atomic_write_text, unused_path
@@ -10,8 +12,15 @@ from lora_trainer.files import atomic_write, atomic_write_text, unused_path
 def test_an_atomic_write_gets_the_permissions_of_a_plainly_written_file(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
-    written = atomic_write_text(tmp_path / "atomic.txt", "x")
-    assert written.stat().st_mode == plain.stat().st_mode
+    assert atomic_write_text(tmp_path / "atomic.txt", "x").stat().st_mode == plain.stat().st_mode
+
+    def private_writer(tmp):  # as safetensors >= 0.5 does: its own 0600 file renamed over the target
+        private = tmp.with_name("private")
+        private.write_text("x")
+        os.chmod(private, 0o600)
+        os.replace(private, tmp)
+
+    assert atomic_write(tmp_path / "lora.safetensors", private_writer).stat().st_mode == plain.stat().st_mode
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
