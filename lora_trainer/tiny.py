@@ -7,6 +7,7 @@ seconds. Real users point the trainer at their own checkpoints; the code paths a
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 from pathlib import Path
@@ -17,6 +18,9 @@ from lora_trainer.files import atomic_write_text
 
 TINY_RESOLUTION = 32
 CLIP_VOCAB_SIZE = 49408
+TEXT_WIDTH = 32
+SIZE_EMBEDDING_DIM = 256
+"""SDXL's size conditioning: each of the six numbers as a 256-wide sinusoidal embedding, as in the real model."""
 
 
 def write_clip_tokenizer_files(folder: Path) -> Path:
@@ -51,12 +55,21 @@ def clip_tokenizer(folder: Path):
                          model_max_length=77)
 
 
-def _text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = 32, projection_dim: int = 32):
+def open_clip_padded(tokenizer):
+    """A copy of `tokenizer` that pads with token 0 ("!"), as OpenCLIP and the WebUI pad for the OpenCLIP
+    encoders (SD2, SDXL's second): the padding is part of what the encoder's outputs, and so the UNet, see."""
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = "!"
+    return padded
+
+
+def _text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = TEXT_WIDTH,
+                         projection_dim: int = TEXT_WIDTH, layers: int = 2):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act=hidden_act,
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77, hidden_act=hidden_act,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=projection_dim)
 
 
@@ -93,24 +106,29 @@ def tiny_sd_pipeline(family: str = "sd1", seed: int = 0, tokenizer_folder: Path 
             sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-            cross_attention_dim=64)
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=SIZE_EMBEDDING_DIM, transformer_layers_per_block=1,
+            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * SIZE_EMBEDDING_DIM,
+            cross_attention_dim=2 * TEXT_WIDTH)
         return StableDiffusionXLPipeline(
             vae=_vae(), text_encoder=CLIPTextModel(_text_encoder_config()),
             text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(hidden_act="gelu")),
-            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler("epsilon"))
+            tokenizer=tokenizer, tokenizer_2=open_clip_padded(tokenizer), unet=unet,
+            scheduler=_scheduler("epsilon"))
     if family not in ("sd1", "sd2"):
         raise ValueError(f"unknown tiny model family {family!r}")
     is_sd2 = family == "sd2"
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, use_linear_projection=is_sd2)
-    text_encoder = CLIPTextModel(_text_encoder_config(hidden_act="gelu" if is_sd2 else "quick_gelu"))
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=(2, 4), use_linear_projection=is_sd2)
+    # SD2 reads the penultimate layer of its OpenCLIP encoder: converted to transformers, that encoder has one
+    # layer fewer and its final norm applied, as the published SD2 text encoder in diffusers has.
+    text_encoder = CLIPTextModel(_text_encoder_config(hidden_act="gelu", layers=1) if is_sd2
+                                 else _text_encoder_config())
     return StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        vae=_vae(), text_encoder=text_encoder, tokenizer=open_clip_padded(tokenizer) if is_sd2 else tokenizer, unet=unet,
         scheduler=_scheduler("v_prediction" if is_sd2 else "epsilon"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
 

@@ -11,6 +11,7 @@ OpenCLIP encoder shaped like sgm's `FrozenOpenCLIPEmbedder2`.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from ldm.util import instantiate_from_config
 from omegaconf import OmegaConf
 from torch import nn
 
+from lora_trainer.bases import WEIGHTS_DIR
+from lora_trainer.bases.checkpoint import vae_scaling_factor, webui_checkpoint_state
 from lora_trainer.tiny import _text_encoder_config, clip_tokenizer
 
 TEXT_WIDTH = 32
@@ -266,3 +269,25 @@ def _register_tiny_open_clip(folder: Path) -> None:
     path = Path(folder) / f"{TINY_OPEN_CLIP}.json"
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
+
+
+def learned_ldm_model(family: str, folder: Path, weights: Path = WEIGHTS_DIR) -> nn.Module:
+    """The learned tiny base of `family` (lora_trainer/bases) as the WebUI would load its single-file checkpoint."""
+
+    model = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}[family](folder)
+    own_keys = set(model.state_dict())
+    state = {}
+    for key, tensor in webui_checkpoint_state(family, weights).items():
+        # The WebUI wraps each text encoder after loading the checkpoint; these objects come wrapped already.
+        wrapped = re.sub(r"^(cond_stage_model|conditioner\.embedders\.\d+)\.", r"\1.wrapped.", key)
+        state[wrapped if wrapped in own_keys else key] = tensor.float()
+    unexpected = set(state) - own_keys
+    missing = {key for key in own_keys - set(state) if not key.endswith(("position_ids", "logit_scale"))
+               and "betas" not in key and "alphas" not in key and "posterior" not in key and "sqrt" not in key
+               and "log_one_minus" not in key and "logvar" not in key}
+    if unexpected or missing:
+        raise AssertionError(f"checkpoint and model differ: unexpected {sorted(unexpected)[:5]}, "
+                             f"missing {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.scale_factor = vae_scaling_factor(weights)
+    return model.eval()
