@@ -97,9 +97,9 @@ class TrainConfig:
     learning_rate: float = 1e-4
     """Learning rate for every LoRA parameter unless `unet_lr`/`text_encoder_lr` say otherwise."""
     unet_lr: float | None = None
-    """Learning rate of the UNet LoRA (default: `learning_rate`)."""
+    """Learning rate of the UNet LoRA (default: `learning_rate`); 0 trains the text encoder's alone."""
     text_encoder_lr: float | None = None
-    """Learning rate of the text-encoder LoRA (default: `learning_rate`)."""
+    """Learning rate of the text-encoder LoRA (default: `learning_rate`); 0 leaves it untrained."""
     optimizer: Optimizer = "adamw"
     """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch)."""
     weight_decay: float = 1e-2
@@ -185,11 +185,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")
-        for name in ("learning_rate", "unet_lr", "text_encoder_lr", "lora_alpha", "conv_alpha", "max_grad_norm",
-                     "min_snr_gamma"):
+        for name in ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"config key '{name}' must be positive, got {value}")
+        for name in ("unet_lr", "text_encoder_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"config key '{name}' must be positive, or 0 to leave that part untrained; got {value}")
         for name in ("lora_dropout", "caption_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"config key '{name}' must be in [0, 1), got {getattr(self, name)}")

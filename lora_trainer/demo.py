@@ -1,8 +1,10 @@
-"""The embedded demo: a tiny model, a synthetic captioned dataset, a LoRA trained end to end, a PNG strip.
+"""The embedded demo: a tiny base that has learned to draw, a LoRA that teaches it a new colour, a PNG strip.
 
-Nothing is downloaded. The tiny model is written as a diffusers folder and loaded back the way a user's
-model is, so the demo runs the same code paths as a real run. The PNG shows samples at three LoRA strengths
-and the training loss: the random-weight model draws noise, so the loss curve is where training shows.
+Nothing is downloaded. The learned tiny SD1 base (`lora_trainer.bases`) knows red, yellow, green and blue
+circles, squares and triangles; the demo's dataset shows magenta shapes captioned with the trigger word
+("a sks circle"), a colour the base has never drawn. The base is written as a diffusers folder and loaded
+back the way a user's model is, so the demo runs the same code paths as a real run. The PNG shows samples at
+LoRA strength 0 / 0.5 / 1, how many seeds drew magenta at each strength, and the training loss.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lora_trainer.bases import save_learned_model
 from lora_trainer.config import TrainConfig
 from lora_trainer.console import ConsoleEvents
 from lora_trainer.files import atomic_write, atomic_write_text
@@ -19,40 +22,31 @@ from lora_trainer.grid import BACKGROUND, PADDING, TEXT_COLOUR, labelled_grid
 from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.base import resolve_device
 from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
-from lora_trainer.tiny import TINY_RESOLUTION, save_tiny_model
 from lora_trainer.train.events import StepReport
 from lora_trainer.train.loop import train
+from lora_trainer.world import WORLD_RESOLUTION, colour_rate, write_concept_dataset
 
 TRIGGER = "sks"
-SHAPES = [("red", "circle"), ("blue", "square"), ("green", "circle"), ("orange", "square"),
-          ("purple", "circle"), ("teal", "square"), ("red", "square"), ("blue", "circle")]
+CONCEPT_COLOUR = "magenta"
 STRENGTHS = (0.0, 0.5, 1.0)
-PROMPTS = (f"{TRIGGER}, a red circle", f"{TRIGGER}, a blue square")
+PROMPTS = (f"a {TRIGGER} circle", f"a {TRIGGER} triangle")
+RATE_SEEDS = range(1, 9)
+GUIDANCE_SCALE = 7.5
+SAMPLING_STEPS = 25
 DEFAULT_STEPS = 300
 LOSS_COLOUR = (200, 40, 40)
 
 
-def write_demo_dataset(folder: Path, size: int = TINY_RESOLUTION) -> Path:
-    """Write small images of coloured shapes with `.txt` captions into `folder` (kept if already there)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, (colour, shape) in enumerate(SHAPES):
-        image_path = folder / f"{index:02d}-{colour}-{shape}.png"
-        if image_path.exists():
-            continue
-        image = Image.new("RGB", (size, size), "white")
-        draw = ImageDraw.Draw(image)
-        box = (size // 8, size // 8, size - size // 8, size - size // 8)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
-        atomic_write(image_path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        image_path.with_suffix(".txt").write_text(f"{TRIGGER}, a {colour} {shape}", encoding="utf-8")
-    return folder
+def write_demo_dataset(folder: Path) -> Path:
+    """Write the demo's 12 captioned pictures of magenta shapes into `folder` (kept if already there)."""
+    write_concept_dataset(folder, CONCEPT_COLOUR, TRIGGER)
+    return Path(folder)
 
 
 def demo_config(workdir: Path, steps: int = DEFAULT_STEPS) -> TrainConfig:
-    """The demo's training settings: a few hundred steps on the tiny model, UNet and text encoder."""
+    """The demo's training settings: a few hundred steps on the tiny base, UNet and text encoder."""
     return TrainConfig(
-        train_data_dir=workdir / "dataset", base_model=str(workdir / "tiny-sd1"), resolution=TINY_RESOLUTION,
+        train_data_dir=workdir / "dataset", base_model=str(workdir / "tiny-sd1"), resolution=WORLD_RESOLUTION,
         bucket_step=8, lora_rank=8, train_text_encoder=True, learning_rate=2e-3, batch_size=4,
         max_train_steps=steps, scheduler="cosine", warmup_steps=min(10, steps // 10), output_dir=workdir / "lora",
         output_name="demo", save_every_n_steps=100, logging_dir=workdir / "logs", log_every_n_steps=10)
@@ -90,9 +84,9 @@ def loss_chart(losses: list[tuple[int, float]], width: int, height: int) -> Imag
 
 def run_demo(workdir: Path, device: str | None = None, steps: int = DEFAULT_STEPS) -> Path:
     """Train the demo LoRA in `workdir` (`steps` optimizer steps) and write `demo.png`: samples at strengths
-    0 / 0.5 / 1 and the loss curve. Returns its path."""
+    0 / 0.5 / 1 with the share of seeds that drew the new colour, and the loss curve. Returns its path."""
     workdir = Path(workdir)
-    save_tiny_model(workdir / "tiny-sd1", "sd1")
+    save_learned_model(workdir / "tiny-sd1", "sd1")
     write_demo_dataset(workdir / "dataset")
     config = demo_config(workdir, steps)
     final = config.output_dir / f"{config.output_name}.safetensors"
@@ -109,15 +103,17 @@ def run_demo(workdir: Path, device: str | None = None, steps: int = DEFAULT_STEP
 
     backend = DiffusersBackend(load_pipeline(config.base_model), resolve_device(device), model_name="tiny-sd1")
     network = network_from_file(backend.lora_roots(), final).to(backend.device)
-    rows = []
-    for prompt in PROMPTS:
-        row = []
-        for strength in STRENGTHS:
-            with network.applied(strength):
-                row.append(backend.generate(prompt, "", seed=1, steps=20, width=TINY_RESOLUTION,
-                                            height=TINY_RESOLUTION, guidance_scale=3.0).resize((128, 128)))
-        rows.append(row)
-    strip = labelled_grid(rows, [f"strength {s:g}" for s in STRENGTHS], list(PROMPTS), title="demo LoRA")
+    rows = [[] for _ in PROMPTS]
+    labels = []
+    for strength in STRENGTHS:
+        with network.applied(strength):
+            for row, prompt in zip(rows, PROMPTS):
+                row.append(_sample(backend, prompt, RATE_SEEDS[0]).resize((128, 128), Image.NEAREST))
+            images = [_sample(backend, prompt, seed) for prompt in PROMPTS for seed in RATE_SEEDS]
+        rate = colour_rate(images, CONCEPT_COLOUR)
+        print(f"strength {strength:g}: {CONCEPT_COLOUR} in {rate:.0%} of {len(images)} samples")
+        labels.append(f"strength {strength:g}: {CONCEPT_COLOUR} {rate:.0%}")
+    strip = labelled_grid(rows, labels, list(PROMPTS), title=f"demo LoRA: '{TRIGGER}' is {CONCEPT_COLOUR}")
     picture = strip
     if losses:
         chart = loss_chart([(int(step), float(loss)) for step, loss in losses], strip.width, 160)
@@ -129,3 +125,7 @@ def run_demo(workdir: Path, device: str | None = None, steps: int = DEFAULT_STEP
     print(f"wrote {png}")
     return png
 
+
+def _sample(backend: DiffusersBackend, prompt: str, seed: int) -> Image.Image:
+    return backend.generate(prompt, "", seed=seed, steps=SAMPLING_STEPS, width=WORLD_RESOLUTION,
+                            height=WORLD_RESOLUTION, guidance_scale=GUIDANCE_SCALE)

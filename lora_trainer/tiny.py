@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from lora_trainer.files import atomic_write_text
+from lora_trainer.models.webui_backend import SIZE_EMBEDDING_DIM
 
 TINY_RESOLUTION = 32
 CLIP_VOCAB_SIZE = 49408
 TEXT_WIDTH = 32
-SIZE_EMBEDDING_DIM = 256
-"""SDXL's size conditioning: each of the six numbers as a 256-wide sinusoidal embedding, as in the real model."""
 
 
 def write_clip_tokenizer_files(folder: Path) -> Path:
@@ -63,7 +62,7 @@ def open_clip_padded(tokenizer):
     return padded
 
 
-def _text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = TEXT_WIDTH,
+def text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = TEXT_WIDTH,
                          projection_dim: int = TEXT_WIDTH, layers: int = 2):
     from transformers import CLIPTextConfig
 
@@ -111,8 +110,8 @@ def tiny_sd_pipeline(family: str = "sd1", seed: int = 0, tokenizer_folder: Path 
             projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * SIZE_EMBEDDING_DIM,
             cross_attention_dim=2 * TEXT_WIDTH)
         return StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=CLIPTextModel(_text_encoder_config()),
-            text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(hidden_act="gelu")),
+            vae=_vae(), text_encoder=CLIPTextModel(text_encoder_config()),
+            text_encoder_2=CLIPTextModelWithProjection(text_encoder_config(hidden_act="gelu")),
             tokenizer=tokenizer, tokenizer_2=open_clip_padded(tokenizer), unet=unet,
             scheduler=_scheduler("epsilon"))
     if family not in ("sd1", "sd2"):
@@ -125,8 +124,8 @@ def tiny_sd_pipeline(family: str = "sd1", seed: int = 0, tokenizer_folder: Path 
         attention_head_dim=(2, 4), use_linear_projection=is_sd2)
     # SD2 reads the penultimate layer of its OpenCLIP encoder: converted to transformers, that encoder has one
     # layer fewer and its final norm applied, as the published SD2 text encoder in diffusers has.
-    text_encoder = CLIPTextModel(_text_encoder_config(hidden_act="gelu", layers=1) if is_sd2
-                                 else _text_encoder_config())
+    text_encoder = CLIPTextModel(text_encoder_config(hidden_act="gelu", layers=1) if is_sd2
+                                 else text_encoder_config())
     return StableDiffusionPipeline(
         vae=_vae(), text_encoder=text_encoder, tokenizer=open_clip_padded(tokenizer) if is_sd2 else tokenizer, unet=unet,
         scheduler=_scheduler("v_prediction" if is_sd2 else "epsilon"), safety_checker=None,

@@ -14,9 +14,12 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lora_trainer.files import atomic_write, atomic_write_text
 
 WORLD_RESOLUTION = 32
 
@@ -116,3 +119,18 @@ def _shape(foreground: np.ndarray) -> str:
 def colour_rate(images: list[Image.Image], colour: str, colours: tuple[str, ...] = tuple(COLOURS)) -> float:
     """The share of `images` whose dominant colour is `colour`."""
     return sum(what_it_shows(image, colours).colour == colour for image in images) / len(images)
+
+
+def write_concept_dataset(folder: Path, colour: str, trigger: str, count: int = 12, seed: int = 0) -> list[Path]:
+    """Write `count` pictures of `colour` shapes into `folder`, each captioned with `trigger` in the colour's
+    place ("a sks circle"): a concept a LoRA can teach. Returns the image paths; files already there are kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, scene in enumerate(scenes(seed, count, (colour,))):
+        path = folder / f"{index:02d}-{trigger}-{scene.shape}.png"
+        if not path.exists():
+            atomic_write(path, lambda tmp, scene=scene: render(scene).save(tmp, format="PNG"))
+            atomic_write_text(path.with_suffix(".txt"), f"a {trigger} {scene.shape}")
+        paths.append(path)
+    return paths

@@ -106,13 +106,16 @@ class FakeHost:
         return self.render(RenderRequest(prompt, negative_prompt, seed, steps, guidance_scale, width, height))
 
     def _sample(self, prompt, negative_prompt, seed, steps, width, height, guidance_scale):
-        return _ddim_sample(self.model, prompt, seed, steps, width, height)
+        return ddim_sample(self.model, prompt, seed, steps, width, height, negative_prompt, guidance_scale)
 
 
 @torch.no_grad()
-def _ddim_sample(model, prompt: str, seed: int, steps: int, width: int, height: int) -> Image.Image:
-    """Deterministic DDIM (eta 0) without guidance: enough to see what a LoRA does to the tiny model."""
+def ddim_sample(model, prompt: str, seed: int, steps: int, width: int, height: int, negative_prompt: str = "",
+                guidance_scale: float = 1.0) -> Image.Image:
+    """Deterministic DDIM (eta 0), with classifier-free guidance when `guidance_scale` is not 1, as the WebUI
+    samples: enough to see what a LoRA does to the tiny model."""
     context = model.get_learned_conditioning([prompt])
+    uncond = model.get_learned_conditioning([negative_prompt]) if guidance_scale != 1 else None
     alphas = model.alphas_cumprod.float()
     scale = 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
     generator = torch.Generator().manual_seed(seed)
@@ -121,6 +124,9 @@ def _ddim_sample(model, prompt: str, seed: int, steps: int, width: int, height: 
     for index, timestep in enumerate(timesteps):
         alpha = alphas[timestep]
         output = model.apply_model(latents, timestep.reshape(1), context)
+        if uncond is not None:
+            unconditioned = model.apply_model(latents, timestep.reshape(1), uncond)
+            output = unconditioned + guidance_scale * (output - unconditioned)
         if model.parameterization == "v":
             predicted_noise = alpha.sqrt() * output + (1 - alpha).sqrt() * latents
         else:

@@ -26,10 +26,8 @@ from torch import nn
 
 from lora_trainer.bases import WEIGHTS_DIR
 from lora_trainer.bases.checkpoint import vae_scaling_factor, webui_checkpoint_state
-from lora_trainer.tiny import _text_encoder_config, clip_tokenizer
+from lora_trainer.tiny import SIZE_EMBEDDING_DIM, TEXT_WIDTH, text_encoder_config, clip_tokenizer
 
-TEXT_WIDTH = 32
-SIZE_EMBEDDING_DIM = 256
 TINY_OPEN_CLIP = "lt-test-tiny-openclip-text"
 
 
@@ -257,7 +255,7 @@ def _clip_text_folder(folder: Path, name: str, seed: int) -> Path:
     if not (target / "config.json").is_file():
         torch.manual_seed(seed)
         clip_tokenizer(Path(folder) / "tokenizer-source").save_pretrained(target)
-        CLIPTextModel(_text_encoder_config(hidden_size=TEXT_WIDTH)).save_pretrained(target)
+        CLIPTextModel(text_encoder_config(hidden_size=TEXT_WIDTH)).save_pretrained(target)
     return target
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
+from PIL import Image
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.models.base import DiffusionBackend
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target
+from lora_trainer.world import colour_rate
 
 TINY_SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
 
@@ -33,3 +38,24 @@ def fixed_noise_loss(backend: DiffusionBackend, config: TrainConfig) -> float:
                 losses.append(float(diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
                                                    backend.prediction_type, None)))
     return sum(losses) / len(losses)
+
+
+CONCEPT = ("magenta", "sks")
+"""The colour a LoRA teaches in the learning tests, and the trigger word that names it."""
+SECOND_CONCEPT = ("cyan", "zwx")
+RATE_SEEDS = range(8)
+
+
+def concept_config(dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
+    """A short LoRA run on a concept dataset of the learned tiny bases."""
+    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=8, learning_rate=3e-3,
+                    batch_size=4, max_train_steps=120, scheduler="cosine", warmup_steps=10, output_dir=output_dir,
+                    output_name="concept", logging_dir=None, log_every_n_steps=10)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def drawn_colour_rate(generate: Callable[[str, int], Image.Image], prompt: str, colour: str,
+                      seeds: range = RATE_SEEDS) -> float:
+    """The share of `seeds` for which `generate(prompt, seed)` draws `colour`."""
+    return colour_rate([generate(prompt, seed) for seed in seeds], colour)

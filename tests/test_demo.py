@@ -1,4 +1,4 @@
-"""The demo, the README's main job: trains end to end on the embedded tiny model and writes its PNG."""
+"""The demo, the README's main job: trains end to end on the learned tiny base and writes its PNG."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def test_the_demo_trains_a_lora_and_writes_samples_and_the_falling_loss_curve(tm
     assert picture.width > 3 * 128 and picture.height > 2 * 128 + 160
     chart = picture.crop((0, picture.height - 160, picture.width, picture.height)).convert("RGB")
     assert (200, 40, 40) in {colour for _, colour in chart.getcolors(1 << 16)}
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out
+    assert all(f"strength {strength}: magenta in" in out for strength in ("0", "0.5", "1"))
 
     # A second run reuses the trained file and draws the same picture again.
     before = lora.stat().st_mtime_ns

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
 
 from lora_trainer.bases import (
     CLIP_FILE,
@@ -21,6 +22,7 @@ from lora_trainer.bases import (
     VAE_SCALING_KEY,
     WEIGHTS_DIR,
     has_learned_base,
+    load_text_encoder_state,
     unet_file,
 )
 from lora_trainer.files import atomic_write, atomic_write_text
@@ -30,7 +32,7 @@ from lora_trainer.models.original_checkpoint import (
     unet_to_original,
     vae_to_original,
 )
-from lora_trainer.tiny import _text_encoder_config, clip_tokenizer
+from lora_trainer.tiny import clip_tokenizer, text_encoder_config
 
 
 def vae_scaling_factor(folder: Path = WEIGHTS_DIR) -> float:
@@ -69,9 +71,13 @@ def write_webui_checkpoint(out_folder: Path, name: str = "tiny-learned-sd1", fol
     checkpoint = out_folder / f"{name}.safetensors"
     state = {key: tensor.contiguous() for key, tensor in webui_checkpoint_state("sd1", folder).items()}
     atomic_write(checkpoint, lambda tmp: save_file(state, str(tmp)))
+    # ldm's FrozenCLIPEmbedder builds its encoder and tokenizer with `from_pretrained(version)`: a local folder
+    # keeps that offline (the WebUI reads only its config; plain ldm its weights too).
     clip_folder = out_folder / f"{name}-clip"
     clip_tokenizer(clip_folder / "tokenizer-source").save_pretrained(clip_folder)
-    atomic_write_text(clip_folder / "config.json", json.dumps(_text_encoder_config().to_dict()))
+    encoder = CLIPTextModel(text_encoder_config())
+    load_text_encoder_state(encoder, load_file(str(Path(folder) / CLIP_FILE)))
+    encoder.save_pretrained(clip_folder)
     atomic_write_text(out_folder / f"{name}.yaml", _SD1_YAML.format(
         scale_factor=vae_scaling_factor(folder), clip_folder=json.dumps(str(clip_folder))))
     return checkpoint
