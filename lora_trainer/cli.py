@@ -92,7 +92,6 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from lora_trainer.files import unused_path
     from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths, render_grid, save_png, tag_renderer
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
@@ -103,6 +102,6 @@ def _grid(args: argparse.Namespace) -> int:
     backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device),
                                clip_skip=args.clip_skip)
     grid, _ = render_grid(plan, tag_renderer(backend, plan.loras))
-    out = save_png(grid, unused_path(args.out), plan.infotext())
+    out = save_png(grid, args.out, plan.infotext())
     print(f"wrote {out}")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from lora_trainer.errors import UserError
-from lora_trainer.files import atomic_write
+from lora_trainer.files import write_new_file
 from lora_trainer.host import RenderRequest
 from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.base import DiffusionBackend
@@ -187,10 +187,11 @@ def render_grid(plan: GridPlan, render: Callable[[RenderRequest], Image.Image],
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
-    """Write `image` atomically as PNG with `parameters` in its text chunk (as the WebUI does)."""
+    """Write `image` as a new PNG with `parameters` in its text chunk (as the WebUI does); returns its path,
+    numbered (`grid-2.png`) when `path` is taken."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return write_new_file(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def tag_renderer(backend: DiffusionBackend, lora_files: list[Path]) -> Callable[[RenderRequest], Image.Image]:

@@ -11,31 +11,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_trainer.errors import UserError
-from lora_trainer.files import atomic_write
+from lora_trainer.files import write_new_file
 from lora_trainer.lora.network import LoraNetwork
 
 
 def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` as a kohya-format file, atomically; an existing file is an error, never replaced."""
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists; choose another output_name or move the old file")
+    """Write `network` as a new kohya-format file at `path` (or `stem-2`, ... when taken); returns its path."""
     state = network.kohya_state_dict()
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
     """Write `network` in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
-    for a file with no alphas)."""
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists; choose another output_name or move the old file")
+    for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its path."""
     state: dict[str, torch.Tensor] = {}
     for key, module in network.lora_modules.items():
         prefix = network.peft_keys[key]
         state[f"{prefix}.lora_A.weight"] = module.down.detach().float().cpu().contiguous()
         state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).cpu().contiguous()
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 @dataclass

@@ -14,7 +14,6 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import UserError
-from lora_trainer.files import unused_path
 from lora_trainer.lora.files import check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
@@ -86,11 +85,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16")
-        path = unused_path(path)
-        save_kohya(path, network, file_metadata(metadata, step, epoch + 1))
+        path = save_kohya(path, network, file_metadata(metadata, step, epoch + 1))
         result.saved.append(path)
         if config.save_diffusers_format:
-            save_diffusers_layout(unused_path(path.with_suffix(".diffusers.safetensors")), network,
+            save_diffusers_layout(path.with_suffix(".diffusers.safetensors"), network,
                                   file_metadata(metadata, step, epoch + 1))
         if config.save_state:
             save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
