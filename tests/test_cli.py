@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_trainer.cli import main
 
@@ -54,27 +55,98 @@ def test_a_run_that_fails_midway_ends_the_progress_bar_line_before_the_error(sha
     assert bar_output.endswith("\n")
 
 
-def test_ctrl_c_saves_the_weights_and_exits_with_code_130_without_a_traceback(shapes_dataset, tmp_path):
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _tiny_run_config(tmp_path: Path, dataset: Path, **keys) -> Path:
+    """A config for a tiny sd1 model built once per test; `keys` add to or replace its settings."""
     pytest.importorskip("diffusers")
     from lora_trainer.tiny import save_tiny_model
 
-    model = save_tiny_model(tmp_path / "tiny", "sd1")
-    config = tmp_path / "my.yaml"
-    config.write_text(f"train_data_dir: {shapes_dataset}\nbase_model: {model}\nresolution: 32\nbucket_step: 8\n"
-                      f"lora_rank: 4\nmax_train_steps: 100000\noutput_dir: {tmp_path / 'out'}\nlogging_dir: null\n")
-    process = subprocess.Popen([sys.executable, "-m", "lora_trainer", "train", "--config", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).resolve().parent.parent)
+    model = tmp_path / "tiny"
+    if not model.exists():
+        save_tiny_model(model, "sd1")
+    settings = dict(train_data_dir=dataset, base_model=model, resolution=32, bucket_step=8, lora_rank=4,
+                    batch_size=2, max_train_steps=100000, output_dir=tmp_path / "out", logging_dir=None)
+    settings.update(keys)
+    config = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    config.write_text("".join(f"{key}: {'null' if value is None else value}\n" for key, value in settings.items()))
+    return config
+
+
+def _train_process(config: Path, *arguments: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_trainer", "train", "--config", str(config), *arguments],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY)
+
+
+def _wait_for(process: subprocess.Popen, line_part: str) -> None:
+    """Read the process's stdout up to the first line containing `line_part`."""
+    for line in process.stdout:
+        if line_part in line:
+            return
+
+
+def _send(process: subprocess.Popen, signum: int) -> tuple[int, str]:
+    """Send `signum`; return the exit code and stderr."""
     try:
-        for line in process.stdout:  # the plan is printed once the caches are filled, just before step 1
-            if "steps over" in line:
-                break
-        time.sleep(2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, errors = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130
+    return process.returncode, errors
+
+
+def _lora_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_ctrl_c_saves_the_weights_and_exits_with_code_130_without_a_traceback(shapes_dataset, tmp_path):
+    config = _tiny_run_config(tmp_path, shapes_dataset)
+    process = _train_process(config)
+    _wait_for(process, "steps over")
+    time.sleep(2)
+    returncode, errors = _send(process, signal.SIGINT)
+    assert returncode == 130
     assert errors.rstrip().endswith("interrupted") and "Traceback" not in errors
     saved = [path.name for path in (tmp_path / "out").iterdir()]
     assert len(saved) == 1 and saved[0].startswith("lora-interrupted-s")
+
+
+def test_sigterm_saves_the_weights_like_ctrl_c_and_exits_with_code_143(shapes_dataset, tmp_path):
+    config = _tiny_run_config(tmp_path, shapes_dataset)
+    process = _train_process(config)
+    _wait_for(process, "steps over")  # the plan, printed once the caches are filled, just before step 1
+    time.sleep(2)
+    returncode, errors = _send(process, signal.SIGTERM)
+    assert returncode == 143
+    assert errors.rstrip().endswith("terminated") and "Traceback" not in errors
+    saved = [path.name for path in (tmp_path / "out").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("lora-interrupted-s")
+
+
+def test_a_run_resumed_after_ctrl_c_ends_with_the_same_final_file_bit_for_bit(shapes_dataset, tmp_path):
+    settings = dict(max_train_steps=8, save_every_n_steps=2, save_state="true", log_every_n_steps=1)
+    straight = _train_process(_tiny_run_config(tmp_path, shapes_dataset, output_dir=tmp_path / "straight",
+                                               **settings))
+    assert straight.communicate(timeout=300) and straight.returncode == 0
+    config = _tiny_run_config(tmp_path, shapes_dataset, output_dir=tmp_path / "resumed", **settings)
+    process = _train_process(config)
+    _wait_for(process, "steps over")
+    started = time.perf_counter()
+    _wait_for(process, "saved")
+    # Ctrl-C a third of a step after the save of step 2: during step 3's forward or backward pass.
+    time.sleep((time.perf_counter() - started) / 6)
+    returncode, errors = _send(process, signal.SIGINT)
+    assert returncode == 130, errors
+    [state] = (tmp_path / "resumed").glob("lora-interrupted-s*.state")
+
+    resumed = subprocess.run([sys.executable, "-m", "lora_trainer", "train", "--config", str(config),
+                              "--resume", str(state)], capture_output=True, text=True, cwd=REPOSITORY, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "done: 8 steps" in resumed.stdout and "last loss None" not in resumed.stdout
+    final, expected = _lora_tensors(tmp_path / "resumed" / "lora.safetensors"), \
+        _lora_tensors(tmp_path / "straight" / "lora.safetensors")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[key], expected[key]) for key in expected)

@@ -60,3 +60,9 @@ class TrainingEvents:
     def save_requested(self) -> bool:
         """Checked after every step: True saves the weights now and goes on."""
         return False
+
+    def interrupt_requested(self) -> bool:
+        """Checked at the end of every step: True saves the weights and state (`name-interrupted-s000123`)
+        and raises KeyboardInterrupt, as a Ctrl-C during the step would, but at a step boundary, so that
+        resuming continues exactly."""
+        return False

@@ -80,7 +80,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                             scan, data, total_steps, started_at)
     run_log = RunLog(config.logging_dir, config.output_name)
 
-    def save(path: Path, step: int, epoch: int, next_batch: int) -> None:
+    def save(path: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
         """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
@@ -90,7 +90,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if config.save_diffusers_format:
             save_diffusers_layout(path.with_suffix(".diffusers.safetensors"), network,
                                   file_metadata(metadata, step, epoch + 1))
-        if config.save_state:
+        if config.save_state and with_state:
             save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
                        epoch, next_batch, noise_generator, data_rng)
         events.on_saved(path, step, epoch + 1)
@@ -149,6 +149,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         window_start, window_step = time.perf_counter(), step
         seconds_per_step = 0.0
         stopping = False
+        resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
+        in_step = False
         try:
             for epoch in range(start_epoch, epochs):
                 batches = data.epoch_plan(epoch)
@@ -156,6 +158,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if epoch == start_epoch and batch_index < skip_batches:
                         continue
                     # --- one forward/backward pass; the optimizer steps every `gradient_accumulation_steps` ---
+                    in_step = True
                     batch = data.load_batch(indices, data_rng)
                     loss = training_loss(batch)
                     accelerator.backward(loss / config.gradient_accumulation_steps)
@@ -170,6 +173,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    in_step, resume_at = False, (epoch, batch_index + 1)
 
                     # --- report (reading the loss back only every few steps keeps the device busy) ---
                     report_loss = None
@@ -209,11 +213,17 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if config.sample_every_n_steps and config.sample_prompts and \
                             step % config.sample_every_n_steps == 0:
                         sample(step)
+                    if events.interrupt_requested():
+                        raise KeyboardInterrupt
                 if step >= total_steps or stopping:
                     break
         except KeyboardInterrupt:
+            # In the middle of a step (a second Ctrl-C) the weights are those of the last finished step, but
+            # the random streams have moved on: that state would not resume exactly, so it is left out.
+            if in_step and config.save_state:
+                events.on_message("Interrupted in the middle of a step: the weights are saved without their state.")
             save(Path(config.output_dir) / f"{config.output_name}-interrupted-s{step:06d}.safetensors", step,
-                 epoch, batch_index + 1)
+                 *resume_at, with_state=not in_step)
             run_log.close()
             raise
         except torch.cuda.OutOfMemoryError:
