@@ -75,10 +75,12 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
     from lora_trainer.train.loop import train
+    from lora_trainer.train.preflight import check_run_paths
 
     config = load_config(config_path, parse_overrides(override_words))
     if config.train_data_dir is None or config.base_model is None:
         raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
+    check_run_paths(config)
     with StopSignals() as signals:
         try:
             device = resolve_device(config.device)

@@ -39,6 +39,28 @@ def test_train_without_data_or_model_says_what_is_missing(capsys):
     assert "train_data_dir and base_model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["output_dir", "logging_dir"])
+def test_a_folder_to_write_that_is_a_file_is_refused_before_the_model_loads(key, shapes_dataset, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setattr("lora_trainer.models.diffusers_backend.load_pipeline", _model_must_not_load)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    arguments = ["train", "--train_data_dir", str(shapes_dataset), "--base_model", str(tmp_path / "model"),
+                 "--output_dir", str(tmp_path / "out"), f"--{key}", str(tmp_path / "taken")]
+    assert main(arguments) == 2
+    assert f"{key} {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_folder_is_reported_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lora_trainer.models.diffusers_backend.load_pipeline", _model_must_not_load)
+    assert main(["train", "--train_data_dir", str(tmp_path / "nowhere"), "--base_model", str(tmp_path / "model"),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"train_data_dir {tmp_path / 'nowhere'} is not an existing folder" in capsys.readouterr().err
+
+
+def _model_must_not_load(*arguments, **options):
+    raise AssertionError("the model was loaded before the paths were checked")
+
+
 def test_a_run_that_fails_midway_ends_the_progress_bar_line_before_the_error(shapes_dataset, tmp_path, capsys):
     pytest.importorskip("diffusers")
     from lora_trainer.tiny import save_tiny_model

@@ -22,6 +22,8 @@ from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
 from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.preflight import check_run_paths
+from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 
@@ -39,6 +41,7 @@ class TrainingResult:
 def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents | None = None) -> TrainingResult:
     """Train a LoRA on `backend`'s model as `config` says. The model is left exactly as it was."""
     events = events or TrainingEvents()
+    check_run_paths(config)
     started_at = time.time()
     torch.manual_seed(config.seed)
     data_rng = random.Random(config.seed)
@@ -85,15 +88,22 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16")
-        path = save_kohya(path, network, file_metadata(metadata, step, epoch + 1))
-        result.saved.append(path)
-        if config.save_diffusers_format:
-            save_diffusers_layout(path.with_suffix(".diffusers.safetensors"), network,
-                                  file_metadata(metadata, step, epoch + 1))
-        if config.save_state and with_state:
-            save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
-                       epoch, next_batch, noise_generator, data_rng)
-        events.on_saved(path, step, epoch + 1)
+        with_state = with_state and config.save_state
+
+        def write(folder: Path) -> Path:
+            saved = save_kohya(folder / path.name, network, file_metadata(metadata, step, epoch + 1))
+            if config.save_diffusers_format:
+                save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network,
+                                      file_metadata(metadata, step, epoch + 1))
+            if with_state:
+                save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
+                           epoch, next_batch, noise_generator, data_rng)
+            return saved
+
+        what = f"the weights of step {step}" + (" (and their .state folder beside them)" if with_state else "")
+        saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
+        result.saved.append(saved)
+        events.on_saved(saved, step, epoch + 1)
 
     def sample(step: int) -> None:
         network.eval()
