@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +37,49 @@ def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     with _written_temporary(path, write) as tmp_path:
         return next(candidate for candidate in _numbered(path) if _claim(tmp_path, candidate))
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files that writers of this package killed mid-write left in `folder` and its
+    `*.state` folders, and the `*.state` folders that held nothing else; return what was removed.
+
+    Only names of our exact pattern are touched, and only when their writer is gone: on POSIX its process
+    no longer exists and the file is over a minute old (a writer on another machine sharing the folder
+    keeps touching its file); elsewhere, when the file is over a day old.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    state_folders = [path for path in folder.glob("*.state") if path.is_dir()]
+    for candidate in [*folder.iterdir(), *(path for state in state_folders for path in state.iterdir())]:
+        match = _TEMPORARY_NAME.fullmatch(candidate.name)
+        if match and candidate.is_file() and _writer_is_gone(int(match["pid"]), candidate):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    for state in state_folders:
+        if not any(state.iterdir()) and any(path.parent == state for path in removed):
+            state.rmdir()
+            removed.append(state)
+    return removed
+
+
+_TEMPORARY_NAME = re.compile(r"\..+\.(?P<pid>\d+)-[0-9a-f]{32}\.tmp")
+
+
+def _writer_is_gone(pid: int, path: Path) -> bool:
+    age = time.time() - path.stat().st_mtime
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows: age alone decides there
+        return age > 24 * 3600
+    if age < 60:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, under another user
+        pass
+    return False
 
 
 def _numbered(path: Path) -> Iterator[Path]:

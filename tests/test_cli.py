@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -172,3 +173,24 @@ def test_a_run_resumed_after_ctrl_c_ends_with_the_same_final_file_bit_for_bit(sh
         _lora_tensors(tmp_path / "straight" / "lora.safetensors")
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[key], expected[key]) for key in expected)
+
+
+def test_a_run_removes_the_temporary_files_that_killed_saves_left_in_its_output_folder(shapes_dataset, tmp_path):
+    output_dir = tmp_path / "out"
+    killed_writer = ("import sys, time; from pathlib import Path; from lora_trainer.files import atomic_write\n"
+                     "atomic_write(Path(sys.argv[1]), lambda tmp: (print('writing', flush=True), time.sleep(600)))\n")
+    for target in (output_dir / "old-s000002.safetensors", output_dir / "old-s000002.state" / "training_state.pt"):
+        writer = subprocess.Popen([sys.executable, "-c", killed_writer, str(target)], stdout=subprocess.PIPE,
+                                  text=True, cwd=REPOSITORY)
+        _wait_for(writer, "writing")
+        writer.send_signal(signal.SIGKILL)
+        writer.communicate(timeout=60)
+    leftovers = [*output_dir.glob(".*.tmp"), *output_dir.glob("*.state/.*.tmp")]
+    assert len(leftovers) == 2
+    an_hour_ago = time.time() - 3600
+    for leftover in leftovers:
+        os.utime(leftover, (an_hour_ago, an_hour_ago))
+    (output_dir / ".my-notes.tmp").write_text("not written by the trainer")
+
+    assert main(["train", "--config", str(_tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1))]) == 0
+    assert sorted(path.name for path in output_dir.iterdir()) == [".my-notes.tmp", "lora.safetensors"]

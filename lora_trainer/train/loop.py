@@ -14,6 +14,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import UserError
+from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.lora.files import check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
@@ -42,6 +43,9 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     """Train a LoRA on `backend`'s model as `config` says. The model is left exactly as it was."""
     events = events or TrainingEvents()
     check_run_paths(config)
+    if leftovers := remove_stale_temporaries(config.output_dir):
+        events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
+                          f"{config.output_dir}.")
     started_at = time.time()
     torch.manual_seed(config.seed)
     data_rng = random.Random(config.seed)
