@@ -78,10 +78,10 @@ def scan_dataset(
     dataset_dir = _checked_dataset_dir(train_data_dir)
     if metadata_path is None and (dataset_dir / METADATA_FILENAME).is_file():
         metadata_path = dataset_dir / METADATA_FILENAME
-    metadata = _MetadataCaptions()
+    metadata = MetadataCaptions()
     skipped: list[tuple[Path, str]] = []
     if metadata_path is not None:
-        metadata, skipped = _read_metadata(Path(metadata_path), dataset_dir)
+        metadata, skipped = read_metadata(Path(metadata_path), dataset_dir)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
 
@@ -89,7 +89,7 @@ def scan_dataset(
     for image_path in image_files(dataset_dir):
         try:
             image = load_rgb_image(image_path)
-            caption = _caption_for(image_path, caption_extension, metadata)
+            caption = existing_caption(image_path, caption_extension, metadata)
         except UnreadableImage as error:
             skipped.append((image_path, str(error)))
             continue
@@ -138,7 +138,11 @@ def _repeats_for(subset: str, default_repeats: int) -> int:
     return default_repeats
 
 
-def _caption_for(image_path: Path, caption_extension: str, metadata: _MetadataCaptions) -> str:
+def existing_caption(image_path: Path, caption_extension: str, metadata: MetadataCaptions) -> str:
+    """The caption training uses for `image_path`: its caption file if there is one, else its `metadata` row.
+
+    Raises `UnreadableImage` when the caption file is not UTF-8 text.
+    """
     caption_path = image_path.with_suffix(caption_extension)
     if not caption_path.is_file():
         return metadata.caption_for(image_path)
@@ -149,27 +153,28 @@ def _caption_for(image_path: Path, caption_extension: str, metadata: _MetadataCa
 
 
 @dataclass
-class _MetadataCaptions:
+class MetadataCaptions:
     """Captions from metadata.csv: by image path, and by bare file name for rows that give only a name."""
 
     by_path: dict[Path, str] = field(default_factory=dict)
     by_name: dict[str, str] = field(default_factory=dict)
 
     def caption_for(self, image_path: Path) -> str:
+        """The csv's caption of `image_path`, stripped; "" when it has none."""
         caption = self.by_path.get(image_path, self.by_name.get(image_path.name, ""))
         return caption.strip()
 
 
-def _read_metadata(
+def read_metadata(
     metadata_path: Path, dataset_dir: Path
-) -> tuple[_MetadataCaptions, list[tuple[Path, str]]]:
+) -> tuple[MetadataCaptions, list[tuple[Path, str]]]:
     """Captions from a `filename,prompt` (or `file_name,text`) csv whose names are relative to its folder.
 
     Rows naming a file outside `dataset_dir` are returned as skipped and never looked at.
     """
     rows = _read_csv_rows(metadata_path)
     filename_column, caption_column = _metadata_columns(rows[0] if rows else [], metadata_path)
-    metadata = _MetadataCaptions()
+    metadata = MetadataCaptions()
     skipped: list[tuple[Path, str]] = []
     csv_dir = metadata_path.resolve().parent
     for row in rows[1:]:
