@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_trainer.caption.models import load_open_clip, resolve_device
+from lora_trainer.caption.models import load_open_clip
 from lora_trainer.errors import UserError
+from lora_trainer.models.base import resolve_device
 from tests.caption_models import TINY_CLIP, TINY_COCA, register_tiny_configs, save_tiny_checkpoint
 
 CPU = torch.device("cpu")

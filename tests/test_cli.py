@@ -58,6 +58,45 @@ def test_a_missing_dataset_folder_is_reported_before_the_model_loads(tmp_path, m
     assert f"train_data_dir {tmp_path / 'nowhere'} is not an existing folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("device", "message"), [("cuda", "Device cuda was asked for, but this PyTorch sees no CUDA"),
+                                                 ("tpu", "Unknown device 'tpu'. Use cuda, cuda:N or cpu.")])
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(device, message, shapes_dataset, tmp_path,
+                                                                        monkeypatch, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr("lora_trainer.models.diffusers_backend.load_pipeline", _model_must_not_load)
+    assert main(["train", "--train_data_dir", str(shapes_dataset), "--base_model", str(tmp_path / "model"),
+                 "--output_dir", str(tmp_path / "out"), "--device", device]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ".bin"])
+def test_a_base_model_file_of_random_bytes_says_it_is_damaged(suffix, shapes_dataset, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    model = tmp_path / f"model{suffix}"
+    model.write_bytes(bytes(range(256)) * 64)
+    assert main(["train", "--train_data_dir", str(shapes_dataset), "--base_model", str(model),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"{model} is not a readable {suffix} checkpoint" in capsys.readouterr().err
+
+
+def test_a_damaged_resume_state_says_so(shapes_dataset, tmp_path, capsys):
+    state = tmp_path / "lora-s000002.state"
+    state.mkdir()
+    (state / "training_state.pt").write_bytes(b"PK\x03\x04 half a zip file")
+    config = _tiny_run_config(tmp_path, shapes_dataset, max_train_steps=2)
+    assert main(["train", "--config", str(config), "--resume", str(state)]) == 2
+    assert f"resume: {state / 'training_state.pt'} cannot be read" in capsys.readouterr().err
+
+
+def test_a_resume_state_of_another_rank_says_what_differs(shapes_dataset, tmp_path, capsys):
+    config = _tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1, save_state="true")
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config), "--output_name", "again", "--lora_rank", "8",
+                 "--resume", str(tmp_path / "out" / "lora.state")]) == 2
+    assert "does not match this run: rank differs" in capsys.readouterr().err
+
+
 def _model_must_not_load(*arguments, **options):
     raise AssertionError("the model was loaded before the paths were checked")
 

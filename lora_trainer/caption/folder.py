@@ -10,7 +10,7 @@ from typing import Protocol
 from PIL import Image
 
 from lora_trainer.caption.coca import CocaCaptioner, CocaDecoding
-from lora_trainer.caption.models import load_open_clip, resolve_device
+from lora_trainer.caption.models import load_open_clip
 from lora_trainer.caption.tags import ClipTagger
 from lora_trainer.caption.writer import (
     CAPTION_EXTENSION,
@@ -23,6 +23,7 @@ from lora_trainer.caption.writer import (
 from lora_trainer.data.images import UnreadableImage, load_rgb_image
 from lora_trainer.data.scan import METADATA_FILENAME, MetadataCaptions, existing_caption, image_files, read_metadata
 from lora_trainer.errors import UserError
+from lora_trainer.models.base import resolve_device
 
 DEFAULT_WEIGHTS = {
     "coca": ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"),

@@ -29,18 +29,6 @@ class OpenClipBundle:
     device: torch.device
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The torch device called `name`; by default CUDA when available, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"Device {name} was asked for, but this PyTorch sees no CUDA GPU. Use --device cpu.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}. Use cuda, cuda:N or cpu.") from None
-
-
 @contextlib.contextmanager
 def inference_precision(device: torch.device) -> Iterator[None]:
     """No autograd, and on CUDA bf16 (or fp16 where bf16 is missing) autocast; full precision on the CPU."""

@@ -70,7 +70,7 @@ def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
     raise UserError(f"{path} has neither kohya (lora_down/lora_up) nor peft (lora_A/lora_B) LoRA weights")
 
 
-def check_matches_network(lora: LoraFile, network: LoraNetwork, source: Path) -> None:
+def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> None:
     """Raise a `UserError` that says exactly what differs when `lora` cannot initialise `network`."""
     wanted = set(network.lora_modules.keys())
     have = lora.module_keys
@@ -93,7 +93,7 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: Path) ->
                             "(a LoRA for another model family?)")
             break
     if problems:
-        raise UserError(f"init_lora_weights {source} does not match this run: " + "; ".join(problems))
+        raise UserError(f"{source} does not match this run: " + "; ".join(problems))
 
 
 def _peft_to_kohya(state: dict[str, torch.Tensor], kohya_keys: dict[str, str]) -> dict[str, torch.Tensor]:

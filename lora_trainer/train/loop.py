@@ -15,7 +15,7 @@ from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
-from lora_trainer.lora.files import check_matches_network, read_lora, save_diffusers_layout, save_kohya
+from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets
@@ -70,7 +70,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     network = LoraNetwork(find_lora_targets(backend.lora_roots(), config), config.lora_dropout).to(backend.device)
     if config.init_lora_weights:
         initial = read_lora(config.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
-        check_matches_network(initial, network, config.init_lora_weights)
+        check_matches_network(initial, network, f"init_lora_weights {config.init_lora_weights}")
         network.load_kohya_state_dict(initial.state)
     parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"), "lr": config.effective_unet_lr}]
     if config.train_text_encoder:
@@ -129,6 +129,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
         if config.resume is not None:
             resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
+            check_matches_network(LoraFile(weights, {}), network, f"the resume state {config.resume}")
             network.load_kohya_state_dict(weights)
             step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
             events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
