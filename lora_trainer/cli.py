@@ -110,7 +110,7 @@ def _grid(args: argparse.Namespace) -> int:
                     steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height)
     backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device),
                                clip_skip=args.clip_skip)
-    grid, _ = render_grid(plan, tag_renderer(backend, plan.loras))
+    grid, _ = render_grid(plan, tag_renderer(backend, {name: path for path, name in plan.tag_names().items()}))
     out = save_png(grid, args.out, plan.infotext())
     print(f"wrote {out}")
     return 0

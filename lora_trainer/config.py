@@ -202,6 +202,9 @@ class TrainConfig:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
         if not _is_plain_file_name(self.output_name):
             raise UserError(f"output_name {self.output_name!r} must be a plain file name (no folders, no '..')")
+        if not tag_can_name(self.output_name):
+            raise UserError(f"output_name {self.output_name!r} has ':', '<' or '>' in it: a <lora:name:weight> "
+                            "prompt tag could not name the LoRA; choose another name")
         if self.cache_text_encoder_outputs and (self.train_text_encoder or self.shuffle_caption):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
@@ -384,6 +387,11 @@ def _closest(name: str, candidates: set[str]) -> str | None:
 
     matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
     return matches[0] if matches else None
+
+
+def tag_can_name(name: str) -> bool:
+    """Whether a `<lora:name:weight>` prompt tag can name a LoRA called `name` (no ':', '<' or '>')."""
+    return not any(character in name for character in ":<>")
 
 
 def _is_plain_file_name(name: str) -> bool:

@@ -101,3 +101,9 @@ def test_a_config_in_a_legacy_encoding_says_to_save_it_as_utf8(tmp_path):
     config_file.write_text("output_name: café\n", encoding="cp1252")
     with pytest.raises(UserError, match="not UTF-8 text .*save it with the encoding UTF-8"):
         load_config(config_file)
+
+
+@pytest.mark.parametrize("name", ["my:lora", "x>y", "<z"])
+def test_an_output_name_a_prompt_tag_cannot_hold_is_refused_with_the_reason(name):
+    with pytest.raises(UserError, match="a <lora:name:weight> prompt tag could not name the LoRA"):
+        TrainConfig(output_name=name)
