@@ -29,6 +29,15 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path: Path) -> Non
         load_open_clip(TINY_COCA, str(clip_weights), CPU)
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_weights_file_of_random_bytes_is_a_user_error(suffix: str, tmp_path: Path) -> None:
+    register_tiny_configs(tmp_path)
+    weights = tmp_path / f"clip{suffix}"
+    weights.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(UserError, match="Check that the file is whole"):
+        load_open_clip(TINY_CLIP, str(weights), CPU)
+
+
 def test_an_unknown_architecture_is_a_user_error() -> None:
     with pytest.raises(UserError, match="no architecture called"):
         load_open_clip("ViT-Nonexistent", "openai", CPU)

@@ -53,12 +53,14 @@ def load_open_clip(arch: str, pretrained: str, device: torch.device) -> OpenClip
     weights = _weights_argument(arch, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
-    except (RuntimeError, OSError, ValueError) as error:
+    except Exception as error:  # torch, pickle, safetensors and the hub each raise their own kinds
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if Path(weights).is_file():
-            advice = "Check that the weights were trained with this architecture, or name the right one."
+            advice = ("Check that the file is whole (download it again) and that the weights were trained with "
+                      "this architecture, or name the right one.")
         else:
-            advice = "If this machine is offline, download the weights elsewhere and pass the file instead."
+            advice = ("If this machine is offline, download the weights elsewhere and point at the file: "
+                      f"--pretrained path/to/weights.bin --arch {arch}.")
         raise UserError(f"Could not load the weights {pretrained} into {arch} ({reason}). {advice}") from None
     model.eval()
     context_length = getattr(model, "context_length", None) or model.text.context_length
