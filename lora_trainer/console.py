@@ -37,6 +37,13 @@ class ConsoleEvents(TrainingEvents):
     def on_message(self, text: str) -> None:
         tqdm.write(text)
 
+    def on_caching(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc="Caching latents", unit="image", dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
     def on_start(self, plan: RunPlan) -> None:
         tqdm.write(plan.summary)
         self._bar = tqdm(total=plan.total_steps, unit="step", dynamic_ncols=True)

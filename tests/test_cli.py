@@ -233,3 +233,19 @@ def test_a_run_removes_the_temporary_files_that_killed_saves_left_in_its_output_
 
     assert main(["train", "--config", str(_tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1))]) == 0
     assert sorted(path.name for path in output_dir.iterdir()) == [".my-notes.tmp", "lora.safetensors"]
+
+
+def test_caching_latents_shows_a_progress_bar(shapes_dataset, tmp_path, capsys):
+    assert main(["train", "--config", str(_tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1))]) == 0
+    assert "Caching latents: 100%" in capsys.readouterr().err
+
+
+def test_every_skipped_image_is_listed_in_a_file_the_run_names(shapes_dataset, tmp_path, capsys):
+    for index in range(5):
+        (shapes_dataset / f"broken{index}.png").write_bytes(b"not a png")
+    config = _tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1, logging_dir=tmp_path / "logs")
+    assert main(["train", "--config", str(config)]) == 0
+    skipped_list = tmp_path / "logs" / "lora-skipped.txt"
+    assert f"and 2 more (all of them listed in {skipped_list})" in capsys.readouterr().out
+    assert [line.split(":")[0] for line in skipped_list.read_text().splitlines()] == [
+        str((shapes_dataset / f"broken{index}.png").resolve()) for index in range(5)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lora_trainer.data.images import UnreadableImage, is_image_file, load_rgb_image
 from lora_trainer.errors import UserError
+from lora_trainer.files import atomic_write_text
 
 METADATA_FILENAME = "metadata.csv"
 _FILENAME_COLUMNS = ("filename", "file_name")
@@ -52,13 +53,21 @@ class DatasetScan:
             frequency.setdefault(record.subset, Counter()).update(tag for tag in tags if tag)
         return {subset: dict(counts) for subset, counts in frequency.items()}
 
-    def summary(self) -> str:
-        """One or two lines for people: how many images in how many folders, and what was skipped."""
+    def summary(self, skipped_list: Path | None = None) -> str:
+        """One or two lines for people: how many images in how many folders, and what was skipped (all of it
+        in `skipped_list`, when given: see `write_skipped_list`)."""
         folder_count = len({record.subset for record in self.records})
         line = f"{_count(len(self.records), 'image')} in {_count(folder_count, 'folder')}"
         if not self.skipped:
             return line + "."
-        return f"{line}, {len(self.skipped)} skipped.\n{_describe_skipped(self.skipped)}"
+        described = _describe_skipped(self.skipped)
+        if skipped_list is not None:
+            described = f"{described[:-1]} (all of them listed in {skipped_list})."
+        return f"{line}, {len(self.skipped)} skipped.\n{described}"
+
+    def write_skipped_list(self, path: Path) -> Path:
+        """Write every skipped file with its reason, one a line, to `path` (replacing it); returns `path`."""
+        return atomic_write_text(path, "".join(f"{file}: {reason}\n" for file, reason in self.skipped))
 
 
 def scan_dataset(
@@ -122,9 +131,16 @@ def _checked_dataset_dir(train_data_dir: Path) -> Path:
 
 
 def image_files(dataset_dir: Path) -> list[Path]:
-    """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders."""
+    """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders. Symlinked
+    folders are followed, each real folder once (a link back up the tree is not followed)."""
     found: list[Path] = []
-    for folder, subfolders, filenames in os.walk(dataset_dir):
+    seen: set[str] = set()
+    for folder, subfolders, filenames in os.walk(dataset_dir, followlinks=True):
+        real_folder = os.path.realpath(folder)
+        if real_folder in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real_folder)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         found.extend(Path(folder, name) for name in sorted(filenames) if is_image_file(Path(name)))
     return found

@@ -44,6 +44,9 @@ class TrainingEvents:
     def on_message(self, text: str) -> None:
         """A line for the user (what is being prepared, what was skipped)."""
 
+    def on_caching(self, done: int, total: int) -> None:
+        """While the latents are cached, before training: `done` of `total` images are encoded."""
+
     def on_step(self, report: StepReport) -> None:
         """After each optimizer step."""
 

@@ -122,7 +122,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
-            data.cache_latents(backend.encode_images)
+            data.cache_latents(backend.encode_images, progress=events.on_caching)
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
             text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
@@ -134,7 +134,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
             events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
 
-        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary()}\n{data.summary()}\n"
+        skipped_list = None
+        if scan.skipped:
+            skipped_list = scan.write_skipped_list(
+                Path(config.logging_dir or config.output_dir) / f"{config.output_name}-skipped.txt")
+        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary(skipped_list)}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
                        f"parameters; {total_steps} steps over {epochs} epoch(s)")
         events.on_start(plan)
