@@ -59,9 +59,9 @@ def write_metadata_csv(csv_path: Path, captions: dict[Path, str]) -> tuple[Path,
         relative_name = Path(os.path.relpath(Path(image_path).resolve(), csv_folder)).as_posix()
         writer.writerow([relative_name, captions[image_path]])
     text = buffer.getvalue()
+    old = csv_path.read_bytes() if csv_path.is_file() else None
     backup = None
-    if csv_path.is_file() and csv_path.read_bytes() != text.encode("utf-8"):
-        old = csv_path.read_bytes()
+    if old is not None and old != text.encode("utf-8"):
         backup = write_new_file(csv_path.with_name(csv_path.name + ".bak"), lambda tmp: tmp.write_bytes(old))
     return atomic_write_text(csv_path, text), backup
 

@@ -31,8 +31,8 @@ def save_or_rescue(write: Callable[[Path], Path], folder: Path, what: str, last_
             rescued = write(rescue)
         except OSError:
             continue
-        raise UserError(f"could not save {what}: {problem}. It is kept in {rescued} instead; fix output_dir "
-                        "(free some space, or choose a writable folder) and move it there")
+        raise UserError(f"could not save {what}: {problem}. They are kept in {rescued} instead; fix output_dir "
+                        "(free some space, or choose a writable folder) and move them there")
     last = f"the last file saved is {last_saved}" if last_saved else "nothing of this run was saved"
     raise UserError(f"could not save {what}: {problem}, and no rescue folder "
                     f"({', '.join(map(str, rescue_folders()))}) could take it either; {last}")
