@@ -55,7 +55,7 @@ def test_a_missing_dataset_folder_is_reported_before_the_model_loads(tmp_path, m
     monkeypatch.setattr("lora_trainer.models.diffusers_backend.load_pipeline", _model_must_not_load)
     assert main(["train", "--train_data_dir", str(tmp_path / "nowhere"), "--base_model", str(tmp_path / "model"),
                  "--output_dir", str(tmp_path / "out")]) == 2
-    assert f"train_data_dir {tmp_path / 'nowhere'} is not an existing folder" in capsys.readouterr().err
+    assert f"train_data_dir {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("device", "message"), [("cuda", "Device cuda was asked for, but this PyTorch sees no CUDA"),

@@ -3,6 +3,7 @@ trains for hours to fail at its first save."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,14 +12,14 @@ from lora_trainer.errors import UserError
 
 
 def check_run_paths(config: TrainConfig) -> None:
-    """Raise a `UserError` naming the config key and what to do for the first path the run could not use;
-    creates the output and logging folders."""
+    """Raise a `UserError` naming the config key and what to do for the first path the run could not use.
+    Nothing is created."""
     inputs = (("train_data_dir", Path.is_dir, "folder"), ("metadata_path", Path.is_file, "file"),
               ("init_lora_weights", Path.is_file, "file"), ("resume", Path.is_dir, "state folder"))
     for key, exists, kind in inputs:
         path = getattr(config, key)
         if path is not None and not exists(path):
-            raise UserError(f"{key} {path} is not an existing {kind}: fix the path")
+            raise UserError(f"{key} {path} does not exist or is not a {kind}: fix the path")
     for key in ("output_dir", "logging_dir"):
         folder = getattr(config, key)
         if folder is not None:
@@ -26,13 +27,17 @@ def check_run_paths(config: TrainConfig) -> None:
 
 
 def check_writable_folder(folder: Path, key: str) -> None:
-    """Create `folder` if needed and make sure a file can be written in it, or raise a `UserError` saying why."""
+    """Raise a `UserError` saying why, unless a file can be written in `folder` (once it is created)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{key} {folder} is a file, not a folder: choose another {key}, or move that file away")
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        problem = "is a file, not a folder" if existing == folder else f"cannot be created: {existing} is a file"
+        raise UserError(f"{key} {folder} {problem}; choose another {key}, or move that file away")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        if existing == folder:
+            tempfile.TemporaryFile(dir=folder).close()
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{existing} is not writable")
     except OSError as error:
         raise UserError(f"{key} {folder} cannot be written ({error.strerror or error}): choose another {key}, "
                         "or fix its permissions") from None
