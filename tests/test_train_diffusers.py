@@ -236,6 +236,27 @@ def test_a_full_disk_at_a_save_says_so_leaves_no_partial_file_and_keeps_the_weig
     assert list(output_dir.iterdir()) == []
 
 
+def test_a_full_disk_at_a_state_save_says_so_and_keeps_weights_and_state_elsewhere(pipelines, shapes_dataset,
+                                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    output_dir = tmp_path / "out"
+    write_state = torch.save
+
+    def full_disk_in_output_dir(state, filename, *arguments, **options):
+        if Path(filename).parent.parent == output_dir:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_state(state, filename, *arguments, **options)
+
+    monkeypatch.setattr(torch, "save", full_disk_in_output_dir)
+    with pytest.raises(UserError, match=f"the disk holding {output_dir} is full") as error:
+        train(_config(shapes_dataset, output_dir, max_train_steps=2, save_state=True),
+              DiffusersBackend(pipelines["sd1"], "cpu"))
+    rescued = tmp_path / "home" / "lora-trainer-rescue" / "lora.safetensors"
+    assert f"kept in {rescued}" in str(error.value)
+    assert (rescued.with_suffix(".state") / "training_state.pt").is_file()
+    assert not list(output_dir.glob("*.state/*"))
+
+
 def test_nan_loss_stops_with_a_clear_message_and_writes_nothing(pipelines, shapes_dataset, tmp_path):
     with pytest.raises(UserError, match="NaN|nan|inf"):
         train(_config(shapes_dataset, tmp_path / "out", learning_rate=1e30, max_grad_norm=None),
