@@ -10,7 +10,8 @@ if hasattr(signal, "SIGHUP"):  # a closed terminal (POSIX only)
 
 
 class StopSignals:
-    """While active (a context manager, main thread only), catches SIGINT, SIGTERM and SIGHUP.
+    """While active (a context manager, main thread only), catches SIGINT, SIGTERM and SIGHUP, unless the
+    process was started with them ignored.
 
     Once `deferring` is on (training has started) the first signal only sets `received`: the loop sees it
     after the step in flight, saves there, so that a resumed run continues exactly, and raises
@@ -24,7 +25,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for signum in _NAMES:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup` and `&` ask for some to be ignored
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:

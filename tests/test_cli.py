@@ -188,6 +188,18 @@ def test_sigterm_saves_the_weights_like_ctrl_c_and_exits_with_code_143(shapes_da
     assert len(saved) == 1 and saved[0].startswith("lora-interrupted-s")
 
 
+def test_under_nohup_a_hangup_does_not_stop_the_run(shapes_dataset, tmp_path):
+    config = _tiny_run_config(tmp_path, shapes_dataset)
+    process = subprocess.Popen([sys.executable, "-m", "lora_trainer", "train", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    _wait_for(process, "steps over")
+    process.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    returncode, errors = _send(process, signal.SIGINT)
+    assert returncode == 130 and errors.rstrip().endswith("interrupted")
+
+
 def test_a_run_resumed_after_ctrl_c_ends_with_the_same_final_file_bit_for_bit(shapes_dataset, tmp_path):
     settings = dict(max_train_steps=8, save_every_n_steps=2, save_state="true", log_every_n_steps=1)
     straight = _train_process(_tiny_run_config(tmp_path, shapes_dataset, output_dir=tmp_path / "straight",
