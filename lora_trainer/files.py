@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -58,9 +58,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     for state in state_folders:
-        if not any(state.iterdir()) and any(path.parent == state for path in removed):
-            state.rmdir()
-            removed.append(state)
+        if any(path.parent == state for path in removed):
+            with suppress(OSError):  # not empty: it holds more than our leftovers
+                state.rmdir()
+                removed.append(state)
     return removed
 
 
@@ -68,7 +69,10 @@ _TEMPORARY_NAME = re.compile(r"\..+\.(?P<pid>\d+)-[0-9a-f]{32}\.tmp")
 
 
 def _writer_is_gone(pid: int, path: Path) -> bool:
-    age = time.time() - path.stat().st_mtime
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:  # its writer has just finished
+        return False
     if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows: age alone decides there
         return age > 24 * 3600
     if age < 60:
