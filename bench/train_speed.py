@@ -181,7 +181,7 @@ def build_ldm_model(settings: RunSettings, workdir: Path):
     from ldm.util import instantiate_from_config
     from transformers import CLIPTextModel
 
-    from lora_trainer.tiny import _text_encoder_config, clip_tokenizer
+    from lora_trainer.tiny import text_encoder_config, clip_tokenizer
     from tests.ldm_models import WebUITextEncoder
 
     CrossAttention.forward = _webui_sdp_attention
@@ -189,7 +189,7 @@ def build_ldm_model(settings: RunSettings, workdir: Path):
     clip_folder = workdir / f"ldm-clip-{settings.workload}"
     if not (clip_folder / "config.json").is_file():
         torch.manual_seed(settings.seed)
-        text_config = _text_encoder_config() if tiny else _clip_text_config(768, 12, 12, "quick_gelu", 768)
+        text_config = text_encoder_config() if tiny else _clip_text_config(768, 12, 12, "quick_gelu", 768)
         clip_tokenizer(Path(settings.tokenizer_folder)).save_pretrained(clip_folder)
         CLIPTextModel(text_config).save_pretrained(clip_folder)
     if tiny:

@@ -71,28 +71,36 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
 
     from lora_trainer.config import load_config, parse_overrides
     from lora_trainer.console import ConsoleEvents
+    from lora_trainer.interrupts import StopSignals
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
     from lora_trainer.train.loop import train
+    from lora_trainer.train.preflight import check_run_paths
 
     config = load_config(config_path, parse_overrides(override_words))
     if config.train_data_dir is None or config.base_model is None:
         raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
-    device = resolve_device(config.device)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32) \
-        if device.type == "cuda" else torch.float32
-    pipeline = load_pipeline(config.base_model, config.base_model_config, weight_dtype)
-    backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(config.base_model).stem,
-                               v_parameterization=config.v_parameterization, clip_skip=config.clip_skip)
-    with ConsoleEvents() as events:
-        result = train(config, backend, events)
+    check_run_paths(config)
+    with StopSignals() as signals:
+        try:
+            device = resolve_device(config.device)
+            weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+                config.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
+            pipeline = load_pipeline(config.base_model, config.base_model_config, weight_dtype)
+            backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(config.base_model).stem,
+                                       v_parameterization=config.v_parameterization, clip_skip=config.clip_skip)
+            with ConsoleEvents(signals) as events:
+                result = train(config, backend, events)
+        except KeyboardInterrupt:
+            message, exit_code = signals.outcome()
+            print(message, file=sys.stderr)
+            return exit_code
     print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
           + ", ".join(str(path) for path in result.saved))
     return 0
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from lora_trainer.files import unused_path
     from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths, render_grid, save_png, tag_renderer
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
@@ -102,7 +110,7 @@ def _grid(args: argparse.Namespace) -> int:
                     steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height)
     backend = DiffusersBackend(load_pipeline(args.base_model, args.base_model_config), resolve_device(args.device),
                                clip_skip=args.clip_skip)
-    grid, _ = render_grid(plan, tag_renderer(backend, plan.loras))
-    out = save_png(grid, unused_path(args.out), plan.infotext())
+    grid, _ = render_grid(plan, tag_renderer(backend, {name: path for path, name in plan.tag_names().items()}))
+    out = save_png(grid, args.out, plan.infotext())
     print(f"wrote {out}")
     return 0

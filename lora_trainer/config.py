@@ -7,6 +7,7 @@ same way.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import types
 import typing
@@ -161,8 +162,8 @@ class TrainConfig:
     """How often the loss is read back from the device and logged."""
     sample_every_n_steps: int | None = None
     """Render `sample_prompts` with the LoRA as trained so far every N steps (and at the end)."""
-    sample_prompts: list[str] = field(default_factory=list)
-    """Prompts for the sample images."""
+    sample_prompts: list[str] = field(default_factory=list, metadata={"commas_are_text": True})
+    """Prompts for the sample images: a list, or one string for one prompt (commas are part of a prompt)."""
     sample_steps: int = 20
     """Sampler steps for sample images."""
     sample_seed: int = 1
@@ -204,6 +205,9 @@ class TrainConfig:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
         if not _is_plain_file_name(self.output_name):
             raise UserError(f"output_name {self.output_name!r} must be a plain file name (no folders, no '..')")
+        if not tag_can_name(self.output_name):
+            raise UserError(f"output_name {self.output_name!r} has ':', '<' or '>' in it: a <lora:name:weight> "
+                            "prompt tag could not name the LoRA; choose another name")
         if self.cache_text_encoder_outputs and (self.train_text_encoder or self.shuffle_caption):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
@@ -248,7 +252,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> T
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(_config_text(path))
         except yaml.YAMLError as error:
             raise UserError(f"config file {path} is not valid YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -256,6 +260,18 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> T
         values.update(loaded or {})
     values.update(overrides or {})
     return config_from_dict(values)
+
+
+def _config_text(path: Path) -> str:
+    """The file's text: UTF-8 (with or without a byte-order mark), or UTF-16 with one (Windows Notepad's
+    "Unicode"); anything else is an error that says to save the file as UTF-8."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {data[error.start]:#04x} at position "
+                        f"{error.start}); save it with the encoding UTF-8 and try again") from None
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -299,6 +315,8 @@ def _check_types(config: TrainConfig) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if isinstance(value, str) and f.metadata.get("commas_are_text"):
+            value = [value]
         coerced = _coerce(value, hints[f.name])
         if coerced is _INVALID:
             raise UserError(f"config key '{f.name}' should be {_describe(hints[f.name])}, got {value!r}")
@@ -321,7 +339,7 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if origin is Literal:
         return value if value in args else _INVALID
     if origin is list:
-        if isinstance(value, str):
+        if isinstance(value, str):  # "to_q, to_k" on the command line
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             return _INVALID
@@ -372,6 +390,11 @@ def _closest(name: str, candidates: set[str]) -> str | None:
 
     matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
     return matches[0] if matches else None
+
+
+def tag_can_name(name: str) -> bool:
+    """Whether a `<lora:name:weight>` prompt tag can name a LoRA called `name` (no ':', '<' or '>')."""
+    return not any(character in name for character in ":<>")
 
 
 def _is_plain_file_name(name: str) -> bool:

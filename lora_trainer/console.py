@@ -1,4 +1,5 @@
-"""Console progress for CLI runs: a tqdm bar with loss and learning rate, and plain lines for messages."""
+"""Console progress for CLI runs: a tqdm bar with loss and learning rate, plain lines for messages, and the
+console's stop signals passed on to the loop."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lora_trainer.interrupts import StopSignals
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 
 
@@ -13,11 +15,13 @@ class ConsoleEvents(TrainingEvents):
     """Prints the plan and saves, and drives a tqdm bar over the optimizer steps.
 
     Use it as a context manager: leaving the block closes the bar however the run ended (finished, stopped,
-    interrupted or failed), so that the next line is not printed on the bar's line.
+    interrupted or failed), so that the next line is not printed on the bar's line. With `signals`, a Ctrl-C or
+    SIGTERM during training ends the run after the step in flight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: StopSignals | None = None) -> None:
         self._bar: tqdm | None = None
+        self._signals = signals
 
     def __enter__(self) -> ConsoleEvents:
         return self
@@ -33,9 +37,18 @@ class ConsoleEvents(TrainingEvents):
     def on_message(self, text: str) -> None:
         tqdm.write(text)
 
+    def on_caching(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc="Caching latents", unit="image", dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
     def on_start(self, plan: RunPlan) -> None:
         tqdm.write(plan.summary)
         self._bar = tqdm(total=plan.total_steps, unit="step", dynamic_ncols=True)
+        if self._signals is not None:
+            self._signals.deferring = True
 
     def on_step(self, report: StepReport) -> None:
         if self._bar is None:
@@ -48,3 +61,6 @@ class ConsoleEvents(TrainingEvents):
 
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         tqdm.write(f"saved {path} (step {step}, epoch {epoch})")
+
+    def interrupt_requested(self) -> bool:
+        return self._signals is not None and self._signals.received is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from lora_trainer.config import tag_can_name
 from lora_trainer.errors import UserError
-from lora_trainer.files import atomic_write
+from lora_trainer.files import write_new_file
 from lora_trainer.host import RenderRequest
 from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.base import DiffusionBackend
@@ -25,7 +27,7 @@ from lora_trainer.models.base import DiffusionBackend
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (0, 0, 0)
 PADDING = 4
-LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
+LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)>")
 
 
 DEFAULT_STRENGTHS = "0, 0.25, 0.5, 0.75, 1"
@@ -141,16 +143,33 @@ class GridPlan:
             raise UserError("a grid needs at least one LoRA file, one strength and one seed")
         if len(self.loras) > 1 and len(self.seeds) > 1:
             raise UserError("grid rows are either LoRA files or seeds: pick several files or several seeds")
+        for path in self.loras:
+            if not tag_can_name(Path(path).stem):
+                raise UserError(f"{Path(path).name}: a <lora:name:weight> tag cannot name a LoRA whose name has "
+                                "':', '<' or '>' in it; rename the file")
+        names = self.tag_names()
+        if len(set(names.values())) < len(names):
+            raise UserError("two LoRA files share a name and a folder name: "
+                            f"{', '.join(str(path) for path in names)}; rename one of them")
+
+    def tag_names(self) -> dict[Path, str]:
+        """The name of each LoRA file in `<lora:name:weight>` tags: its stem, or, for files that share a stem
+        (`a/style.safetensors`, `b/style.safetensors`), its folder's name and stem (`a/style`, `b/style`)."""
+        stems = Counter(Path(path).stem for path in set(self.loras))
+        return {Path(path): Path(path).stem if stems[Path(path).stem] == 1
+                else f"{Path(path).parent.name}/{Path(path).stem}" for path in self.loras}
 
     def rows(self) -> list[tuple[Path, int, str]]:
         """(LoRA file, seed, row label) per row."""
+        names = self.tag_names()
         if len(self.loras) > 1:
-            return [(path, self.seeds[0], Path(path).stem) for path in self.loras]
-        return [(self.loras[0], seed, f"{Path(self.loras[0]).stem}, seed {seed}") for seed in self.seeds]
+            return [(path, self.seeds[0], names[Path(path)]) for path in self.loras]
+        return [(self.loras[0], seed, f"{names[Path(self.loras[0])]}, seed {seed}") for seed in self.seeds]
 
     def request(self, lora: Path, seed: int, strength: float) -> RenderRequest:
         """The render of one cell: strength 0 is the base model itself, without a LoRA tag."""
-        prompt = self.prompt if strength == 0 else f"{self.prompt} <lora:{Path(lora).stem}:{strength:g}>"
+        tag = f"<lora:{self.tag_names()[Path(lora)]}:{strength:g}>"
+        prompt = self.prompt if strength == 0 else f"{self.prompt} {tag}"
         return RenderRequest(prompt=prompt, negative_prompt=self.negative_prompt, seed=seed, steps=self.steps,
                              cfg_scale=self.cfg_scale, width=self.width, height=self.height,
                              sampler_name=self.sampler_name)
@@ -161,7 +180,7 @@ class GridPlan:
                 f"{self.sampler_name or 'default'}, CFG scale: {self.cfg_scale:g}, Seeds: "
                 f"{', '.join(map(str, self.seeds))}, Size: {self.width}x{self.height}, LoRA strengths: "
                 f"{', '.join(f'{s:g}' for s in self.strengths)}, LoRAs: "
-                f"{', '.join(Path(p).stem for p in self.loras)}")
+                f"{', '.join(self.tag_names().values())}")
 
 
 def render_grid(plan: GridPlan, render: Callable[[RenderRequest], Image.Image],
@@ -187,23 +206,28 @@ def render_grid(plan: GridPlan, render: Callable[[RenderRequest], Image.Image],
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
-    """Write `image` atomically as PNG with `parameters` in its text chunk (as the WebUI does)."""
+    """Write `image` as a new PNG with `parameters` in its text chunk (as the WebUI does); returns its path,
+    numbered (`grid-2.png`) when `path` is taken."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return write_new_file(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def tag_renderer(backend: DiffusionBackend, lora_files: list[Path]) -> Callable[[RenderRequest], Image.Image]:
-    """A `render` for a library backend that applies `<lora:stem:weight>` tags from `lora_files`, as the WebUI does."""
-    networks = {Path(path).stem: network_from_file(backend.lora_roots(), Path(path)).to(backend.device)
-                for path in lora_files}
+def tag_renderer(backend: DiffusionBackend, lora_files: dict[str, Path]) -> Callable[[RenderRequest], Image.Image]:
+    """A `render` for a library backend that applies `<lora:name:weight>` tags, as the WebUI does, with the
+    files of `lora_files` (tag name -> file)."""
+    networks = {name: network_from_file(backend.lora_roots(), Path(path)).to(backend.device)
+                for name, path in lora_files.items()}
 
     def render(request: RenderRequest) -> Image.Image:
         tags = LORA_TAG.findall(request.prompt)
         unknown = [name for name, _ in tags if name not in networks]
         if unknown:
             raise UserError(f"no LoRA file named {unknown[0]!r} among {sorted(networks)}")
-        applied = [networks[name].applied(float(weight)) for name, weight in tags]
+        try:
+            applied = [networks[name].applied(float(weight)) for name, weight in tags]
+        except ValueError:
+            raise UserError(f"a LoRA strength in {request.prompt!r} is not a number") from None
         with ExitStack() as stack:
             for context in applied:
                 stack.enter_context(context)

@@ -20,7 +20,7 @@ from PIL import Image
 from lora_trainer.caption import CaptionOptions, caption_folder
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
-from lora_trainer.files import atomic_write, atomic_write_text, unused_path
+from lora_trainer.files import atomic_write, atomic_write_text
 from lora_trainer.grid import GridPlan, GridStopped, render_grid, save_png
 from lora_trainer.host import Host, HostTask, RenderRequest
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
@@ -185,7 +185,7 @@ class JobRunner:
                                       should_stop=lambda: self._stop.is_set() or task.interrupted())
         except GridStopped as stopped:
             return "stopped", str(stopped)
-        path = save_png(grid, unused_path(Path(self.host.grids_dir()) / "lora-grid.png"), plan.infotext())
+        path = save_png(grid, Path(self.host.grids_dir()) / "lora-grid.png", plan.infotext())
         self._update(grid=grid, grid_cells=cells, grid_path=path)
         return "finished", f"Saved the grid to {path}"
 

@@ -80,7 +80,7 @@ class FakeHost:
             raise AssertionError("render() must be called inside busy()")
         self.renders.append(request)
         backend = WebUIBackend(self.model, generate_image=self._sample, model_name="tiny-ldm")
-        files = [self._lora_dir / f"{name}.safetensors" for name, _ in LORA_TAG.findall(request.prompt)]
+        files = {name: self._lora_dir / f"{name}.safetensors" for name, _ in LORA_TAG.findall(request.prompt)}
         return tag_renderer(backend, files)(request)
 
     def render_defaults(self) -> RenderDefaults:

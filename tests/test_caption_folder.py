@@ -175,6 +175,50 @@ def test_metadata_csv_holds_new_and_kept_captions_and_the_loader_reads_it(tmp_pa
     }
 
 
+def test_skip_mode_skips_images_captioned_in_the_folders_metadata_csv(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png")
+    write_text(tmp_path / "metadata.csv", "filename,prompt\na.png,my hand-written caption\n")
+
+    report = caption_folder(tmp_path, CaptionOptions(mode="skip"), captioner=SizeCaptioner())
+
+    assert [path.name for path in report.skipped] == ["a.png"]
+    assert [path.name for path in report.captioned] == ["b.png"]
+    assert not (tmp_path / "a.txt").exists()
+    assert {record.path.name: record.caption for record in scan_dataset(tmp_path).records} == {
+        "a.png": "my hand-written caption", "b.png": "a 16x12 picture"}
+
+
+def test_rewriting_the_datasets_own_csv_keeps_its_captions_and_the_old_file(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png")
+    old_csv = "filename,prompt\na.png,my hand-written caption\n"
+    write_text(tmp_path / "metadata.csv", old_csv)
+
+    report = caption_folder(tmp_path, CaptionOptions(metadata_csv=tmp_path / "metadata.csv"),
+                            captioner=SizeCaptioner())
+
+    assert report.metadata_backup == tmp_path / "metadata.csv.bak"
+    assert report.metadata_backup.read_text(encoding="utf-8") == old_csv
+    assert f"the old one is kept as {report.metadata_backup}" in report.summary()
+    for caption_file in tmp_path.glob("*.txt"):
+        caption_file.unlink()
+    assert {record.path.name: record.caption for record in scan_dataset(tmp_path).records} == {
+        "a.png": "my hand-written caption", "b.png": "a 16x12 picture"}
+
+
+def test_two_images_sharing_one_caption_file_are_not_both_reported_captioned(tmp_path: Path) -> None:
+    make_image(tmp_path / "x.jpg", (20, 10))
+    make_image(tmp_path / "x.png")
+
+    report = caption_folder(tmp_path, CaptionOptions(mode="overwrite"), captioner=SizeCaptioner())
+
+    assert [path.name for path in report.captioned] == ["x.jpg"]
+    assert read_caption(tmp_path / "x.jpg") == "a 20x10 picture"
+    assert [(failure.path.name, failure.reason) for failure in report.failed] == [
+        ("x.png", "it shares the caption file x.txt with x.jpg; rename one of them to caption both")]
+
+
 def test_a_missing_folder_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         caption_folder(tmp_path / "nowhere", CaptionOptions(), captioner=SizeCaptioner())

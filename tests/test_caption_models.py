@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_trainer.caption.models import load_open_clip, resolve_device
+from lora_trainer.caption.models import load_open_clip
 from lora_trainer.errors import UserError
+from lora_trainer.models.base import resolve_device
 from tests.caption_models import TINY_CLIP, TINY_COCA, register_tiny_configs, save_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -26,6 +27,15 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path: Path) -> Non
     clip_weights = save_tiny_checkpoint(TINY_CLIP, tmp_path / "clip.pt")
     with pytest.raises(UserError, match="trained with this architecture"):
         load_open_clip(TINY_COCA, str(clip_weights), CPU)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_weights_file_of_random_bytes_is_a_user_error(suffix: str, tmp_path: Path) -> None:
+    register_tiny_configs(tmp_path)
+    weights = tmp_path / f"clip{suffix}"
+    weights.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(UserError, match="Check that the file is whole"):
+        load_open_clip(TINY_CLIP, str(weights), CPU)
 
 
 def test_an_unknown_architecture_is_a_user_error() -> None:

@@ -71,7 +71,7 @@ def test_metadata_csv_round_trips_through_the_dataset_loader(tmp_path: Path) -> 
         make_image(tmp_path / "10_sks" / "b.jpg"): "sks, a dog",
         make_image(tmp_path / "10_sks" / "deeper" / "c.png"): "sks, ünïcödé, a bird",
     }
-    csv_path = write_metadata_csv(tmp_path / "metadata.csv", captions)
+    csv_path, backup = write_metadata_csv(tmp_path / "metadata.csv", captions)
 
     scan = scan_dataset(tmp_path, csv_path)
 
@@ -79,3 +79,4 @@ def test_metadata_csv_round_trips_through_the_dataset_loader(tmp_path: Path) -> 
         path.resolve(): caption for path, caption in captions.items()
     }
     assert csv_path.read_text(encoding="utf-8").splitlines()[0] == "filename,prompt"
+    assert backup is None

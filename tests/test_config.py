@@ -76,3 +76,34 @@ def test_non_mapping_yaml_is_a_clear_error(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_one_sample_prompt_on_the_command_line_stays_one_prompt_commas_and_all():
+    config = load_config(None, parse_overrides(["--sample_prompts", "sks, a cat", "--target_modules", "to_q,to_k"]))
+    assert config.sample_prompts == ["sks, a cat"]
+    assert config.target_modules == ["to_q", "to_k"]
+
+
+def test_a_yaml_list_of_sample_prompts_is_several_prompts(tmp_path):
+    config_file = tmp_path / "my.yaml"
+    config_file.write_text("sample_prompts:\n  - sks, a cat\n  - sks, a dog\n", encoding="utf-8")
+    assert load_config(config_file).sample_prompts == ["sks, a cat", "sks, a dog"]
+
+
+def test_a_config_saved_as_utf16_by_notepad_is_read(tmp_path):
+    config_file = tmp_path / "my.yaml"
+    config_file.write_text("output_name: café\nlora_rank: 8\n", encoding="utf-16")
+    assert load_config(config_file).output_name == "café"
+
+
+def test_a_config_in_a_legacy_encoding_says_to_save_it_as_utf8(tmp_path):
+    config_file = tmp_path / "my.yaml"
+    config_file.write_text("output_name: café\n", encoding="cp1252")
+    with pytest.raises(UserError, match="not UTF-8 text .*save it with the encoding UTF-8"):
+        load_config(config_file)
+
+
+@pytest.mark.parametrize("name", ["my:lora", "x>y", "<z"])
+def test_an_output_name_a_prompt_tag_cannot_hold_is_refused_with_the_reason(name):
+    with pytest.raises(UserError, match="a <lora:name:weight> prompt tag could not name the LoRA"):
+        TrainConfig(output_name=name)

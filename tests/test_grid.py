@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lora_trainer.errors import UserError
-from lora_trainer.grid import GridPlan, cell_box, labelled_grid
+from lora_trainer.grid import LORA_TAG, GridPlan, cell_box, labelled_grid
 
 
 def _cells(rows: int, columns: int, size=(40, 30)) -> list[list[Image.Image]]:
@@ -68,3 +68,24 @@ def test_strength_zero_renders_without_a_lora_tag(tmp_path):
     plan = GridPlan("a castle", [tmp_path / "style.safetensors"])
     assert plan.request(plan.loras[0], 1, 0.0).prompt == "a castle"
     assert plan.request(plan.loras[0], 1, 0.5).prompt == "a castle <lora:style:0.5>"
+
+
+def test_two_files_that_share_a_name_get_tags_of_their_own(tmp_path):
+    first, second = tmp_path / "a" / "style.safetensors", tmp_path / "b" / "style.safetensors"
+    plan = GridPlan("a castle", [first, second])
+    assert [label for *_, label in plan.rows()] == ["a/style", "b/style"]
+    assert plan.request(first, 1, 1.0).prompt == "a castle <lora:a/style:1>"
+    assert plan.request(second, 1, 1.0).prompt == "a castle <lora:b/style:1>"
+
+
+@pytest.mark.parametrize("name", ["my:lora", "x>y"])
+def test_a_lora_name_no_prompt_tag_can_hold_is_refused_with_the_reason(name, tmp_path):
+    with pytest.raises(UserError, match="cannot name a LoRA whose name has ':', '<' or '>'"):
+        GridPlan("a castle", [tmp_path / f"{name}.safetensors"])
+
+
+@pytest.mark.parametrize("strength", [1e-05, 1e+06, -2.5e-07])
+def test_every_strength_reaches_the_renderer_even_in_exponent_form(strength, tmp_path):
+    plan = GridPlan("a castle", [tmp_path / "style.safetensors"], strengths=[strength])
+    [(name, weight)] = LORA_TAG.findall(plan.request(plan.loras[0], 1, strength).prompt)
+    assert (name, float(weight)) == ("style", strength)

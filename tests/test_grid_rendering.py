@@ -82,3 +82,25 @@ def test_cli_grid_on_the_tiny_model(shapes_dataset, tmp_path, tokenizer_folder):
     with Image.open(out) as grid:
         assert grid.width > 2 * 32 and grid.height > len(saved) * 32
         assert "Seeds: 1" in grid.text["parameters"]
+
+
+def test_cli_grid_renders_each_of_two_files_that_share_a_name_with_its_own_weights(shapes_dataset, tmp_path):
+    pytest.importorskip("diffusers")
+    from lora_trainer.cli import main
+    from lora_trainer.grid import cell_box
+    from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
+    from lora_trainer.tiny import save_tiny_model
+    from lora_trainer.train.loop import train
+
+    model = save_tiny_model(tmp_path / "tiny", "sd1")
+    backend = DiffusersBackend(load_pipeline(str(model)), "cpu")
+    files = [train(_train_config(shapes_dataset, output_dir=tmp_path / folder, seed=seed, max_train_steps=2,
+                                 save_every_n_steps=None), backend).saved[-1] for folder, seed in (("a", 1), ("b", 2))]
+    out = tmp_path / "grid.png"
+    assert main(["grid", "--base-model", str(model), "--lora", *map(str, files), "--strengths", "1",
+                 "--prompt", "sks, a red shape", "--steps", "3", "--width", "32", "--height", "32",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    with Image.open(out) as grid:
+        rows = [grid.convert("RGB").crop(cell_box(grid.size, 2, 1, (32, 32), row, 0)) for row in (0, 1)]
+        assert "LoRAs: a/style, b/style" in grid.text["parameters"]
+    assert list(rows[0].getdata()) != list(rows[1].getdata())

@@ -440,3 +440,18 @@ def test_summary_lists_the_first_skipped_files_and_counts_the_rest(tmp_path):
         "Skipped bad0.png: empty file (0 bytes); bad1.png: empty file (0 bytes); "
         "bad2.png: empty file (0 bytes); and 2 more."
     )
+
+
+def test_symlinked_subfolders_are_scanned_and_a_link_back_up_the_tree_is_not_followed(tmp_path):
+    dataset, elsewhere = tmp_path / "dataset", tmp_path / "elsewhere"
+    make_image(dataset / "a.png")
+    make_image(elsewhere / "b.png")
+    try:
+        (dataset / "5_linked").symlink_to(elsewhere, target_is_directory=True)
+        (elsewhere / "loop").symlink_to(dataset, target_is_directory=True)
+    except OSError:
+        pytest.skip("this file system cannot hold symlinks")
+
+    scan = scan_dataset(dataset)
+
+    assert [(record.path.name, record.repeats) for record in scan.records] == [("a.png", 1), ("b.png", 5)]

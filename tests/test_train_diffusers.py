@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import errno
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +191,70 @@ def test_interrupt_saves_the_weights_before_leaving(pipelines, shapes_dataset, t
     with pytest.raises(KeyboardInterrupt):
         train(_config(shapes_dataset, tmp_path / "out"), DiffusersBackend(pipelines["sd1"], "cpu"), Interrupting())
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["lora-interrupted-s000003.safetensors"]
+
+
+def test_a_save_into_a_folder_that_went_away_keeps_the_weights_in_a_rescue_folder(pipelines, shapes_dataset,
+                                                                                   tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    output_dir = tmp_path / "out"
+
+    class ReplacingTheFolder(TrainingEvents):
+        def on_step(self, report):
+            if report.step == 1:  # someone moves the output folder away and a file takes its name
+                shutil.rmtree(output_dir, ignore_errors=True)
+                output_dir.write_text("")
+
+    backend = DiffusersBackend(pipelines["sd1"], "cpu")
+    with pytest.raises(UserError, match="cannot take the file") as error:
+        train(_config(shapes_dataset, output_dir, max_train_steps=2), backend, ReplacingTheFolder())
+    rescued = tmp_path / "home" / "lora-trainer-rescue" / "lora.safetensors"
+    assert f"kept in {rescued}" in str(error.value)
+    assert network_from_file(backend.lora_roots(), rescued).lora_modules
+
+
+def test_a_full_disk_at_a_save_says_so_leaves_no_partial_file_and_keeps_the_weights(pipelines, shapes_dataset,
+                                                                                     tmp_path, monkeypatch):
+    from lora_trainer.lora import files
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    output_dir = tmp_path / "out"
+    write_safetensors = files.save_file
+
+    def full_disk_in_output_dir(state, filename, metadata=None):
+        if Path(filename).parent == output_dir:
+            Path(filename).write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_safetensors(state, filename, metadata=metadata)
+
+    monkeypatch.setattr(files, "save_file", full_disk_in_output_dir)
+    with pytest.raises(UserError, match=f"the disk holding {output_dir} is full") as error:
+        train(_config(shapes_dataset, output_dir, max_train_steps=2, save_state=True),
+              DiffusersBackend(pipelines["sd1"], "cpu"))
+    rescued = tmp_path / "home" / "lora-trainer-rescue" / "lora.safetensors"
+    assert f"kept in {rescued}" in str(error.value)
+    assert rescued.is_file() and (rescued.with_suffix(".state") / "training_state.pt").is_file()
+    assert list(output_dir.iterdir()) == []
+
+
+def test_a_full_disk_at_a_state_save_says_so_and_keeps_weights_and_state_elsewhere(pipelines, shapes_dataset,
+                                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    output_dir = tmp_path / "out"
+    write_state = torch.save
+
+    def full_disk_in_output_dir(state, filename, *arguments, **options):
+        if Path(filename).parent.parent == output_dir:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_state(state, filename, *arguments, **options)
+
+    monkeypatch.setattr(torch, "save", full_disk_in_output_dir)
+    with pytest.raises(UserError, match=f"the disk holding {output_dir} is full") as error:
+        train(_config(shapes_dataset, output_dir, max_train_steps=2, save_state=True),
+              DiffusersBackend(pipelines["sd1"], "cpu"))
+    rescued = tmp_path / "home" / "lora-trainer-rescue" / "lora.safetensors"
+    assert f"kept in {rescued}" in str(error.value)
+    assert (rescued.with_suffix(".state") / "training_state.pt").is_file()
+    assert not list(output_dir.glob("*.state/*"))
 
 
 def test_nan_loss_stops_with_a_clear_message_and_writes_nothing(pipelines, shapes_dataset, tmp_path):

@@ -10,12 +10,20 @@ from typing import Protocol
 from PIL import Image
 
 from lora_trainer.caption.coca import CocaCaptioner, CocaDecoding
-from lora_trainer.caption.models import load_open_clip, resolve_device
+from lora_trainer.caption.models import load_open_clip
 from lora_trainer.caption.tags import ClipTagger
-from lora_trainer.caption.writer import CAPTION_MODES, compose_caption, read_caption, write_caption, write_metadata_csv
+from lora_trainer.caption.writer import (
+    CAPTION_EXTENSION,
+    CAPTION_MODES,
+    caption_path,
+    compose_caption,
+    write_caption,
+    write_metadata_csv,
+)
 from lora_trainer.data.images import UnreadableImage, load_rgb_image
-from lora_trainer.data.scan import image_files
+from lora_trainer.data.scan import METADATA_FILENAME, MetadataCaptions, existing_caption, image_files, read_metadata
 from lora_trainer.errors import UserError
+from lora_trainer.models.base import resolve_device
 
 DEFAULT_WEIGHTS = {
     "coca": ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"),
@@ -45,7 +53,7 @@ class CaptionOptions:
     mode: str = "skip"
     """For images that already have a caption: "skip" them, "overwrite" the caption, or "append" to it."""
     metadata_csv: Path | None = None
-    """Also write every caption of the folder to this `filename,prompt` csv (replacing it)."""
+    """Also write every caption of the folder to this `filename,prompt` csv (an old one is kept as `.bak`)."""
     batch_size: int = 8
     """Images per model call."""
     device: str | None = None
@@ -81,11 +89,13 @@ class CaptionReport:
 
     captioned: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
-    """Images left alone because they already had a caption (mode "skip")."""
+    """Images left alone because they already had a caption, in a caption file or the csv (mode "skip")."""
     failed: list[FailedImage] = field(default_factory=list)
     stopped: bool = False
     """True when `should_stop` ended the run before every image was seen."""
     metadata_csv: Path | None = None
+    metadata_backup: Path | None = None
+    """Where the csv that `metadata_csv` replaced was kept, when it held other captions."""
 
     def summary(self) -> str:
         """A line for people, then one line per failed image with the reason."""
@@ -96,7 +106,8 @@ class CaptionReport:
         if self.stopped:
             line += " Stopped before the end."
         if self.metadata_csv is not None:
-            line += f" Wrote {self.metadata_csv}."
+            kept = f" (the old one is kept as {self.metadata_backup})" if self.metadata_backup else ""
+            line += f" Wrote {self.metadata_csv}{kept}."
         return "\n".join([line, *(f"  {failure.path}: {failure.reason}" for failure in self.failed)])
 
 
@@ -118,6 +129,9 @@ def caption_folder(
 ) -> CaptionReport:
     """Write a caption beside every image below `folder` (recursively), as `options` say.
 
+    An image's existing caption is the one training would use: its caption file, else its row in
+    `options.metadata_csv` or the folder's `metadata.csv`. Two images that share a caption file (`x.png`,
+    `x.jpg`) cannot both get their own caption: the second is listed as failed, with the reason.
     `progress(done, total, image_path)` is called after each image; `should_stop()` is asked before each
     batch. Unreadable images are listed in the report and the run goes on. `captioner` reuses a loaded
     one; by default the one `options` name is loaded, and only if some image needs a caption.
@@ -126,6 +140,7 @@ def caption_folder(
     if not folder.is_dir():
         raise UserError(f"Image folder {folder} does not exist or is not a folder. Check the path.")
     image_paths = image_files(folder.resolve())
+    metadata = _metadata_captions(folder.resolve(), options.metadata_csv)
     report = CaptionReport()
     captions: dict[Path, str] = {}
     pending: list[tuple[Path, str]] = []
@@ -137,10 +152,11 @@ def caption_folder(
         if progress is not None:
             progress(done, len(image_paths), image_path)
 
+    writers: dict[Path, Path] = {}  # caption file -> the image that will write it
     for image_path in image_paths:
         try:
-            existing = read_caption(image_path)
-        except UnicodeDecodeError:
+            existing = existing_caption(image_path, CAPTION_EXTENSION, metadata)
+        except UnreadableImage:
             report.failed.append(FailedImage(image_path, "its caption file is not UTF-8 text"))
             count_done(image_path)
             continue
@@ -148,6 +164,10 @@ def caption_folder(
             captions[image_path] = existing
         if existing and options.mode == "skip":
             report.skipped.append(image_path)
+            count_done(image_path)
+        elif (writer := writers.setdefault(caption_path(image_path), image_path)) != image_path:
+            report.failed.append(FailedImage(image_path, f"it shares the caption file {caption_path(image_path).name} "
+                                             f"with {writer.name}; rename one of them to caption both"))
             count_done(image_path)
         else:
             pending.append((image_path, existing))
@@ -176,8 +196,16 @@ def caption_folder(
             count_done(image_path)
 
     if options.metadata_csv is not None:
-        report.metadata_csv = write_metadata_csv(options.metadata_csv, captions)
+        report.metadata_csv, report.metadata_backup = write_metadata_csv(options.metadata_csv, captions)
     return report
+
+
+def _metadata_captions(folder: Path, metadata_csv: Path | None) -> MetadataCaptions:
+    """The csv captions training would fall back on: `metadata_csv` if it exists, else the folder's own."""
+    for candidate in (metadata_csv, folder / METADATA_FILENAME):
+        if candidate is not None and Path(candidate).is_file():
+            return read_metadata(Path(candidate), folder)[0]
+    return MetadataCaptions()
 
 
 def _batches(items: list[tuple[Path, str]], batch_size: int) -> Iterator[list[tuple[Path, str]]]:

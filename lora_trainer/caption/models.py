@@ -29,18 +29,6 @@ class OpenClipBundle:
     device: torch.device
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The torch device called `name`; by default CUDA when available, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"Device {name} was asked for, but this PyTorch sees no CUDA GPU. Use --device cpu.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}. Use cuda, cuda:N or cpu.") from None
-
-
 @contextlib.contextmanager
 def inference_precision(device: torch.device) -> Iterator[None]:
     """No autograd, and on CUDA bf16 (or fp16 where bf16 is missing) autocast; full precision on the CPU."""
@@ -65,12 +53,14 @@ def load_open_clip(arch: str, pretrained: str, device: torch.device) -> OpenClip
     weights = _weights_argument(arch, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
-    except (RuntimeError, OSError, ValueError) as error:
+    except Exception as error:  # torch, pickle, safetensors and the hub each raise their own kinds
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if Path(weights).is_file():
-            advice = "Check that the weights were trained with this architecture, or name the right one."
+            advice = ("Check that the file is whole (download it again) and that the weights were trained with "
+                      "this architecture, or name the right one.")
         else:
-            advice = "If this machine is offline, download the weights elsewhere and pass the file instead."
+            advice = ("If this machine is offline, download the weights elsewhere and point at the file: "
+                      f"--pretrained path/to/weights.bin --arch {arch}.")
         raise UserError(f"Could not load the weights {pretrained} into {arch} ({reason}). {advice}") from None
     model.eval()
     context_length = getattr(model, "context_length", None) or model.text.context_length

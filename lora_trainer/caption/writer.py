@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-from lora_trainer.files import atomic_write_text
+from lora_trainer.files import atomic_write_text, write_new_file
 
 CAPTION_MODES = ("skip", "overwrite", "append")
 CAPTION_EXTENSION = ".txt"
@@ -44,8 +44,9 @@ def write_caption(image_path: Path, caption: str) -> Path:
     return atomic_write_text(caption_path(image_path), caption)
 
 
-def write_metadata_csv(csv_path: Path, captions: dict[Path, str]) -> Path:
-    """Write `filename,prompt` rows for `captions` (image path -> caption) atomically, replacing the file.
+def write_metadata_csv(csv_path: Path, captions: dict[Path, str]) -> tuple[Path, Path | None]:
+    """Write `filename,prompt` rows for `captions` (image path -> caption) atomically; returns the csv's path
+    and, when it replaced a csv with other content, where the old one was kept (`metadata.csv.bak`, ...).
 
     File names are relative to the csv's folder with "/" separators, as the dataset loader reads them.
     """
@@ -57,7 +58,12 @@ def write_metadata_csv(csv_path: Path, captions: dict[Path, str]) -> Path:
     for image_path in sorted(captions):
         relative_name = Path(os.path.relpath(Path(image_path).resolve(), csv_folder)).as_posix()
         writer.writerow([relative_name, captions[image_path]])
-    return atomic_write_text(csv_path, buffer.getvalue())
+    text = buffer.getvalue()
+    old = csv_path.read_bytes() if csv_path.is_file() else None
+    backup = None
+    if old is not None and old != text.encode("utf-8"):
+        backup = write_new_file(csv_path.with_name(csv_path.name + ".bak"), lambda tmp: tmp.write_bytes(old))
+    return atomic_write_text(csv_path, text), backup
 
 
 def _without_leading(caption: str, trigger: str) -> str:

@@ -93,8 +93,10 @@ class TrainingData:
         rng.shuffle(batches)
         return batches
 
-    def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8) -> None:
-        """Encode every image (and its mirror image with flip_aug) once and keep the latents.
+    def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
+                      progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode every image (and its mirror image with flip_aug) once and keep the latents; `progress(done,
+        total)` is called after each chunk of images.
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
@@ -103,6 +105,7 @@ class TrainingData:
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, example in enumerate(self.examples):
             by_bucket.setdefault(example.bucket, []).append(index)
+        encoded = 0
         for indices in by_bucket.values():
             for start in range(0, len(indices), chunk_size):
                 chunk = indices[start:start + chunk_size]
@@ -118,6 +121,9 @@ class TrainingData:
                 for position, key in enumerate(itertools.product(chunk, flips)):
                     self.latent_cache[key] = latents[position]
                 self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=latents.device).unbind()))
+                encoded += len(chunk)
+                if progress is not None:
+                    progress(encoded, len(self.examples))
 
     def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch."""

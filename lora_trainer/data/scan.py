@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lora_trainer.data.images import UnreadableImage, is_image_file, load_rgb_image
 from lora_trainer.errors import UserError
+from lora_trainer.files import atomic_write_text
 
 METADATA_FILENAME = "metadata.csv"
 _FILENAME_COLUMNS = ("filename", "file_name")
@@ -52,13 +53,21 @@ class DatasetScan:
             frequency.setdefault(record.subset, Counter()).update(tag for tag in tags if tag)
         return {subset: dict(counts) for subset, counts in frequency.items()}
 
-    def summary(self) -> str:
-        """One or two lines for people: how many images in how many folders, and what was skipped."""
+    def summary(self, skipped_list: Path | None = None) -> str:
+        """One or two lines for people: how many images in how many folders, and what was skipped (all of it
+        in `skipped_list`, when given: see `write_skipped_list`)."""
         folder_count = len({record.subset for record in self.records})
         line = f"{_count(len(self.records), 'image')} in {_count(folder_count, 'folder')}"
         if not self.skipped:
             return line + "."
-        return f"{line}, {len(self.skipped)} skipped.\n{_describe_skipped(self.skipped)}"
+        described = _describe_skipped(self.skipped)
+        if skipped_list is not None:
+            described = f"{described[:-1]} (all of them listed in {skipped_list})."
+        return f"{line}, {len(self.skipped)} skipped.\n{described}"
+
+    def write_skipped_list(self, path: Path) -> Path:
+        """Write every skipped file with its reason, one a line, to `path` (replacing it); returns `path`."""
+        return atomic_write_text(path, "".join(f"{file}: {reason}\n" for file, reason in self.skipped))
 
 
 def scan_dataset(
@@ -78,10 +87,10 @@ def scan_dataset(
     dataset_dir = _checked_dataset_dir(train_data_dir)
     if metadata_path is None and (dataset_dir / METADATA_FILENAME).is_file():
         metadata_path = dataset_dir / METADATA_FILENAME
-    metadata = _MetadataCaptions()
+    metadata = MetadataCaptions()
     skipped: list[tuple[Path, str]] = []
     if metadata_path is not None:
-        metadata, skipped = _read_metadata(Path(metadata_path), dataset_dir)
+        metadata, skipped = read_metadata(Path(metadata_path), dataset_dir)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
 
@@ -89,7 +98,7 @@ def scan_dataset(
     for image_path in image_files(dataset_dir):
         try:
             image = load_rgb_image(image_path)
-            caption = _caption_for(image_path, caption_extension, metadata)
+            caption = existing_caption(image_path, caption_extension, metadata)
         except UnreadableImage as error:
             skipped.append((image_path, str(error)))
             continue
@@ -122,9 +131,16 @@ def _checked_dataset_dir(train_data_dir: Path) -> Path:
 
 
 def image_files(dataset_dir: Path) -> list[Path]:
-    """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders."""
+    """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders. Symlinked
+    folders are followed, each real folder once (a link back up the tree is not followed)."""
     found: list[Path] = []
-    for folder, subfolders, filenames in os.walk(dataset_dir):
+    seen: set[str] = set()
+    for folder, subfolders, filenames in os.walk(dataset_dir, followlinks=True):
+        real_folder = os.path.realpath(folder)
+        if real_folder in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real_folder)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         found.extend(Path(folder, name) for name in sorted(filenames) if is_image_file(Path(name)))
     return found
@@ -138,7 +154,11 @@ def _repeats_for(subset: str, default_repeats: int) -> int:
     return default_repeats
 
 
-def _caption_for(image_path: Path, caption_extension: str, metadata: _MetadataCaptions) -> str:
+def existing_caption(image_path: Path, caption_extension: str, metadata: MetadataCaptions) -> str:
+    """The caption training uses for `image_path`: its caption file if there is one, else its `metadata` row.
+
+    Raises `UnreadableImage` when the caption file is not UTF-8 text.
+    """
     caption_path = image_path.with_suffix(caption_extension)
     if not caption_path.is_file():
         return metadata.caption_for(image_path)
@@ -149,27 +169,28 @@ def _caption_for(image_path: Path, caption_extension: str, metadata: _MetadataCa
 
 
 @dataclass
-class _MetadataCaptions:
+class MetadataCaptions:
     """Captions from metadata.csv: by image path, and by bare file name for rows that give only a name."""
 
     by_path: dict[Path, str] = field(default_factory=dict)
     by_name: dict[str, str] = field(default_factory=dict)
 
     def caption_for(self, image_path: Path) -> str:
+        """The csv's caption of `image_path`, stripped; "" when it has none."""
         caption = self.by_path.get(image_path, self.by_name.get(image_path.name, ""))
         return caption.strip()
 
 
-def _read_metadata(
+def read_metadata(
     metadata_path: Path, dataset_dir: Path
-) -> tuple[_MetadataCaptions, list[tuple[Path, str]]]:
+) -> tuple[MetadataCaptions, list[tuple[Path, str]]]:
     """Captions from a `filename,prompt` (or `file_name,text`) csv whose names are relative to its folder.
 
     Rows naming a file outside `dataset_dir` are returned as skipped and never looked at.
     """
     rows = _read_csv_rows(metadata_path)
     filename_column, caption_column = _metadata_columns(rows[0] if rows else [], metadata_path)
-    metadata = _MetadataCaptions()
+    metadata = MetadataCaptions()
     skipped: list[tuple[Path, str]] = []
     csv_dir = metadata_path.resolve().parent
     for row in rows[1:]:

@@ -11,31 +11,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_trainer.errors import UserError
-from lora_trainer.files import atomic_write
+from lora_trainer.files import write_new_file
 from lora_trainer.lora.network import LoraNetwork
 
 
 def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` as a kohya-format file, atomically; an existing file is an error, never replaced."""
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists; choose another output_name or move the old file")
+    """Write `network` as a new kohya-format file at `path` (or `stem-2`, ... when taken); returns its path."""
     state = network.kohya_state_dict()
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
     """Write `network` in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
-    for a file with no alphas)."""
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists; choose another output_name or move the old file")
+    for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its path."""
     state: dict[str, torch.Tensor] = {}
     for key, module in network.lora_modules.items():
         prefix = network.peft_keys[key]
         state[f"{prefix}.lora_A.weight"] = module.down.detach().float().cpu().contiguous()
         state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).cpu().contiguous()
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 @dataclass
@@ -76,7 +70,7 @@ def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
     raise UserError(f"{path} has neither kohya (lora_down/lora_up) nor peft (lora_A/lora_B) LoRA weights")
 
 
-def check_matches_network(lora: LoraFile, network: LoraNetwork, source: Path) -> None:
+def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> None:
     """Raise a `UserError` that says exactly what differs when `lora` cannot initialise `network`."""
     wanted = set(network.lora_modules.keys())
     have = lora.module_keys
@@ -99,7 +93,7 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: Path) ->
                             "(a LoRA for another model family?)")
             break
     if problems:
-        raise UserError(f"init_lora_weights {source} does not match this run: " + "; ".join(problems))
+        raise UserError(f"{source} does not match this run: " + "; ".join(problems))
 
 
 def _peft_to_kohya(state: dict[str, torch.Tensor], kohya_keys: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from lora_trainer.errors import UserError
+
 ModelFamily = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
 
@@ -128,10 +130,25 @@ class DiffusionBackend(ABC):
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`name` as a device, or CUDA when available and the CPU otherwise."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`name` as a device, or CUDA when available and the CPU otherwise; a device this machine does not have
+    is a `UserError`, raised before any model is loaded."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device {name!r}. Use cuda, cuda:N or cpu.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device {name} was asked for, but this PyTorch sees no CUDA GPU. Use --device cpu, or "
+                        "install a PyTorch build with CUDA.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"Device {name} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                        "GPU(s), counted from cuda:0.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"Device {name} was asked for, but this PyTorch has no Apple GPU (MPS). Use --device cpu.")
+    if device.type not in ("cuda", "cpu", "mps"):
+        raise UserError(f"Device {name} cannot train here. Use cuda, cuda:N or cpu.")
+    return device
 
 
 @contextmanager

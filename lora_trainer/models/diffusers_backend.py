@@ -31,13 +31,22 @@ def load_pipeline(base_model: str, base_model_config: str | None = None, dtype: 
         index_file = path / "model_index.json"
         if not index_file.is_file():
             raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
-        class_name = json.loads(index_file.read_text())["_class_name"]
+        try:
+            class_name = json.loads(index_file.read_text(encoding="utf-8"))["_class_name"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{index_file} is damaged (not the JSON of a diffusers model); copy the model "
+                            "folder again") from None
         if "XL" in class_name:
             return StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype)
         return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-        pipeline_class = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+        try:
+            is_sdxl = _is_sdxl_checkpoint(path)
+        except Exception as error:  # safetensors and pickle raise their own kinds for a file that is not theirs
+            raise UserError(f"{path} is not a readable {path.suffix} checkpoint ({type(error).__name__}: "
+                            f"{error}); it may be damaged or only partly downloaded: download it again") from None
+        pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
         options = {"torch_dtype": dtype}
         if base_model_config:
             options["config"] = str(Path(base_model_config).expanduser())

@@ -44,6 +44,9 @@ class TrainingEvents:
     def on_message(self, text: str) -> None:
         """A line for the user (what is being prepared, what was skipped)."""
 
+    def on_caching(self, done: int, total: int) -> None:
+        """While the latents are cached, before training: `done` of `total` images are encoded."""
+
     def on_step(self, report: StepReport) -> None:
         """After each optimizer step."""
 
@@ -59,4 +62,10 @@ class TrainingEvents:
 
     def save_requested(self) -> bool:
         """Checked after every step: True saves the weights now and goes on."""
+        return False
+
+    def interrupt_requested(self) -> bool:
+        """Checked at the end of every step: True saves the weights and state (`name-interrupted-s000123`)
+        and raises KeyboardInterrupt, as a Ctrl-C during the step would, but at a step boundary, so that
+        resuming continues exactly."""
         return False

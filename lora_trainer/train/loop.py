@@ -14,8 +14,8 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import UserError
-from lora_trainer.files import unused_path
-from lora_trainer.lora.files import check_matches_network, read_lora, save_diffusers_layout, save_kohya
+from lora_trainer.files import remove_stale_temporaries
+from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets
@@ -23,6 +23,8 @@ from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
 from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.preflight import check_run_paths
+from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 
@@ -40,6 +42,10 @@ class TrainingResult:
 def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents | None = None) -> TrainingResult:
     """Train a LoRA on `backend`'s model as `config` says. The model is left exactly as it was."""
     events = events or TrainingEvents()
+    check_run_paths(config)
+    if leftovers := remove_stale_temporaries(config.output_dir):
+        events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
+                          f"{config.output_dir}.")
     started_at = time.time()
     torch.manual_seed(config.seed)
     data_rng = random.Random(config.seed)
@@ -64,7 +70,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     network = LoraNetwork(find_lora_targets(backend.lora_roots(), config), config.lora_dropout).to(backend.device)
     if config.init_lora_weights:
         initial = read_lora(config.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
-        check_matches_network(initial, network, config.init_lora_weights)
+        check_matches_network(initial, network, f"init_lora_weights {config.init_lora_weights}")
         network.load_kohya_state_dict(initial.state)
     parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"), "lr": config.effective_unet_lr}]
     if config.train_text_encoder:
@@ -81,21 +87,27 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                             scan, data, total_steps, started_at)
     run_log = RunLog(config.logging_dir, config.output_name)
 
-    def save(path: Path, step: int, epoch: int, next_batch: int) -> None:
+    def save(path: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
         """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16")
-        path = unused_path(path)
-        save_kohya(path, network, file_metadata(metadata, step, epoch + 1))
-        result.saved.append(path)
-        if config.save_diffusers_format:
-            save_diffusers_layout(unused_path(path.with_suffix(".diffusers.safetensors")), network,
-                                  file_metadata(metadata, step, epoch + 1))
-        if config.save_state:
-            save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
-                       epoch, next_batch, noise_generator, data_rng)
-        events.on_saved(path, step, epoch + 1)
+        with_state = with_state and config.save_state
+
+        def write(folder: Path) -> Path:
+            saved = save_kohya(folder / path.name, network, file_metadata(metadata, step, epoch + 1))
+            if config.save_diffusers_format:
+                save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network,
+                                      file_metadata(metadata, step, epoch + 1))
+            if with_state:
+                save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
+                           epoch, next_batch, noise_generator, data_rng)
+            return saved
+
+        what = f"the weights of step {step}" + (" (and their .state folder beside them)" if with_state else "")
+        saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
+        result.saved.append(saved)
+        events.on_saved(saved, step, epoch + 1)
 
     def sample(step: int) -> None:
         network.eval()
@@ -110,18 +122,23 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
-            data.cache_latents(backend.encode_images)
+            data.cache_latents(backend.encode_images, progress=events.on_caching)
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
             text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
 
         if config.resume is not None:
             resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
+            check_matches_network(LoraFile(weights, {}), network, f"the resume state {config.resume}")
             network.load_kohya_state_dict(weights)
             step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
             events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
 
-        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary()}\n{data.summary()}\n"
+        skipped_list = None
+        if scan.skipped:
+            skipped_list = scan.write_skipped_list(
+                Path(config.logging_dir or config.output_dir) / f"{config.output_name}-skipped.txt")
+        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary(skipped_list)}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
                        f"parameters; {total_steps} steps over {epochs} epoch(s)")
         events.on_start(plan)
@@ -151,6 +168,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         window_start, window_step = time.perf_counter(), step
         seconds_per_step = 0.0
         stopping = False
+        resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
+        in_step = False
         try:
             for epoch in range(start_epoch, epochs):
                 batches = data.epoch_plan(epoch)
@@ -158,6 +177,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if epoch == start_epoch and batch_index < skip_batches:
                         continue
                     # --- one forward/backward pass; the optimizer steps every `gradient_accumulation_steps` ---
+                    in_step = True
                     batch = data.load_batch(indices, data_rng)
                     loss = training_loss(batch)
                     accelerator.backward(loss / config.gradient_accumulation_steps)
@@ -172,6 +192,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    in_step, resume_at = False, (epoch, batch_index + 1)
 
                     # --- report (reading the loss back only every few steps keeps the device busy) ---
                     report_loss = None
@@ -211,11 +232,17 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if config.sample_every_n_steps and config.sample_prompts and \
                             step % config.sample_every_n_steps == 0:
                         sample(step)
+                    if events.interrupt_requested():
+                        raise KeyboardInterrupt
                 if step >= total_steps or stopping:
                     break
         except KeyboardInterrupt:
+            # In the middle of a step (a second Ctrl-C) the weights are those of the last finished step, but
+            # the random streams have moved on: that state would not resume exactly, so it is left out.
+            if in_step and config.save_state:
+                events.on_message("Interrupted in the middle of a step: the weights are saved without their state.")
             save(Path(config.output_dir) / f"{config.output_name}-interrupted-s{step:06d}.safetensors", step,
-                 epoch, batch_index + 1)
+                 *resume_at, with_state=not in_step)
             run_log.close()
             raise
         except torch.cuda.OutOfMemoryError:

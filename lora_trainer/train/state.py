@@ -12,6 +12,8 @@ from lora_trainer.errors import UserError
 from lora_trainer.files import atomic_write
 
 STATE_FILE = "training_state.pt"
+_STATE_KEYS = {"lora_weights", "optimizer", "scheduler", "step", "epoch", "next_batch", "noise_generator",
+               "data_rng", "torch_rng", "cuda_rng"}
 
 
 @dataclass
@@ -48,16 +50,24 @@ def load_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler, noise_
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise UserError(f"resume: {path} does not exist (state folders are written with save_state: true)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a damaged file raises pickle, zip or EOF errors
+        raise UserError(f"resume: {path} cannot be read ({type(error).__name__}: {error}); it is damaged: resume "
+                        "from another .state folder") from None
+    missing = sorted(_STATE_KEYS - set(state)) if isinstance(state, dict) else sorted(_STATE_KEYS)
+    if missing:
+        raise UserError(f"resume: {path} is not a training state written by this trainer (it lacks "
+                        f"{', '.join(missing)}); resume from a .state folder that save_state wrote")
     try:
         optimizer.load_state_dict(state["optimizer"])
-    except ValueError as error:
-        raise UserError(f"resume: the saved optimizer state does not fit this run ({error}); resume with the "
-                        "same LoRA settings") from None
-    scheduler.load_state_dict(state["scheduler"])
-    noise_generator.set_state(state["noise_generator"])
-    data_rng.setstate(state["data_rng"])
-    torch.set_rng_state(state["torch_rng"])
+        scheduler.load_state_dict(state["scheduler"])
+        noise_generator.set_state(state["noise_generator"])
+        data_rng.setstate(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise UserError(f"resume: the state in {path} does not fit this run ({error}); resume with the same "
+                        "LoRA, optimizer and scheduler settings") from None
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return ResumePoint(state["step"], state["epoch"], state["next_batch"]), state["lora_weights"]
