@@ -181,7 +181,7 @@ def build_ldm_model(settings: RunSettings, workdir: Path):
     from ldm.util import instantiate_from_config
     from transformers import CLIPTextModel
 
-    from lora_trainer.tiny import text_encoder_config, clip_tokenizer
+    from lora_trainer.tiny import clip_tokenizer, text_encoder_config
     from tests.ldm_models import WebUITextEncoder
 
     CrossAttention.forward = _webui_sdp_attention

@@ -127,7 +127,8 @@ def tiny_sd_pipeline(family: str = "sd1", seed: int = 0, tokenizer_folder: Path 
     text_encoder = CLIPTextModel(text_encoder_config(hidden_act="gelu", layers=1) if is_sd2
                                  else text_encoder_config())
     return StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=open_clip_padded(tokenizer) if is_sd2 else tokenizer, unet=unet,
+        vae=_vae(), text_encoder=text_encoder, tokenizer=open_clip_padded(tokenizer) if is_sd2 else tokenizer,
+        unet=unet,
         scheduler=_scheduler("v_prediction" if is_sd2 else "epsilon"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
 

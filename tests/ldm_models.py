@@ -26,7 +26,7 @@ from torch import nn
 
 from lora_trainer.bases import WEIGHTS_DIR
 from lora_trainer.bases.checkpoint import vae_scaling_factor, webui_checkpoint_state
-from lora_trainer.tiny import SIZE_EMBEDDING_DIM, TEXT_WIDTH, text_encoder_config, clip_tokenizer
+from lora_trainer.tiny import SIZE_EMBEDDING_DIM, TEXT_WIDTH, clip_tokenizer, text_encoder_config
 
 TINY_OPEN_CLIP = "lt-test-tiny-openclip-text"
 

@@ -14,7 +14,8 @@ from lora_trainer.models.original_checkpoint import clip_to_transformers_origina
 
 def save_original_checkpoint(pipeline, path: Path) -> Path:
     """Save `pipeline`'s UNet, VAE and text encoder under the original (ldm) key names."""
-    state = {f"model.diffusion_model.{key}": tensor for key, tensor in unet_to_original(pipeline.unet.state_dict()).items()}
+    state = {f"model.diffusion_model.{key}": tensor
+             for key, tensor in unet_to_original(pipeline.unet.state_dict()).items()}
     state |= {f"first_stage_model.{key}": tensor for key, tensor in vae_to_original(pipeline.vae.state_dict()).items()}
     state |= {f"cond_stage_model.transformer.{key}": tensor
               for key, tensor in clip_to_transformers_original(pipeline.text_encoder.state_dict()).items()}
