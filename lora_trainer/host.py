@@ -51,6 +51,10 @@ class HostTask(Protocol):
     def interrupted(self) -> bool:
         """True once the user pressed the host's own Interrupt button."""
 
+    def stop_requested(self) -> bool:
+        """True once the user asked the host to stop after the current item (A1111's Interrupt with "Don't
+        Interrupt in the middle"): a training run stops after its current step and saves."""
+
 
 class Host(Protocol):
     """What the trainer needs from the application it runs in."""

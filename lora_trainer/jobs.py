@@ -112,7 +112,8 @@ class JobRunner:
         self._start("grid", lambda task: self._grid(task, plan))
 
     def stop(self) -> None:
-        """Ask the running job to stop (a training run saves what it has first)."""
+        """Ask the running job to stop (a training run saves what it has first). The host's own stop buttons
+        work too (`HostTask.interrupted`, `HostTask.stop_requested`)."""
         self._stop.set()
 
     def save_now(self) -> None:
@@ -150,6 +151,9 @@ class JobRunner:
             final_state, message = "failed", f"{type(error).__name__}: {error}"
         self._update(state=final_state, message=message)
 
+    def _should_stop(self, task: HostTask) -> bool:
+        return self._stop.is_set() or task.interrupted() or task.stop_requested()
+
     def _update(self, **changes) -> None:
         with self._lock:
             for name, value in changes.items():
@@ -172,7 +176,7 @@ class JobRunner:
             self._update(step=done, total_steps=total, message=f"Captioned {done}/{total}: {path.name}")
 
         report = caption_folder(folder, options, progress=progress,
-                                should_stop=lambda: self._stop.is_set() or task.interrupted())
+                                should_stop=lambda: self._should_stop(task))
         return ("stopped" if report.stopped else "finished"), report.summary()
 
     def _grid(self, task: HostTask, plan: GridPlan):
@@ -182,7 +186,7 @@ class JobRunner:
 
         try:
             grid, cells = render_grid(plan, self.host.render, progress,
-                                      should_stop=lambda: self._stop.is_set() or task.interrupted())
+                                      should_stop=lambda: self._should_stop(task))
         except GridStopped as stopped:
             return "stopped", str(stopped)
         path = save_png(grid, unused_path(Path(self.host.grids_dir()) / "lora-grid.png"), plan.infotext())
@@ -238,7 +242,7 @@ class _JobEvents(TrainingEvents):
             self.task.update(step, self.runner._status.total_steps, f"Sample at step {step}", images[-1])
 
     def should_stop(self) -> bool:
-        return self.runner._stop.is_set() or self.task.interrupted()
+        return self.runner._should_stop(self.task)
 
     def save_requested(self) -> bool:
         if self.runner._save_now.is_set():

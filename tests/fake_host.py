@@ -1,8 +1,8 @@
 """A small stand-in for the WebUI host: the one thing the tests fake.
 
 It implements `lora_trainer.host.Host` over a tiny real `ldm` model, the way the A1111 adapter does over
-`shared.sd_model`: a non-reentrant lock for the generation queue, recorded progress, an Interrupt flag,
-a LoRA folder, and txt2img that understands `<lora:name:weight>` tags by applying those files.
+`shared.sd_model`: a non-reentrant lock for the generation queue, recorded progress, Interrupt and
+stop-generating flags, a LoRA folder, and txt2img that understands `<lora:name:weight>` tags by applying those files.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class FakeTask:
     updates: list[tuple[int, int, str]] = field(default_factory=list)
     images: int = 0
     interrupt: threading.Event = field(default_factory=threading.Event)
+    stop_generating: threading.Event = field(default_factory=threading.Event)
+    """The host's "stop after the current item" (A1111's Interrupt with "Don't Interrupt in the middle")."""
 
     def update(self, step: int, total: int, text: str, image: Image.Image | None = None) -> None:
         self.updates.append((step, total, text))
@@ -39,6 +41,9 @@ class FakeTask:
 
     def interrupted(self) -> bool:
         return self.interrupt.is_set()
+
+    def stop_requested(self) -> bool:
+        return self.stop_generating.is_set()
 
 
 class FakeHost:

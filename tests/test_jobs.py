@@ -113,6 +113,17 @@ def test_the_hosts_interrupt_button_stops_the_job(host, shapes_dataset):
     assert runner.wait(120).state == "stopped"
 
 
+def test_the_hosts_stop_after_this_step_stops_the_job_and_saves(host, shapes_dataset):
+    # A1111's Interrupt with "Don't Interrupt in the middle": one click must stop the run, not the second.
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=500))
+    _wait_for(lambda: runner.status().step >= 1)
+    host.task.stop_generating.set()
+    status = runner.wait(120)
+    assert status.state == "stopped" and status.step < 500
+    assert status.saved and status.saved[-1].name.startswith("job-s") and status.saved[-1].is_file()
+
+
 def test_save_now_writes_a_file_and_training_goes_on(host, shapes_dataset):
     runner = JobRunner(host)
     runner.start_training(_config(shapes_dataset, max_train_steps=30))
