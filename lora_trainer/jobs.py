@@ -44,6 +44,8 @@ class JobStatus:
     steps_per_second: float = 0.0
     samples_per_second: float = 0.0
     seconds_left: float = 0.0
+    activity: str = ""
+    """What a running training job does besides stepping ("saving name.safetensors"), or ""."""
     memory: str = ""
     samples: list[tuple[int, str, Image.Image]] = field(default_factory=list)
     """(step, prompt, image) of the sample images so far."""
@@ -149,7 +151,7 @@ class JobRunner:
         except Exception as error:  # the thread must always end with a status the user can read
             traceback.print_exc()
             final_state, message = "failed", f"{type(error).__name__}: {error}"
-        self._update(state=final_state, message=message)
+        self._update(state=final_state, message=message, activity="")
 
     def _should_stop(self, task: HostTask) -> bool:
         return self._stop.is_set() or task.interrupted() or task.stop_requested()
@@ -225,12 +227,16 @@ class _JobEvents(TrainingEvents):
             status.step, status.total_steps, status.epoch = report.step, report.total_steps, report.epoch
             status.steps_per_second, status.samples_per_second = report.steps_per_second, report.samples_per_second
             status.seconds_left = report.seconds_left
+            status.activity = ""
             status.memory = _memory_in_use()
             if report.loss is not None:
                 status.losses.append((report.step, report.loss))
         loss = f", loss {report.loss:.4f}" if report.loss is not None else ""
         self.task.update(report.step, report.total_steps, f"Training LoRA: step {report.step}/{report.total_steps}"
                          f", epoch {report.epoch}{loss}")
+
+    def on_busy(self, activity: str) -> None:
+        self.runner._update(activity=activity)
 
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         self.runner._on_saved(path, step, self.trigger_word, self.preview, self.family)

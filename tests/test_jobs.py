@@ -124,6 +124,23 @@ def test_the_hosts_stop_after_this_step_stops_the_job_and_saves(host, shapes_dat
     assert status.saved and status.saved[-1].name.startswith("job-s") and status.saved[-1].is_file()
 
 
+def test_speed_leaves_out_the_time_spent_saving_which_shows_as_its_own_activity(host, shapes_dataset, monkeypatch):
+    seen_while_saving = []
+
+    def slow_register(path):
+        seen_while_saving.append(runner.status().activity)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(host, "register_lora", slow_register)
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, save_every_n_steps=1))
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    assert seen_while_saving[0] == "saving job-s000001.safetensors"
+    assert 1 / status.steps_per_second < 0.9  # a step took well under the second each save took
+    assert status.activity == ""
+
+
 def test_save_now_writes_a_file_and_training_goes_on(host, shapes_dataset):
     runner = JobRunner(host)
     runner.start_training(_config(shapes_dataset, max_train_steps=30))

@@ -47,6 +47,10 @@ class TrainingEvents:
     def on_step(self, report: StepReport) -> None:
         """After each optimizer step."""
 
+    def on_busy(self, activity: str) -> None:
+        """The run pauses stepping to do `activity` ("saving name.safetensors", "rendering samples") until the
+        next `on_step`; speed and ETA leave that time out."""
+
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         """A LoRA file was written."""
 

@@ -87,6 +87,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16")
         path = unused_path(path)
+        events.on_busy(f"saving {path.name}")
         save_kohya(path, network, file_metadata(metadata, step, epoch + 1))
         result.saved.append(path)
         if config.save_diffusers_format:
@@ -98,6 +99,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         events.on_saved(path, step, epoch + 1)
 
     def sample(step: int) -> None:
+        events.on_busy("rendering samples")
         network.eval()
         images = [backend.generate(prompt, "", config.sample_seed, config.sample_steps, config.resolution,
                                    config.resolution, 7.0) for prompt in config.sample_prompts]
@@ -197,10 +199,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if report_loss is not None:
                         run_log.log_step(report)
 
-                    # --- saves, samples, stop ---
+                    # --- saves, samples, stop (their time is left out of the speed) ---
                     stopping = events.should_stop()
                     if step >= total_steps or stopping:
                         break
+                    paused_at = time.perf_counter()
                     if (config.save_every_n_steps and step % config.save_every_n_steps == 0) or \
                             events.save_requested():
                         save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step,
@@ -211,6 +214,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if config.sample_every_n_steps and config.sample_prompts and \
                             step % config.sample_every_n_steps == 0:
                         sample(step)
+                    window_start += time.perf_counter() - paused_at
                 if step >= total_steps or stopping:
                     break
         except KeyboardInterrupt:
