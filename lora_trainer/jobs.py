@@ -53,6 +53,10 @@ class JobStatus:
     grid: Image.Image | None = None
     grid_cells: list[list[Image.Image]] = field(default_factory=list)
     grid_path: Path | None = None
+    config: TrainConfig | None = None
+    """The settings of the running or last training run (kept through later captioning and grid jobs)."""
+    trigger_word: str = ""
+    """That run's trigger word."""
 
     @property
     def running(self) -> bool:
@@ -103,7 +107,8 @@ class JobRunner:
         `preview_prompt`) and `name.json` (activation text = `trigger_word`), and is registered with the host.
         """
         config = replace(config, output_dir=Path(self.host.lora_dir()))
-        self._start("training", lambda task: self._train(task, config, trigger_word, preview_prompt))
+        self._start("training", lambda task: self._train(task, config, trigger_word, preview_prompt),
+                    config=config, trigger_word=trigger_word)
 
     def start_captioning(self, folder: Path, options: CaptionOptions) -> None:
         """Caption the images of `folder` in place."""
@@ -129,13 +134,15 @@ class JobRunner:
             thread.join(timeout)
         return self.status()
 
-    def _start(self, kind: str, work) -> None:
+    def _start(self, kind: str, work, **last_run) -> None:
         with self._lock:
             if self._status.running:
                 raise UserError(f"a {self._status.kind} job is already running: stop it or wait for it to finish")
-            # `saved` keeps naming the last training run's files through later captioning and grid jobs.
-            last_run_files = [] if kind == "training" else self._status.saved
-            self._status = JobStatus(kind=kind, state="running", message=f"Starting {kind}...", saved=last_run_files)
+            # The last training run's files and settings stay through later captioning and grid jobs.
+            if kind != "training":
+                last_run = dict(saved=self._status.saved, config=self._status.config,
+                                trigger_word=self._status.trigger_word)
+            self._status = JobStatus(kind=kind, state="running", message=f"Starting {kind}...", **last_run)
         self._stop.clear()
         self._save_now.clear()
         self._thread = threading.Thread(target=self._run, args=(kind, work), name=f"lora-trainer-{kind}",

@@ -13,6 +13,7 @@ pytest.importorskip("ldm")
 from fake_host import FakeHost  # noqa: E402
 from ldm_models import tiny_sd1  # noqa: E402
 
+from lora_trainer.caption import CaptionOptions  # noqa: E402
 from lora_trainer.config import TrainConfig  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.jobs import JobRunner, process_runner  # noqa: E402
@@ -139,6 +140,18 @@ def test_speed_leaves_out_the_time_spent_saving_which_shows_as_its_own_activity(
     assert seen_while_saving[0] == "saving job-s000001.safetensors"
     assert 1 / status.steps_per_second < 0.9  # a step took well under the second each save took
     assert status.activity == ""
+
+
+def test_the_last_training_runs_settings_stay_through_later_jobs(host, shapes_dataset, tmp_path):
+    runner = JobRunner(host)
+    config = _config(shapes_dataset)
+    runner.start_training(config, trigger_word="sks")
+    runner.wait(120)
+    runner.start_captioning(tmp_path / "missing", CaptionOptions())
+    status = runner.wait(60)
+    assert status.kind == "captioning"
+    assert status.config.train_data_dir == shapes_dataset and status.config.output_name == "job"
+    assert status.trigger_word == "sks"
 
 
 def test_save_now_writes_a_file_and_training_goes_on(host, shapes_dataset):
