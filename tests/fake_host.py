@@ -49,7 +49,8 @@ class FakeTask:
 class FakeHost:
     """The WebUI as the trainer sees it, around a tiny ldm model."""
 
-    def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32):
+    def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32,
+                 datasets_dir: Path | None = None):
         self.model = model
         self.family = family
         self._lora_dir = Path(lora_dir)
@@ -61,6 +62,7 @@ class FakeHost:
         """False plays a WebUI started with --ckpt, where a card refresh would reselect that checkpoint."""
         self.renders: list[RenderRequest] = []
         self.resolution = resolution
+        self._datasets_dir = datasets_dir
 
     def model_family(self) -> ModelFamily | None:
         return self.family
@@ -96,7 +98,7 @@ class FakeHost:
         return self._lora_dir
 
     def datasets_dir(self) -> Path | None:
-        return None
+        return self._datasets_dir
 
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)
