@@ -468,3 +468,28 @@ def test_the_tab_builds_on_the_installed_gradio(tmp_path):
             "lora_trainer_stop", "lora_trainer_save_now", "lora_trainer_caption_button", "lora_trainer_test",
             "lora_trainer_grid_files", "lora_trainer_grid_button", "lora_trainer_grid_image",
             "lora_trainer_grid_cells"} <= elem_ids
+
+
+def test_the_grid_defaults_to_the_last_runs_resolution_not_txt2img_size(tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.host import RenderDefaults
+    from lora_trainer.tab.grids import GridPanel
+
+    class _Host(_LoraFolder):
+        def render_defaults(self) -> RenderDefaults:
+            return RenderDefaults(width=512, height=512)
+
+    class _Runner:
+        def __init__(self, status: JobStatus):
+            self.current = status
+
+        def status(self) -> JobStatus:
+            return self.current
+
+    runner = _Runner(JobStatus(kind="training", state="finished", config=TrainConfig(resolution=768)))
+    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
+    panel = GridPanel(runner, _Host(tmp_path), *components)
+    defaults = panel.defaults("sks", "")
+    assert (defaults["width"], defaults["height"]) == (768, 768)
+    runner.current = JobStatus()
+    assert (panel.defaults("sks", "")["width"], panel.defaults("sks", "")["height"]) == (512, 512)
