@@ -94,6 +94,9 @@ class Host(Protocol):
     def register_lora(self, path: Path) -> None:
         """Make a LoRA file written into `lora_dir` usable at once (`<lora:stem:0.8>`)."""
 
+    def forget_lora(self, path: Path) -> None:
+        """A LoRA file registered earlier was deleted from `lora_dir`: stop offering it."""
+
     def can_refresh_lora_cards(self) -> bool:
         """Whether the page may press the host's Lora-card refresh after a save to show the new card, i.e.
         whether that refresh changes nothing else."""

@@ -213,6 +213,13 @@ class JobRunner:
             self._status.saved.append(path)
             self._status.message = f"Saved {path.name} at step {step}"
 
+    def _on_removed(self, path: Path) -> None:
+        for companion in (path.with_name(f"{path.stem}.preview.png"), path.with_suffix(".json")):
+            companion.unlink(missing_ok=True)
+        self.host.forget_lora(path)
+        with self._lock:
+            self._status.saved.remove(path)
+
 
 class _JobEvents(TrainingEvents):
     """Feeds a training run's events into the job status and the host's progress bar."""
@@ -247,6 +254,9 @@ class _JobEvents(TrainingEvents):
 
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         self.runner._on_saved(path, step, self.trigger_word, self.preview, self.family)
+
+    def on_removed(self, path: Path) -> None:
+        self.runner._on_removed(path)
 
     def on_sample(self, step: int, images: list[Image.Image], prompts: list[str]) -> None:
         with self.runner._lock:

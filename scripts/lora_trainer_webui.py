@@ -198,6 +198,11 @@ class A1111Host:
         else:
             lora_extension.list_available_networks()
 
+    def forget_lora(self, path: Path) -> None:
+        lora_extension = _lora_extension()
+        if lora_extension is not None:
+            lora_extension.list_available_networks()  # a rescan: there is no call to drop one name
+
     def can_refresh_lora_cards(self) -> bool:
         # Any extra-networks refresh reruns `sd_models.list_models()`, which selects the --ckpt file again
         # whenever it exists: the next generation would silently load it. Safe when it is the selection already.

@@ -58,6 +58,7 @@ class FakeHost:
         self.queue_lock = threading.Lock()
         self.task = FakeTask()
         self.registered: list[str] = []
+        self.forgotten: list[str] = []
         self.lora_cards_refreshable = True
         """False plays a WebUI started with --ckpt, where a card refresh would reselect that checkpoint."""
         self.renders: list[RenderRequest] = []
@@ -102,6 +103,9 @@ class FakeHost:
 
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)
+
+    def forget_lora(self, path: Path) -> None:
+        self.forgotten.append(Path(path).stem)
 
     def can_refresh_lora_cards(self) -> bool:
         return self.lora_cards_refreshable

@@ -154,6 +154,19 @@ def test_the_last_training_runs_settings_stay_through_later_jobs(host, shapes_da
     assert status.trigger_word == "sks"
 
 
+def test_only_the_last_n_saves_stay_with_their_previews_and_the_host_forgets_the_others(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=5, save_every_n_steps=1, keep_last_n_saves=2),
+                          trigger_word="sks", preview_prompt="sks")
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    assert [path.name for path in status.saved] == ["job-s000003.safetensors", "job-s000004.safetensors",
+                                                    "job.safetensors"]
+    assert sorted(path.name for path in host.lora_dir().iterdir()) == sorted(
+        f"{path.stem}{suffix}" for path in status.saved for suffix in (".safetensors", ".preview.png", ".json"))
+    assert host.forgotten == ["job-s000001", "job-s000002"]
+
+
 def test_save_now_writes_a_file_and_training_goes_on(host, shapes_dataset):
     runner = JobRunner(host)
     runner.start_training(_config(shapes_dataset, max_train_steps=30))

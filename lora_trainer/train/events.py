@@ -54,6 +54,9 @@ class TrainingEvents:
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         """A LoRA file was written."""
 
+    def on_removed(self, path: Path) -> None:
+        """A LoRA file saved earlier was deleted (`keep_last_n_saves`)."""
+
     def on_sample(self, step: int, images: list[Image.Image], prompts: list[str]) -> None:
         """Sample images were rendered with the LoRA as trained so far."""
 

@@ -23,6 +23,7 @@ from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
 from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 
@@ -97,6 +98,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             save_state(path.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
                        epoch, next_batch, noise_generator, data_rng)
         events.on_saved(path, step, epoch + 1)
+        if config.keep_last_n_saves:
+            for removed in prune_saves(result.saved, config.keep_last_n_saves, final_path):
+                result.saved.remove(removed)
+                events.on_removed(removed)
 
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
