@@ -141,7 +141,7 @@ def test_defaults_follow_the_loaded_model_family(family, resolution):
     config = default_config(family, "bf16")
     assert config.resolution == resolution
     assert (config.lora_rank, config.lora_alpha, config.unet_lr) == (16, 8.0, 1e-4)
-    assert (config.epochs, config.batch_size, config.save_every_n_epochs) == (10, 1, 1)
+    assert (config.epochs, config.batch_size, config.save_every_n_epochs, config.keep_last_n_saves) == (10, 1, 1, 5)
     assert config.cache_latents and config.mixed_precision == "bf16"
     assert config.logging_dir is None  # a relative "logs" would land in the WebUI's working folder
     assert config.log_every_n_steps == 1  # the loss chart starts at the first step

@@ -27,12 +27,13 @@ HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "c
 """Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
 setting): not in the form."""
 MAIN_KEYS = ("output_name", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs", "batch_size",
-             "max_train_steps", "save_every_n_epochs", "mixed_precision", "cache_latents", "sample_prompts",
-             "sample_every_n_steps")
+             "max_train_steps", "save_every_n_epochs", "keep_last_n_saves", "mixed_precision", "cache_latents",
+             "sample_prompts", "sample_every_n_steps")
 """Settings shown outside the Advanced accordion (besides the dataset folder)."""
 LABELS = {"train_data_dir": "Dataset folder", "resolution": "Resolution (px)", "lora_rank": "Rank",
           "lora_alpha": "Alpha", "unet_lr": "UNet learning rate", "max_train_steps": "Max steps",
-          "save_every_n_epochs": "Save every N epochs", "sample_prompts": "Sample prompts (one per line)",
+          "save_every_n_epochs": "Save every N epochs", "keep_last_n_saves": "Keep the last N saves",
+          "sample_prompts": "Sample prompts (one per line)",
           "sample_every_n_steps": "Sample every N steps"}
 TAB_HELP = {
     "lora_alpha": "Scale: the LoRA's output is multiplied by Alpha / Rank (8 / 16 = 0.5). Empty: equal to the Rank.",
@@ -55,10 +56,10 @@ def gpu_mixed_precision() -> MixedPrecision:
 
 def default_config(family: ModelFamily | None, mixed_precision: MixedPrecision | None = None) -> TrainConfig:
     """The tab's starting settings for a model family: its native resolution, rank 16 / alpha 8, UNet lr 1e-4,
-    10 epochs of batch 1 saved after each, cached latents, the GPU's mixed precision, no TensorBoard logs, the
-    loss read every step (the chart starts at the first)."""
+    10 epochs of batch 1 saved after each (the last 5 of those kept), cached latents, the GPU's mixed precision,
+    no TensorBoard logs, the loss read every step (the chart starts at the first)."""
     return TrainConfig(resolution=FAMILY_RESOLUTION[family or "sd1"], lora_rank=16, lora_alpha=8.0, unet_lr=1e-4,
-                       epochs=10, batch_size=1, save_every_n_epochs=1, cache_latents=True,
+                       epochs=10, batch_size=1, save_every_n_epochs=1, keep_last_n_saves=5, cache_latents=True,
                        mixed_precision=mixed_precision or gpu_mixed_precision(), logging_dir=None,
                        log_every_n_steps=1)
 

@@ -26,8 +26,8 @@ from lora_trainer.tab.notices import notice
 from lora_trainer.tab.presets import load_preset, preset_names, save_preset
 
 MAIN_ROWS = (("resolution", "lora_rank", "lora_alpha"), ("unet_lr", "epochs", "batch_size"),
-             ("max_train_steps", "save_every_n_epochs", "mixed_precision"), ("sample_prompts",),
-             ("sample_every_n_steps", "cache_latents"))
+             ("max_train_steps", "save_every_n_epochs", "keep_last_n_saves"), ("sample_prompts",),
+             ("sample_every_n_steps", "mixed_precision", "cache_latents"))
 
 
 def model_note(family: ModelFamily | None) -> str:
