@@ -49,7 +49,7 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
     """Lay out `cells[row][column]` edge to edge, with column labels on top, row labels on the left.
 
     Every cell takes the size of the first one. Labels may be empty strings; an empty label axis takes
-    no room. `title` goes above everything.
+    no room. `title` goes above everything, wrapped between words to the grid's width.
     """
     if not cells or not cells[0]:
         raise ValueError("a grid needs at least one cell")
@@ -83,6 +83,7 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
     left_margin = label_width + 2 * PADDING if label_width else 0
     header_height = max((text_size(label)[1] for label in column_labels), default=0)
     top_margin = header_height + 2 * PADDING if header_height else 0
+    title = wrapped(title, left_margin + columns * cell_width - 2 * PADDING)
     title_height = text_size(title)[1] + 2 * PADDING if title else 0
 
     grid = Image.new("RGB", (left_margin + columns * cell_width, title_height + top_margin + rows * cell_height),
