@@ -72,6 +72,15 @@ def load_open_clip(arch: str, pretrained: str, device: torch.device) -> OpenClip
         else:
             advice = "If this machine is offline, download the weights elsewhere and pass the file instead."
         raise UserError(f"Could not load the weights {pretrained} into {arch} ({reason}). {advice}") from None
+    except AttributeError:
+        if not Path(weights).is_file():
+            raise
+        # open_clip goes on with whatever torch.load returned: None when the WebUI's safe loader refused it.
+        raise UserError(f"Could not read the weights file {pretrained}: torch.load gave back no weights. Inside the "
+                        "WebUI, its safe loader refuses files that hold Python objects besides tensors, and older "
+                        "open_clip (the WebUI's 2.20) reads only PyTorch checkpoints (.pt, .pth, .bin), not "
+                        ".safetensors. Save the state dict alone with torch.save, or give an open_clip pretrained "
+                        "tag.") from None
     model.eval()
     context_length = getattr(model, "context_length", None) or model.text.context_length
     tokenizer = functools.partial(open_clip.get_tokenizer(arch), context_length=context_length)
