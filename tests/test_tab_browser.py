@@ -306,7 +306,9 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     _wait_in_page(page, f"{_text('status')}.includes('Grid: running') && "
                   "!document.querySelector('#lora_trainer_stop').disabled", "the slow grid to start")
     page.click("#lora_trainer_stop")
-    _wait_in_page(page, f"{_text('grid_notice')}.includes('grid stopped after')", "the stopped grid")
+    # The grid stops between cells: a 100-step cell can take long on a busy CPU.
+    _wait_in_page(page, f"{_text('grid_notice')}.includes('grid stopped after')", "the stopped grid",
+                  timeout_ms=4 * TIMEOUT_MS)
     assert "Grid: stopped" in page.inner_text("#lora_trainer_status")
     assert list(served.host.grids_dir().iterdir()) == [grid_path]
     assert page.locator("#lora_trainer_grid_image img").is_visible()
@@ -357,10 +359,10 @@ def _chart_points() -> str:
     return "Number(document.querySelector('#lora_trainer_chart .lora-trainer-chart')?.dataset.points ?? 0)"
 
 
-def _wait_in_page(page, condition: str, what: str) -> None:
+def _wait_in_page(page, condition: str, what: str, timeout_ms: float = TIMEOUT_MS) -> None:
     """Wait for the JavaScript expression `condition`; on timeout say what the tab showed."""
     try:
-        page.wait_for_function(f"() => {condition}")
+        page.wait_for_function(f"() => {condition}", timeout=timeout_ms)
     except sync_api.TimeoutError:
         shown = {name: page.inner_text(f"#lora_trainer_{name}") for name in ("status", "notice", "dataset_info")}
         raise AssertionError(f"timed out waiting for {what}; the tab showed {shown}") from None
