@@ -177,6 +177,7 @@ def test_help_speaks_the_forms_words_not_the_configs():
     assert "Max steps" in fields["epochs"].info
     assert "UNet learning rate" in fields["learning_rate"].info
     assert "(empty: no clipping)" in fields["max_grad_norm"].info
+    assert fields["keep_last_n_saves"].info.endswith("the final file always stays. Empty keeps them all.")
     # The form starts Alpha at 8, not at the rank: its help must not promise otherwise.
     assert "Empty: equal to the Rank" in fields["lora_alpha"].info and "Default" not in fields["lora_alpha"].info
 

@@ -129,7 +129,10 @@ def _config_class() -> ast.ClassDef:
 def _in_form_words(doc: str, labels: dict[str, str], optional: bool) -> str:
     """A config docstring as form help: `key` becomes the field's label, code marks go, None is "empty"."""
     text = re.sub(r"`([^`]+)`", lambda match: _short(labels.get(match.group(1), match.group(1))), doc)
-    return re.sub(r"\bNone\b", "empty", text) if optional else text
+    if not optional:
+        return text
+    text = re.sub(r"(^|[.!?]\s+)None\b", r"\1Empty", text)
+    return re.sub(r"\bNone\b", "empty", text)
 
 
 def _short(label: str) -> str:
