@@ -28,6 +28,8 @@ from lora_trainer.train.loop import train
 
 JobState = Literal["idle", "running", "finished", "stopped", "failed"]
 SD_VERSION_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+STOPPING = "stopping"
+"""The activity of a job asked to stop, until it has (a training run saves first)."""
 
 
 @dataclass
@@ -122,6 +124,9 @@ class JobRunner:
         """Ask the running job to stop (a training run saves what it has first). The host's own stop buttons
         work too (`HostTask.interrupted`, `HostTask.stop_requested`)."""
         self._stop.set()
+        with self._lock:
+            if self._status.running:
+                self._status.activity = STOPPING
 
     def save_now(self) -> None:
         """Ask the running training job to save its weights at the next step and go on."""
@@ -241,7 +246,8 @@ class _JobEvents(TrainingEvents):
             status.step, status.total_steps, status.epoch = report.step, report.total_steps, report.epoch
             status.steps_per_second, status.samples_per_second = report.steps_per_second, report.samples_per_second
             status.seconds_left = report.seconds_left
-            status.activity = ""
+            stopping = self.should_stop()  # the tab's Stop or the host's Interrupt: this step is the last
+            status.activity = STOPPING if stopping else ""
             status.memory = _memory_in_use()
             if report.loss is not None:
                 status.losses.append((report.step, report.loss))

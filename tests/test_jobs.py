@@ -106,6 +106,17 @@ def test_stop_saves_the_weights_so_far(host, shapes_dataset):
     assert status.saved and status.saved[-1].name.startswith("job-s")
 
 
+def test_a_job_asked_to_stop_says_so_until_it_has(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=500))
+    _wait_for(lambda: runner.status().step >= 1)
+    runner.stop()
+    status = runner.status()
+    assert status.activity == "stopping" or status.activity.startswith("saving ") or not status.running
+    final = runner.wait(120)
+    assert final.state == "stopped" and final.activity == ""
+
+
 def test_the_hosts_interrupt_button_stops_the_job(host, shapes_dataset):
     runner = JobRunner(host)
     runner.start_training(_config(shapes_dataset, max_train_steps=500))

@@ -305,6 +305,11 @@ def test_a_message_of_several_lines_keeps_them_apart():
     assert "4 images<br>latents cached once" in shown
 
 
+def test_a_job_asked_to_stop_shows_it_in_its_status():
+    shown = status_html(JobStatus(kind="captioning", state="running", step=3, total_steps=8, activity="stopping"))
+    assert "Captioning: running · stopping" in shown
+
+
 def test_while_saving_the_status_says_so_and_shows_no_eta():
     status = JobStatus(kind="training", state="running", step=30, total_steps=120, steps_per_second=1.0,
                        seconds_left=90, activity="saving x-s000030.safetensors")
