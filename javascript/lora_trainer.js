@@ -16,7 +16,7 @@
 
     let lastPoll = 0;
     let lastData = null;
-    let savedCount = null;
+    let savedNames = null;
 
     function appRoot() {
         const app = document.querySelector("gradio-app");
@@ -56,11 +56,12 @@
             return; // empty before the first poll
         }
         drawChart(data.losses || []);
-        const saved = (data.saved || []).length;
-        if (savedCount !== null && saved > savedCount && data.refresh_lora_cards) {
+        // A new file (an older one may have gone with it, keep_last_n_saves): the cards change.
+        const saved = data.saved || [];
+        if (savedNames !== null && saved.some((name) => !savedNames.includes(name)) && data.refresh_lora_cards) {
             refreshLoraCards();
         }
-        savedCount = saved;
+        savedNames = saved;
     }
 
     function refreshLoraCards() {

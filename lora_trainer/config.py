@@ -150,6 +150,9 @@ class TrainConfig:
     """Also save after every N epochs."""
     save_every_n_steps: int | None = None
     """Also save after every N optimizer steps."""
+    keep_last_n_saves: int | None = None
+    """Keep only the newest N files saved on the way (by epoch, by step or on request) and delete the older
+    ones with their state; the final file always stays. None keeps them all."""
     save_state: bool = False
     """With each save, also write the optimizer/scheduler/RNG state so `resume` can continue."""
     save_diffusers_format: bool = False
@@ -181,8 +184,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
-                     "clip_skip"):
+        for name in ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
+                     "sample_every_n_steps", "clip_skip"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")

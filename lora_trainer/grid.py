@@ -47,11 +47,12 @@ def _font(size: int):
 
 
 def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_labels: list[str],
-                  title: str = "") -> Image.Image:
+                  title: str = "", corner: str = "") -> Image.Image:
     """Lay out `cells[row][column]` edge to edge, with column labels on top, row labels on the left.
 
     Every cell takes the size of the first one. Labels may be empty strings; an empty label axis takes
-    no room. `title` goes above everything.
+    no room. `title` goes above everything, wrapped between words to the grid's width. `corner` names the
+    columns in the top-left corner (e.g. "LoRA strength" above the row labels, beside columns "0", "0.5").
     """
     if not cells or not cells[0]:
         raise ValueError("a grid needs at least one cell")
@@ -81,10 +82,11 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
         return "\n".join(lines)
 
     column_labels = [wrapped(label, cell_width - PADDING) for label in column_labels]
-    label_width = max((text_size(label)[0] for label in row_labels), default=0)
+    label_width = max((text_size(label)[0] for label in [*row_labels, corner]), default=0)
     left_margin = label_width + 2 * PADDING if label_width else 0
-    header_height = max((text_size(label)[1] for label in column_labels), default=0)
+    header_height = max((text_size(label)[1] for label in [*column_labels, corner]), default=0)
     top_margin = header_height + 2 * PADDING if header_height else 0
+    title = wrapped(title, left_margin + columns * cell_width - 2 * PADDING)
     title_height = text_size(title)[1] + 2 * PADDING if title else 0
 
     grid = Image.new("RGB", (left_margin + columns * cell_width, title_height + top_margin + rows * cell_height),
@@ -92,6 +94,8 @@ def labelled_grid(cells: list[list[Image.Image]], column_labels: list[str], row_
     draw = ImageDraw.Draw(grid)
     if title:
         draw.multiline_text((PADDING, PADDING), title, fill=TEXT_COLOUR, font=font)
+    if corner:
+        draw.multiline_text((PADDING, title_height + PADDING), corner, fill=TEXT_COLOUR, font=font)
     for column, label in enumerate(column_labels):
         width, _ = text_size(label)
         x = left_margin + column * cell_width + (cell_width - width) // 2
@@ -200,8 +204,9 @@ def render_grid(plan: GridPlan, render: Callable[[RenderRequest], Image.Image],
             if progress is not None:
                 progress(done, total)
         cells.append(row)
-    grid = labelled_grid(cells, [f"strength {s:g}" for s in plan.strengths], [label for *_, label in rows],
-                         title=plan.prompt)
+    # The strengths as bare numbers under one "LoRA strength" heading: they fit small cells on one line.
+    grid = labelled_grid(cells, [f"{s:g}" for s in plan.strengths], [label for *_, label in rows],
+                         title=plan.prompt, corner="LoRA strength")
     return grid, cells
 
 

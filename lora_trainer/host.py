@@ -51,6 +51,10 @@ class HostTask(Protocol):
     def interrupted(self) -> bool:
         """True once the user pressed the host's own Interrupt button."""
 
+    def stop_requested(self) -> bool:
+        """True once the user asked the host to stop after the current item (A1111's Interrupt with "Don't
+        Interrupt in the middle"): a training run stops after its current step and saves."""
+
 
 class Host(Protocol):
     """What the trainer needs from the application it runs in."""
@@ -89,6 +93,9 @@ class Host(Protocol):
 
     def register_lora(self, path: Path) -> None:
         """Make a LoRA file written into `lora_dir` usable at once (`<lora:stem:0.8>`)."""
+
+    def forget_lora(self, path: Path) -> None:
+        """A LoRA file registered earlier was deleted from `lora_dir`: stop offering it."""
 
     def can_refresh_lora_cards(self) -> bool:
         """Whether the page may press the host's Lora-card refresh after a save to show the new card, i.e.

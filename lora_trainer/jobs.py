@@ -28,6 +28,8 @@ from lora_trainer.train.loop import train
 
 JobState = Literal["idle", "running", "finished", "stopped", "failed"]
 SD_VERSION_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+STOPPING = "stopping"
+"""The activity of a job asked to stop, until it has (a training run saves first)."""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class JobStatus:
     steps_per_second: float = 0.0
     samples_per_second: float = 0.0
     seconds_left: float = 0.0
+    activity: str = ""
+    """What a running training job does besides stepping ("saving name.safetensors"), or ""."""
     memory: str = ""
     samples: list[tuple[int, str, Image.Image]] = field(default_factory=list)
     """(step, prompt, image) of the sample images so far."""
@@ -51,6 +55,10 @@ class JobStatus:
     grid: Image.Image | None = None
     grid_cells: list[list[Image.Image]] = field(default_factory=list)
     grid_path: Path | None = None
+    config: TrainConfig | None = None
+    """The settings of the running or last training run (kept through later captioning and grid jobs)."""
+    trigger_word: str = ""
+    """That run's trigger word."""
 
     @property
     def running(self) -> bool:
@@ -101,7 +109,8 @@ class JobRunner:
         `preview_prompt`) and `name.json` (activation text = `trigger_word`), and is registered with the host.
         """
         config = replace(config, output_dir=Path(self.host.lora_dir()))
-        self._start("training", lambda task: self._train(task, config, trigger_word, preview_prompt))
+        self._start("training", lambda task: self._train(task, config, trigger_word, preview_prompt),
+                    config=config, trigger_word=trigger_word)
 
     def start_captioning(self, folder: Path, options: CaptionOptions) -> None:
         """Caption the images of `folder` in place."""
@@ -112,8 +121,12 @@ class JobRunner:
         self._start("grid", lambda task: self._grid(task, plan))
 
     def stop(self) -> None:
-        """Ask the running job to stop (a training run saves what it has first)."""
+        """Ask the running job to stop (a training run saves what it has first). The host's own stop buttons
+        work too (`HostTask.interrupted`, `HostTask.stop_requested`)."""
         self._stop.set()
+        with self._lock:
+            if self._status.running:
+                self._status.activity = STOPPING
 
     def save_now(self) -> None:
         """Ask the running training job to save its weights at the next step and go on."""
@@ -126,13 +139,15 @@ class JobRunner:
             thread.join(timeout)
         return self.status()
 
-    def _start(self, kind: str, work) -> None:
+    def _start(self, kind: str, work, **last_run) -> None:
         with self._lock:
             if self._status.running:
                 raise UserError(f"a {self._status.kind} job is already running: stop it or wait for it to finish")
-            # `saved` keeps naming the last training run's files through later captioning and grid jobs.
-            last_run_files = [] if kind == "training" else self._status.saved
-            self._status = JobStatus(kind=kind, state="running", message=f"Starting {kind}...", saved=last_run_files)
+            # The last training run's files and settings stay through later captioning and grid jobs.
+            if kind != "training":
+                last_run = dict(saved=self._status.saved, config=self._status.config,
+                                trigger_word=self._status.trigger_word)
+            self._status = JobStatus(kind=kind, state="running", message=f"Starting {kind}...", **last_run)
         self._stop.clear()
         self._save_now.clear()
         self._thread = threading.Thread(target=self._run, args=(kind, work), name=f"lora-trainer-{kind}",
@@ -148,7 +163,10 @@ class JobRunner:
         except Exception as error:  # the thread must always end with a status the user can read
             traceback.print_exc()
             final_state, message = "failed", f"{type(error).__name__}: {error}"
-        self._update(state=final_state, message=message)
+        self._update(state=final_state, message=message, activity="")
+
+    def _should_stop(self, task: HostTask) -> bool:
+        return self._stop.is_set() or task.interrupted() or task.stop_requested()
 
     def _update(self, **changes) -> None:
         with self._lock:
@@ -172,7 +190,7 @@ class JobRunner:
             self._update(step=done, total_steps=total, message=f"Captioned {done}/{total}: {path.name}")
 
         report = caption_folder(folder, options, progress=progress,
-                                should_stop=lambda: self._stop.is_set() or task.interrupted())
+                                should_stop=lambda: self._should_stop(task))
         return ("stopped" if report.stopped else "finished"), report.summary()
 
     def _grid(self, task: HostTask, plan: GridPlan):
@@ -182,7 +200,7 @@ class JobRunner:
 
         try:
             grid, cells = render_grid(plan, self.host.render, progress,
-                                      should_stop=lambda: self._stop.is_set() or task.interrupted())
+                                      should_stop=lambda: self._should_stop(task))
         except GridStopped as stopped:
             return "stopped", str(stopped)
         path = save_png(grid, Path(self.host.grids_dir()) / "lora-grid.png", plan.infotext())
@@ -199,6 +217,13 @@ class JobRunner:
         with self._lock:
             self._status.saved.append(path)
             self._status.message = f"Saved {path.name} at step {step}"
+
+    def _on_removed(self, path: Path) -> None:
+        for companion in (path.with_name(f"{path.stem}.preview.png"), path.with_suffix(".json")):
+            companion.unlink(missing_ok=True)
+        self.host.forget_lora(path)
+        with self._lock:
+            self._status.saved.remove(path)
 
 
 class _JobEvents(TrainingEvents):
@@ -221,6 +246,8 @@ class _JobEvents(TrainingEvents):
             status.step, status.total_steps, status.epoch = report.step, report.total_steps, report.epoch
             status.steps_per_second, status.samples_per_second = report.steps_per_second, report.samples_per_second
             status.seconds_left = report.seconds_left
+            stopping = self.should_stop()  # the tab's Stop or the host's Interrupt: this step is the last
+            status.activity = STOPPING if stopping else ""
             status.memory = _memory_in_use()
             if report.loss is not None:
                 status.losses.append((report.step, report.loss))
@@ -228,8 +255,14 @@ class _JobEvents(TrainingEvents):
         self.task.update(report.step, report.total_steps, f"Training LoRA: step {report.step}/{report.total_steps}"
                          f", epoch {report.epoch}{loss}")
 
+    def on_busy(self, activity: str) -> None:
+        self.runner._update(activity=activity)
+
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         self.runner._on_saved(path, step, self.trigger_word, self.preview, self.family)
+
+    def on_removed(self, path: Path) -> None:
+        self.runner._on_removed(path)
 
     def on_sample(self, step: int, images: list[Image.Image], prompts: list[str]) -> None:
         with self.runner._lock:
@@ -238,7 +271,7 @@ class _JobEvents(TrainingEvents):
             self.task.update(step, self.runner._status.total_steps, f"Sample at step {step}", images[-1])
 
     def should_stop(self) -> bool:
-        return self.runner._stop.is_set() or self.task.interrupted()
+        return self.runner._should_stop(self.task)
 
     def save_requested(self) -> bool:
         if self.runner._save_now.is_set():

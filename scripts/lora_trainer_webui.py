@@ -60,6 +60,11 @@ class A1111Task:
     def interrupted(self) -> bool:
         return bool(shared.state.interrupted)
 
+    def stop_requested(self) -> bool:
+        # The Interrupt button under "Don't Interrupt in the middle" (the default) with job_count > 1 calls
+        # state.stop_generating(): "stop after the current image", here after the current step.
+        return bool(shared.state.stopping_generation)
+
 
 class A1111Host:
     """`lora_trainer.host.Host` over the running AUTOMATIC1111 WebUI (v1.10)."""
@@ -140,15 +145,16 @@ class A1111Host:
             do_not_save_grid=True, do_not_reload_embeddings=True, override_settings=_keep_checkpoint(model))
         state = shared.state
         saved = {name: getattr(state, name) for name in RESTORED_AFTER_RENDER}
-        interrupted = state.interrupted
-        # process_images renders nothing once Interrupt was pressed; the stopped run's last preview still
-        # needs its image. The flag is put back afterwards.
-        state.interrupted = False
+        interrupted, stopping = state.interrupted, state.stopping_generation
+        # process_images renders nothing once Interrupt (or its stop-after-this-image form) was pressed; the
+        # stopped run's last preview still needs its image. The flags are put back afterwards.
+        state.interrupted = state.stopping_generation = False
         try:
             with contextlib.closing(job):
                 processed = processing.process_images(job)
         finally:
             state.interrupted = state.interrupted or interrupted
+            state.stopping_generation = state.stopping_generation or stopping
             for name, value in saved.items():
                 setattr(state, name, value)
         if not processed.images:
@@ -191,6 +197,11 @@ class A1111Host:
             lora_extension.update_available_networks_by_names([Path(path).stem])
         else:
             lora_extension.list_available_networks()
+
+    def forget_lora(self, path: Path) -> None:
+        lora_extension = _lora_extension()
+        if lora_extension is not None:
+            lora_extension.list_available_networks()  # a rescan: there is no call to drop one name
 
     def can_refresh_lora_cards(self) -> bool:
         # Any extra-networks refresh reruns `sd_models.list_models()`, which selects the --ckpt file again

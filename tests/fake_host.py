@@ -1,8 +1,8 @@
 """A small stand-in for the WebUI host: the one thing the tests fake.
 
 It implements `lora_trainer.host.Host` over a tiny real `ldm` model, the way the A1111 adapter does over
-`shared.sd_model`: a non-reentrant lock for the generation queue, recorded progress, an Interrupt flag,
-a LoRA folder, and txt2img that understands `<lora:name:weight>` tags by applying those files.
+`shared.sd_model`: a non-reentrant lock for the generation queue, recorded progress, Interrupt and
+stop-generating flags, a LoRA folder, and txt2img that understands `<lora:name:weight>` tags by applying those files.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class FakeTask:
     updates: list[tuple[int, int, str]] = field(default_factory=list)
     images: int = 0
     interrupt: threading.Event = field(default_factory=threading.Event)
+    stop_generating: threading.Event = field(default_factory=threading.Event)
+    """The host's "stop after the current item" (A1111's Interrupt with "Don't Interrupt in the middle")."""
 
     def update(self, step: int, total: int, text: str, image: Image.Image | None = None) -> None:
         self.updates.append((step, total, text))
@@ -40,11 +42,15 @@ class FakeTask:
     def interrupted(self) -> bool:
         return self.interrupt.is_set()
 
+    def stop_requested(self) -> bool:
+        return self.stop_generating.is_set()
+
 
 class FakeHost:
     """The WebUI as the trainer sees it, around a tiny ldm model."""
 
-    def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32):
+    def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32,
+                 datasets_dir: Path | None = None):
         self.model = model
         self.family = family
         self._lora_dir = Path(lora_dir)
@@ -52,10 +58,12 @@ class FakeHost:
         self.queue_lock = threading.Lock()
         self.task = FakeTask()
         self.registered: list[str] = []
+        self.forgotten: list[str] = []
         self.lora_cards_refreshable = True
         """False plays a WebUI started with --ckpt, where a card refresh would reselect that checkpoint."""
         self.renders: list[RenderRequest] = []
         self.resolution = resolution
+        self._datasets_dir = datasets_dir
 
     def model_family(self) -> ModelFamily | None:
         return self.family
@@ -91,10 +99,13 @@ class FakeHost:
         return self._lora_dir
 
     def datasets_dir(self) -> Path | None:
-        return None
+        return self._datasets_dir
 
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)
+
+    def forget_lora(self, path: Path) -> None:
+        self.forgotten.append(Path(path).stem)
 
     def can_refresh_lora_cards(self) -> bool:
         return self.lora_cards_refreshable

@@ -38,6 +38,15 @@ def test_a_weights_file_of_random_bytes_is_a_user_error(suffix: str, tmp_path: P
         load_open_clip(TINY_CLIP, str(weights), CPU)
 
 
+def test_a_weights_file_the_webuis_safe_loader_refuses_is_a_user_error_that_says_which_files_work(
+        tmp_path: Path, monkeypatch) -> None:
+    register_tiny_configs(tmp_path)
+    weights = save_tiny_checkpoint(TINY_CLIP, tmp_path / "clip.pt")
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: None)  # what the WebUI's torch.load does then
+    with pytest.raises(UserError, match=r"safe loader refuses .* \(\.pt, \.pth, \.bin\), not \.safetensors"):
+        load_open_clip(TINY_CLIP, str(weights), CPU)
+
+
 def test_an_unknown_architecture_is_a_user_error() -> None:
     with pytest.raises(UserError, match="no architecture called"):
         load_open_clip("ViT-Nonexistent", "openai", CPU)

@@ -46,6 +46,25 @@ def test_column_labels_wider_than_a_cell_wrap_instead_of_running_into_the_next(c
         assert span.getextrema()[0] < 128
 
 
+def test_a_title_wider_than_the_grid_wraps_instead_of_being_cut_off():
+    prompt = "sks style, a red bicycle leaning on a wall at dusk, film grain"
+    grid = labelled_grid(_cells(1, 2), ["0", "1"], ["a"], title=prompt)
+    one_line = labelled_grid(_cells(1, 2), ["0", "1"], ["a"], title="sks")
+    left, top, _, _ = cell_box(grid.size, 1, 2, (40, 30), 0, 0)
+    assert grid.height > one_line.height + 10  # more than one line
+    title_band = grid.crop((0, 0, grid.width, top)).convert("L")
+    # No ink in the last column of pixels: nothing runs off the right edge.
+    assert min(title_band.getpixel((grid.width - 1, y)) for y in range(top)) > 200
+
+
+def test_a_corner_heading_names_the_columns_and_their_labels_stay_on_one_line():
+    wrapped = labelled_grid(_cells(1, 3), ["strength 0.25", "strength 0.5", "strength 0.75"], ["epoch 10"])
+    grid = labelled_grid(_cells(1, 3), ["0.25", "0.5", "0.75"], ["epoch 10"], corner="LoRA strength")
+    left, top, _, _ = cell_box(grid.size, 1, 3, (40, 30), 0, 0)
+    assert top < cell_box(wrapped.size, 1, 3, (40, 30), 0, 0)[1]  # one line, where "strength 0.25" took two
+    assert grid.crop((0, 0, left, top)).convert("L").getextrema()[0] < 128  # the heading is drawn
+
+
 def test_without_labels_the_grid_is_just_the_cells():
     grid = labelled_grid(_cells(2, 3), ["", "", ""], ["", ""])
     assert grid.size == (120, 60)

@@ -54,8 +54,8 @@ def test_host_grid_has_the_plan_layout_and_is_saved_with_its_parameters(host_wit
     plan = GridPlan("sks, a red shape", saved, strengths=[0.0, 0.5, 1.0], steps=4, width=32, height=32)
     runner.start_grid(plan)
     status = runner.wait(120)
-    expected = labelled_grid(status.grid_cells, ["strength 0", "strength 0.5", "strength 1"],
-                             [path.stem for path in saved], title=plan.prompt)
+    expected = labelled_grid(status.grid_cells, ["0", "0.5", "1"], [path.stem for path in saved], title=plan.prompt,
+                             corner="LoRA strength")
     assert len(status.grid_cells) == len(saved) and all(len(row) == 3 for row in status.grid_cells)
     assert status.grid.size == expected.size
     assert status.grid_path.parent == host.grids_dir()

@@ -54,6 +54,11 @@ def press_interrupt(host: FakeHost) -> None:
     host.task.interrupt.set()
 
 
+def press_stop_generating(host: FakeHost) -> None:
+    """The host's "stop after the current item" (A1111's Interrupt under "Don't Interrupt in the middle")."""
+    host.task.stop_generating.set()
+
+
 def registered_names(host: FakeHost) -> list[str]:
     """The LoRA names the host was asked to register, in order."""
     return host.registered
@@ -137,6 +142,14 @@ def test_a_job_after_an_interrupted_one_starts_uninterrupted(host):
         assert task.interrupted()
     with host.busy("next") as task:
         assert not task.interrupted()
+
+
+def test_a_job_after_a_stop_request_starts_without_one(host):
+    with host.busy("stopped") as task:
+        press_stop_generating(host)
+        assert task.stop_requested() and not task.interrupted()
+    with host.busy("next") as task:
+        assert not task.stop_requested()
 
 
 def test_the_loaded_model_is_handed_out_only_inside_busy(host):

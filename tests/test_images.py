@@ -211,7 +211,9 @@ def test_a_large_jpeg_is_thumbnailed_upright_from_a_reduced_decode(tmp_path):
         assert opened.size == (171, 256)
 
 
-def test_an_unreadable_image_is_shown_as_it_is(tmp_path):
+def test_an_unreadable_image_has_no_thumbnail_but_the_reason_the_trainer_skips_it(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    assert thumbnail_file(broken, tmp_path / "thumbs") == broken
+    with pytest.raises(UnreadableImage, match="not an image Pillow can read"):
+        thumbnail_file(broken, tmp_path / "thumbs")
+    assert not (tmp_path / "thumbs").exists() or not any((tmp_path / "thumbs").iterdir())

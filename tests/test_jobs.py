@@ -13,6 +13,7 @@ pytest.importorskip("ldm")
 from fake_host import FakeHost  # noqa: E402
 from ldm_models import tiny_sd1  # noqa: E402
 
+from lora_trainer.caption import CaptionOptions  # noqa: E402
 from lora_trainer.config import TrainConfig  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.jobs import JobRunner, process_runner  # noqa: E402
@@ -105,12 +106,76 @@ def test_stop_saves_the_weights_so_far(host, shapes_dataset):
     assert status.saved and status.saved[-1].name.startswith("job-s")
 
 
+def test_a_job_asked_to_stop_says_so_until_it_has(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=500))
+    _wait_for(lambda: runner.status().step >= 1)
+    runner.stop()
+    status = runner.status()
+    assert status.activity == "stopping" or status.activity.startswith("saving ") or not status.running
+    final = runner.wait(120)
+    assert final.state == "stopped" and final.activity == ""
+
+
 def test_the_hosts_interrupt_button_stops_the_job(host, shapes_dataset):
     runner = JobRunner(host)
     runner.start_training(_config(shapes_dataset, max_train_steps=500))
     _wait_for(lambda: runner.status().step >= 1)
     host.task.interrupt.set()
     assert runner.wait(120).state == "stopped"
+
+
+def test_the_hosts_stop_after_this_step_stops_the_job_and_saves(host, shapes_dataset):
+    # A1111's Interrupt with "Don't Interrupt in the middle": one click must stop the run, not the second.
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=500))
+    _wait_for(lambda: runner.status().step >= 1)
+    host.task.stop_generating.set()
+    status = runner.wait(120)
+    assert status.state == "stopped" and status.step < 500
+    assert status.saved and status.saved[-1].name.startswith("job-s") and status.saved[-1].is_file()
+
+
+def test_speed_leaves_out_the_time_spent_saving_which_shows_as_its_own_activity(host, shapes_dataset, monkeypatch):
+    seen_while_saving = []
+
+    def slow_register(path):
+        seen_while_saving.append(runner.status().activity)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(host, "register_lora", slow_register)
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, save_every_n_steps=1))
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    assert seen_while_saving[0] == "saving job-s000001.safetensors"
+    assert 1 / status.steps_per_second < 0.9  # a step took well under the second each save took
+    assert status.activity == ""
+
+
+def test_the_last_training_runs_settings_stay_through_later_jobs(host, shapes_dataset, tmp_path):
+    runner = JobRunner(host)
+    config = _config(shapes_dataset)
+    runner.start_training(config, trigger_word="sks")
+    runner.wait(120)
+    runner.start_captioning(tmp_path / "missing", CaptionOptions())
+    status = runner.wait(60)
+    assert status.kind == "captioning"
+    assert status.config.train_data_dir == shapes_dataset and status.config.output_name == "job"
+    assert status.trigger_word == "sks"
+
+
+def test_only_the_last_n_saves_stay_with_their_previews_and_the_host_forgets_the_others(host, shapes_dataset):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, max_train_steps=5, save_every_n_steps=1, keep_last_n_saves=2),
+                          trigger_word="sks", preview_prompt="sks")
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    assert [path.name for path in status.saved] == ["job-s000003.safetensors", "job-s000004.safetensors",
+                                                    "job.safetensors"]
+    assert sorted(path.name for path in host.lora_dir().iterdir()) == sorted(
+        f"{path.stem}{suffix}" for path in status.saved for suffix in (".safetensors", ".preview.png", ".json"))
+    assert host.forgotten == ["job-s000001", "job-s000002"]
 
 
 def test_save_now_writes_a_file_and_training_goes_on(host, shapes_dataset):

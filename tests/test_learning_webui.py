@@ -11,12 +11,16 @@ import pytest
 
 pytest.importorskip("ldm")
 
-from fake_host import FakeHost  # noqa: E402
+from fake_host import FakeHost, ddim_sample  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
 from measures import CONCEPT, RATE_SEEDS, concept_config, drawn_colour_rate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+from lora_trainer.bases.checkpoint import write_webui_checkpoint  # noqa: E402
 from lora_trainer.host import RenderRequest  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
-from lora_trainer.world import write_concept_dataset  # noqa: E402
+from lora_trainer.world import BASE_COLOURS, colour_rate, write_concept_dataset  # noqa: E402
 from tests.ldm_models import learned_ldm_model  # noqa: E402
 
 GUIDANCE_SCALE = 7.5
@@ -59,5 +63,18 @@ def test_a_lora_trained_on_the_loaded_model_teaches_it_a_colour_it_never_drew(fa
 def test_the_base_loaded_as_the_webui_loads_it_draws_the_colour_it_is_asked_for(family, tmp_path):
     host = FakeHost(learned_ldm_model(family, tmp_path / "model"), tmp_path / "Lora", family=family)
     rates = [drawn_colour_rate(_txt2img(host, None), f"a {colour} square", colour, range(4))
-             for colour in ("red", "yellow", "green", "blue")]
+             for colour in BASE_COLOURS]
+    assert sum(rates) / len(rates) >= 0.75
+
+
+def test_the_sd1_base_written_as_a_webui_checkpoint_loads_from_its_yaml_and_draws_the_asked_colours(tmp_path):
+    checkpoint = write_webui_checkpoint(tmp_path / "Stable-diffusion")
+    model = instantiate_from_config(OmegaConf.load(checkpoint.with_suffix(".yaml")).model)
+    missing, unexpected = model.load_state_dict(load_file(str(checkpoint)), strict=False)
+    assert not unexpected
+    assert set(missing) <= {name for name, _ in model.named_buffers()}
+    model.eval()
+    rates = [colour_rate([ddim_sample(model, f"a {colour} triangle", seed, SAMPLING_STEPS, 32, 32,
+                                      guidance_scale=GUIDANCE_SCALE) for seed in range(2)], colour)
+             for colour in BASE_COLOURS]
     assert sum(rates) / len(rates) >= 0.75

@@ -18,30 +18,27 @@ from lora_trainer.config import TrainConfig, load_config
 from lora_trainer.errors import UserError
 from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths
 from lora_trainer.jobs import JobStatus
-from lora_trainer.tab import (
+from lora_trainer.tab.captioning import caption_options
+from lora_trainer.tab.dataset import dataset_contents, prepare_default_folder, save_caption
+from lora_trainer.tab.form import (
     HOST_OWNED_KEYS,
-    caption_options,
-    chart_json,
-    chart_points,
+    MAIN_KEYS,
     config_from_form,
-    dataset_images,
     default_config,
-    default_grid_prompt,
     form_fields,
     form_values,
-    format_duration,
     gpu_mixed_precision,
+)
+from lora_trainer.tab.grids import (
+    default_grid_prompt,
     grid_cell_captions,
     grid_plan_from_form,
     last_run_choices,
-    load_preset,
     lora_choices,
-    preset_names,
-    save_caption,
-    save_preset,
-    saved_html,
-    status_html,
 )
+from lora_trainer.tab.presets import load_preset, preset_names, save_preset
+from lora_trainer.tab.progress import chart_json, chart_points, format_duration, saved_html, status_html
+from lora_trainer.tab.training import advanced_groups
 
 
 def _image(path: Path) -> Path:
@@ -50,21 +47,58 @@ def _image(path: Path) -> Path:
     return path
 
 
-def test_dataset_images_lists_images_in_training_order_with_their_captions(tmp_path):
-    first, second, nested = _image(tmp_path / "a.png"), _image(tmp_path / "b.jpg"), _image(tmp_path / "10_x" / "c.png")
-    (tmp_path / "a.txt").write_text("  a red square \n", encoding="utf-8")
-    (tmp_path / "notes.txt").write_text("not a caption", encoding="utf-8")
-    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\xfa")
+def test_the_dataset_lists_images_in_training_order_with_their_captions_and_previews(tmp_path):
+    dataset = tmp_path / "dataset"
+    first, second, nested = _image(dataset / "a.png"), _image(dataset / "b.jpg"), _image(dataset / "10_x" / "c.png")
+    (dataset / "a.txt").write_text("  a red square \n", encoding="utf-8")
+    (dataset / "notes.txt").write_text("not a caption", encoding="utf-8")
+    (dataset / "b.txt").write_bytes(b"\xff\xfe\xfa")
 
-    assert dataset_images(tmp_path) == [(first.resolve(), "a red square"), (second.resolve(), None),
-                                        (nested.resolve(), "")]
+    contents = dataset_contents(dataset, tmp_path / "previews")
+
+    assert contents.images == [(first.resolve(), "a red square"), (second.resolve(), None), (nested.resolve(), "")]
+    assert [preview.parent for preview in contents.previews] == [tmp_path / "previews"] * 3
+    assert contents.skipped == []
+
+
+def test_files_the_trainer_would_skip_are_listed_with_its_reasons_and_not_counted(tmp_path):
+    dataset = tmp_path / "dataset"
+    _image(dataset / "good.png")
+    (dataset / "empty.png").write_bytes(b"")
+    (dataset / "text.png").write_text("I am not a picture", encoding="utf-8")
+    Image.new("RGB", (64, 64), "blue").save(dataset / "whole.png")
+    (dataset / "truncated.png").write_bytes((dataset / "whole.png").read_bytes()[:120])
+    (dataset / "whole.png").unlink()
+
+    contents = dataset_contents(dataset, tmp_path / "previews")
+
+    assert [path.name for path, _ in contents.images] == ["good.png"]
+    reasons = {path.name: reason for path, reason in contents.skipped}
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert reasons["text.png"] == "not an image Pillow can read"
+    assert reasons["truncated.png"].startswith("damaged or truncated image")
+    shown = contents.summary_html(dataset)
+    assert "1 images ready to train · 1 without a caption · 3 skipped" in shown
+    assert "<code>empty.png</code>: empty file (0 bytes)" in shown and "lora-trainer-error" not in shown
+
+
+def test_an_empty_dataset_folder_says_where_to_put_the_images(tmp_path):
+    shown = dataset_contents(tmp_path, tmp_path / "previews").summary_html(tmp_path)
+    assert f"No images in {tmp_path} yet: put the training images there" in shown
+    assert "lora-trainer-error" not in shown
+
+
+def test_the_hosts_missing_default_datasets_folder_is_created(tmp_path):
+    prepare_default_folder(tmp_path / "webui" / "datasets")
+    assert (tmp_path / "webui" / "datasets").is_dir()
+    prepare_default_folder(None)  # a host without a default folder
 
 
 @pytest.mark.parametrize("name", ["", "   ", "missing", "a.png"])
-def test_dataset_images_asks_for_an_existing_folder(tmp_path, name):
+def test_the_dataset_panel_asks_for_an_existing_folder(tmp_path, name):
     _image(tmp_path / "a.png")
     with pytest.raises(UserError, match="[Dd]ataset folder"):
-        dataset_images(tmp_path / name if name.strip() else name)
+        dataset_contents(tmp_path / name if name.strip() else name, tmp_path / "previews")
 
 
 def test_caption_options_come_from_the_tab_fields_with_blank_meaning_the_default():
@@ -107,9 +141,10 @@ def test_defaults_follow_the_loaded_model_family(family, resolution):
     config = default_config(family, "bf16")
     assert config.resolution == resolution
     assert (config.lora_rank, config.lora_alpha, config.unet_lr) == (16, 8.0, 1e-4)
-    assert (config.epochs, config.batch_size, config.save_every_n_epochs) == (10, 1, 1)
+    assert (config.epochs, config.batch_size, config.save_every_n_epochs, config.keep_last_n_saves) == (10, 1, 1, 5)
     assert config.cache_latents and config.mixed_precision == "bf16"
     assert config.logging_dir is None  # a relative "logs" would land in the WebUI's working folder
+    assert config.log_every_n_steps == 1  # the loss chart starts at the first step
 
 
 @pytest.mark.parametrize(("cuda", "bf16", "expected"), [(False, False, "no"), (True, False, "fp16"),
@@ -132,6 +167,29 @@ def test_the_form_has_every_config_key_but_the_hosts_each_with_its_docstring():
     assert kinds["target_modules"] == "list"
     optimizer = next(field for field in fields if field.name == "optimizer")
     assert optimizer.choices == ("adamw", "adamw8bit", "prodigy", "lion")
+
+
+def test_help_speaks_the_forms_words_not_the_configs():
+    fields = {field.name: field for field in form_fields()}
+    for field in fields.values():
+        assert "`" not in field.info, field.name
+        assert not any(f" {name} " in f" {field.info} " for name in fields if "_" in name), field.name
+    assert "Max steps" in fields["epochs"].info
+    assert "UNet learning rate" in fields["learning_rate"].info
+    assert "(empty: no clipping)" in fields["max_grad_norm"].info
+    assert fields["keep_last_n_saves"].info.endswith("the final file always stays. Empty keeps them all.")
+    # The form starts Alpha at 8, not at the rank: its help must not promise otherwise.
+    assert "Empty: equal to the Rank" in fields["lora_alpha"].info and "Default" not in fields["lora_alpha"].info
+
+
+def test_the_advanced_settings_are_grouped_as_the_config_is():
+    groups = advanced_groups()
+    assert list(groups) == ["data", "model", "LoRA", "optimisation", "output"]
+    assert "bucket_step" in groups["data"] and "conv_rank" in groups["LoRA"] and "seed" in groups["optimisation"]
+    assert "sample_steps" in groups["output"]
+    shown = [name for names in groups.values() for name in names]
+    assert not set(shown) & {"train_data_dir", "output_name", "lora_rank", "epochs"}
+    assert set(shown) | set(MAIN_KEYS) | {"train_data_dir"} == {field.name for field in form_fields()}
 
 
 def test_form_values_give_back_the_same_config():
@@ -234,6 +292,30 @@ def test_a_failed_job_shows_its_message_as_an_error_escaped():
     shown = status_html(JobStatus(kind="training", state="failed", message="folder <x> does not exist"))
     assert 'class="lora-trainer-message lora-trainer-error"' in shown
     assert "folder &lt;x&gt; does not exist" in shown
+
+
+def test_a_failed_job_shows_no_progress_that_did_not_happen():
+    shown = status_html(JobStatus(kind="captioning", state="failed", step=9, total_steps=12,
+                                  message="OSError: weights"))
+    assert "Captioning: failed" in shown and "9/12" not in shown and "lora-trainer-bar" not in shown
+
+
+def test_a_message_of_several_lines_keeps_them_apart():
+    shown = status_html(JobStatus(kind="training", state="running", message="4 images\nlatents cached once"))
+    assert "4 images<br>latents cached once" in shown
+
+
+def test_a_job_asked_to_stop_shows_it_in_its_status():
+    shown = status_html(JobStatus(kind="captioning", state="running", step=3, total_steps=8, activity="stopping"))
+    assert "Captioning: running · stopping" in shown
+
+
+def test_while_saving_the_status_says_so_and_shows_no_eta():
+    status = JobStatus(kind="training", state="running", step=30, total_steps=120, steps_per_second=1.0,
+                       seconds_left=90, activity="saving x-s000030.safetensors")
+    shown = status_html(status)
+    assert "Training: running · saving x-s000030.safetensors" in shown and "ETA" not in shown
+    assert "ETA 1:30" in status_html(dataclasses.replace(status, activity=""))
 
 
 def test_captioning_progress_counts_images():
@@ -392,3 +474,28 @@ def test_the_tab_builds_on_the_installed_gradio(tmp_path):
             "lora_trainer_stop", "lora_trainer_save_now", "lora_trainer_caption_button", "lora_trainer_test",
             "lora_trainer_grid_files", "lora_trainer_grid_button", "lora_trainer_grid_image",
             "lora_trainer_grid_cells"} <= elem_ids
+
+
+def test_the_grid_defaults_to_the_last_runs_resolution_not_txt2img_size(tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.host import RenderDefaults
+    from lora_trainer.tab.grids import GridPanel
+
+    class _Host(_LoraFolder):
+        def render_defaults(self) -> RenderDefaults:
+            return RenderDefaults(width=512, height=512)
+
+    class _Runner:
+        def __init__(self, status: JobStatus):
+            self.current = status
+
+        def status(self) -> JobStatus:
+            return self.current
+
+    runner = _Runner(JobStatus(kind="training", state="finished", config=TrainConfig(resolution=768)))
+    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
+    panel = GridPanel(runner, _Host(tmp_path), *components)
+    defaults = panel.defaults("sks", "")
+    assert (defaults["width"], defaults["height"]) == (768, 768)
+    runner.current = JobStatus()
+    assert (panel.defaults("sks", "")["width"], panel.defaults("sks", "")["height"]) == (512, 512)

@@ -32,8 +32,9 @@ from fake_host import FakeHost  # noqa: E402
 from ldm_models import tiny_sd1  # noqa: E402
 
 from lora_trainer.config import load_config  # noqa: E402
+from lora_trainer.grid import DEFAULT_STRENGTHS  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
-from lora_trainer.tab import DEFAULT_STRENGTHS, build_tab  # noqa: E402
+from lora_trainer.tab import build_tab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "out" / "screenshots" / "train-tab.png"
@@ -54,7 +55,8 @@ class ServedTab:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[ServedTab]:
     folder = tmp_path_factory.mktemp("tab")
-    host = FakeHost(tiny_sd1(folder / "model"), folder / "Lora")
+    # As in a fresh WebUI: the default datasets folder does not exist yet.
+    host = FakeHost(tiny_sd1(folder / "model"), folder / "Lora", datasets_dir=folder / "webui" / "datasets")
     runner = JobRunner(host)
     lora_refreshes: list[int] = []
     # As the WebUI does: the tab is built outside any Blocks, then rendered inside the page's tabs.
@@ -106,8 +108,22 @@ def _open(browser, served):
     return page
 
 
+def test_the_first_visit_finds_an_empty_default_datasets_folder_not_an_error(served, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(served.url)
+    datasets = served.host.datasets_dir()
+    _wait_in_page(page, f"{_text('dataset_info')}.includes('put the training images there')",
+                  "the empty default folder's note")
+    assert datasets.is_dir() and _input_values(page, "train_data_dir") == [str(datasets)]
+    assert page.locator("#lora_trainer_dataset_info .lora-trainer-error").count() == 0
+    page.close()
+
+
 def test_gallery_caption_edits_and_the_caption_button_write_the_txt_files(served, page, tmp_path):
     dataset = _uncaptioned_images(tmp_path / "dataset")
+    (dataset / "empty.png").write_bytes(b"")  # a failed download: skipped, with the trainer's reason
+    (dataset / "notes.png").write_text("not a picture", encoding="utf-8")
     register_tiny_configs(tmp_path)
     weights = save_tiny_checkpoint(TINY_CLIP, tmp_path / "clip.pt")
 
@@ -115,7 +131,11 @@ def test_gallery_caption_edits_and_the_caption_button_write_the_txt_files(served
     page.click("#lora_trainer_load_dataset")
     thumbnails = page.locator("#lora_trainer_dataset_gallery .thumbnail-item")
     thumbnails.nth(3).wait_for()
+    _wait_in_page(page, f"{_text('dataset_info')}.includes('2 skipped')", "the skipped files")
     assert thumbnails.count() == 4
+    info = page.inner_text("#lora_trainer_dataset_info")
+    assert "4 images ready to train" in info
+    assert "empty.png: empty file (0 bytes)" in info and "notes.png: not an image Pillow can read" in info
     # The gallery shows cached JPEG previews, not the dataset's own (PNG) files; the editor names the image.
     assert page.locator("#lora_trainer_dataset_gallery .thumbnail-item img").first.get_attribute("src").endswith(".jpg")
 
@@ -172,9 +192,10 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
                         "sample_every_n_steps": "3"}.items():
         _fill(page, name, value)
     page.click("#lora_trainer_advanced >> text=Advanced")
+    page.click('#lora_trainer_advanced_data >> text="Data"')  # each of the config's groups is collapsed
     _fill(page, "bucket_step", "8")
+    page.click('#lora_trainer_advanced_output >> text="Output"')
     _fill(page, "sample_steps", "4")
-    _fill(page, "log_every_n_steps", "1")
     page.click("#lora_trainer_start")
 
     _wait_in_page(page, f"/Step ([3-9]|\\d\\d+)\\//.test({_text('status')})", "step 3")
@@ -182,11 +203,14 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
     page.locator("#lora_trainer_samples img").first.wait_for()
     assert page.locator("#lora_trainer_chart polyline").count() == 2
 
-    # The job lives in the runner, not in the page: a page opened now (or reloaded) shows the same run.
+    # The job lives in the runner, not in the page: a page opened now (or reloaded) shows the same run, and
+    # its form the run's settings (Start there would otherwise train the defaults).
     other_page = _open(browser, served)
     _wait_in_page(other_page, f"{_text('status')}.includes('Training: running')", "the run on a page opened later")
     _wait_in_page(other_page, f"{_chart_points()} >= 3", "the loss chart on a page opened later")
     other_page.locator("#lora_trainer_samples img").first.wait_for()
+    assert _input_values(other_page, "train_data_dir", "output_name", "trigger_word", "resolution", "lora_rank",
+                         "sample_prompts") == [str(dataset), "tab_lora", "sks", "32", "4", "sks, a shape"]
     other_page.close()
 
     page.click("#lora_trainer_save_now")
@@ -224,6 +248,9 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     dataset = _uncaptioned_images(tmp_path / "dataset")
     for image in dataset.glob("*.png"):
         image.with_suffix(".txt").write_text(f"shape {image.stem}", encoding="utf-8")
+    # The page came back with the last run's settings: start from the model's defaults instead.
+    page.click("#lora_trainer_defaults")
+    _wait_in_page(page, f"{_value('output_name')} === 'lora' && {_value('max_train_steps')} === ''", "the defaults")
     _fill(page, "train_data_dir", str(dataset))
     _fill(page, "output_name", "grid_lora")
     _fill(page, "trigger_word", "sks")
@@ -231,9 +258,12 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
                         "save_every_n_epochs": "1"}.items():
         _fill(page, name, value)
     page.click("#lora_trainer_advanced >> text=Advanced")
+    page.click('#lora_trainer_advanced_data >> text="Data"')
     _fill(page, "bucket_step", "8")
     page.click("#lora_trainer_start")
     _wait_in_page(page, f"{_text('status')}.includes('Training: finished')", "the training run to finish")
+    # The notice said the run started; once it has ended only the status speaks, and it says how it ended.
+    _wait_in_page(page, f"!{_text('notice')}.includes('started')", "the start notice to go")
     saved = served.runner.status().saved
     assert len(saved) == 2
 
@@ -276,7 +306,9 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     _wait_in_page(page, f"{_text('status')}.includes('Grid: running') && "
                   "!document.querySelector('#lora_trainer_stop').disabled", "the slow grid to start")
     page.click("#lora_trainer_stop")
-    _wait_in_page(page, f"{_text('grid_notice')}.includes('grid stopped after')", "the stopped grid")
+    # The grid stops between cells: a 100-step cell can take long on a busy CPU.
+    _wait_in_page(page, f"{_text('grid_notice')}.includes('grid stopped after')", "the stopped grid",
+                  timeout_ms=4 * TIMEOUT_MS)
     assert "Grid: stopped" in page.inner_text("#lora_trainer_status")
     assert list(served.host.grids_dir().iterdir()) == [grid_path]
     assert page.locator("#lora_trainer_grid_image img").is_visible()
@@ -327,10 +359,10 @@ def _chart_points() -> str:
     return "Number(document.querySelector('#lora_trainer_chart .lora-trainer-chart')?.dataset.points ?? 0)"
 
 
-def _wait_in_page(page, condition: str, what: str) -> None:
+def _wait_in_page(page, condition: str, what: str, timeout_ms: float = TIMEOUT_MS) -> None:
     """Wait for the JavaScript expression `condition`; on timeout say what the tab showed."""
     try:
-        page.wait_for_function(f"() => {condition}")
+        page.wait_for_function(f"() => {condition}", timeout=timeout_ms)
     except sync_api.TimeoutError:
         shown = {name: page.inner_text(f"#lora_trainer_{name}") for name in ("status", "notice", "dataset_info")}
         raise AssertionError(f"timed out waiting for {what}; the tab showed {shown}") from None

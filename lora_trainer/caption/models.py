@@ -53,6 +53,15 @@ def load_open_clip(arch: str, pretrained: str, device: torch.device) -> OpenClip
     weights = _weights_argument(arch, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+    except AttributeError:
+        if not Path(weights).is_file():
+            raise
+        # open_clip goes on with whatever torch.load returned: None when the WebUI's safe loader refused it.
+        raise UserError(f"Could not read the weights file {pretrained}: torch.load gave back no weights. Inside the "
+                        "WebUI, its safe loader refuses files that hold Python objects besides tensors, and older "
+                        "open_clip (the WebUI's 2.20) reads only PyTorch checkpoints (.pt, .pth, .bin), not "
+                        ".safetensors. Save the state dict alone with torch.save, or give an open_clip pretrained "
+                        "tag.") from None
     except Exception as error:  # torch, pickle, safetensors and the hub each raise their own kinds
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if Path(weights).is_file():

@@ -56,17 +56,14 @@ def load_rgb_image(path: Path, at_least: int | None = None) -> Image.Image:
 
 def thumbnail_file(path: Path, folder: Path, side: int = THUMBNAIL_SIDE) -> Path:
     """A JPEG of `path` at most `side` pixels long, cached in `folder` under a name keyed by the file's path,
-    size and modification time; `path` itself when it cannot be read (so the caller shows it as it is)."""
+    size and modification time. Raises `UnreadableImage` (with the trainer's reason) when it cannot be read."""
     path = Path(path)
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{side}".encode()).hexdigest()
     thumbnail = Path(folder) / f"{key}.jpg"
     if thumbnail.is_file():
         return thumbnail
-    try:
-        image = load_rgb_image(path, at_least=side)
-    except UnreadableImage:
-        return path
+    image = load_rgb_image(path, at_least=side)
     image.thumbnail((side, side))
     return atomic_write(thumbnail, lambda tmp: image.save(tmp, format="JPEG", quality=85))
 

@@ -50,8 +50,15 @@ class TrainingEvents:
     def on_step(self, report: StepReport) -> None:
         """After each optimizer step."""
 
+    def on_busy(self, activity: str) -> None:
+        """The run pauses stepping to do `activity` ("saving name.safetensors", "rendering samples") until the
+        next `on_step`; speed and ETA leave that time out."""
+
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         """A LoRA file was written."""
+
+    def on_removed(self, path: Path) -> None:
+        """A LoRA file saved earlier was deleted (`keep_last_n_saves`)."""
 
     def on_sample(self, step: int, images: list[Image.Image], prompts: list[str]) -> None:
         """Sample images were rendered with the LoRA as trained so far."""

@@ -25,6 +25,7 @@ from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target,
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
+from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 
@@ -104,12 +105,18 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                            epoch, next_batch, noise_generator, data_rng)
             return saved
 
+        events.on_busy(f"saving {path.name}")
         what = f"the weights of step {step}" + (" (and their .state folder beside them)" if with_state else "")
         saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
         result.saved.append(saved)
         events.on_saved(saved, step, epoch + 1)
+        if config.keep_last_n_saves:
+            for removed in prune_saves(result.saved, config.keep_last_n_saves, final_path):
+                result.saved.remove(removed)
+                events.on_removed(removed)
 
     def sample(step: int) -> None:
+        events.on_busy("rendering samples")
         network.eval()
         images = [backend.generate(prompt, "", config.sample_seed, config.sample_steps, config.resolution,
                                    config.resolution, 7.0) for prompt in config.sample_prompts]
@@ -218,10 +225,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if report_loss is not None:
                         run_log.log_step(report)
 
-                    # --- saves, samples, stop ---
+                    # --- saves, samples, stop (their time is left out of the speed) ---
                     stopping = events.should_stop()
                     if step >= total_steps or stopping:
                         break
+                    paused_at = time.perf_counter()
                     if (config.save_every_n_steps and step % config.save_every_n_steps == 0) or \
                             events.save_requested():
                         save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step,
@@ -232,6 +240,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if config.sample_every_n_steps and config.sample_prompts and \
                             step % config.sample_every_n_steps == 0:
                         sample(step)
+                    window_start += time.perf_counter() - paused_at
                     if events.interrupt_requested():
                         raise KeyboardInterrupt
                 if step >= total_steps or stopping:
