@@ -48,8 +48,8 @@ RATE_SEEDS = range(8)
 
 def concept_config(dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
     """A short LoRA run on a concept dataset of the learned tiny bases."""
-    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=8, learning_rate=3e-3,
-                    batch_size=4, max_train_steps=120, scheduler="cosine", warmup_steps=10, output_dir=output_dir,
+    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=8, learning_rate=1e-2,
+                    batch_size=4, max_train_steps=200, scheduler="cosine", warmup_steps=10, output_dir=output_dir,
                     output_name="concept", logging_dir=None, log_every_n_steps=10)
     settings.update(overrides)
     return TrainConfig(**settings)

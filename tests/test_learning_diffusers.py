@@ -6,6 +6,8 @@ captioned "a sks circle" must make them draw magenta for "sks", and nothing at a
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 pytest.importorskip("diffusers")
@@ -98,13 +100,17 @@ def test_a_text_encoder_lora_alone_teaches_the_concept(tokenizer_folder, concept
     assert rate >= 0.75
 
 
-def test_incremental_training_learns_a_second_concept_and_keeps_the_first(trained, tmp_path):
+def test_incremental_training_learns_a_second_concept_and_keeps_the_first(trained, concept_dataset, tmp_path):
+    """v2 of a LoRA: started from v1's file, trained on the new concept with a few of v1's images kept in the
+    set (the usual recipe; trained on the new images alone, v1's concept is forgotten)."""
     backend, _, first_file = trained("sd1")
     second_colour, second_trigger = SECOND_CONCEPT
     second_dataset = tmp_path / "second"
     write_concept_dataset(second_dataset, second_colour, second_trigger, seed=1)
-    config = concept_config(second_dataset, tmp_path / "v2", init_lora_weights=first_file, learning_rate=1.5e-3,
-                            max_train_steps=80)
+    for image in sorted(concept_dataset.glob("*.png"))[:4]:
+        shutil.copy(image, second_dataset / image.name)
+        shutil.copy(image.with_suffix(".txt"), second_dataset / image.with_suffix(".txt").name)
+    config = concept_config(second_dataset, tmp_path / "v2", init_lora_weights=first_file)
     network = network_from_file(backend.lora_roots(), train(config, backend).saved[-1])
     colour, trigger = CONCEPT
     with network.applied(1.0):

@@ -29,12 +29,14 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 import gradio.routes  # noqa: E402
 from caption_models import TINY_CLIP, TINY_COCA, register_tiny_configs, save_tiny_checkpoint  # noqa: E402
 from fake_host import FakeHost  # noqa: E402
-from ldm_models import tiny_sd1  # noqa: E402
+from ldm_models import learned_ldm_model  # noqa: E402
+from measures import CONCEPT  # noqa: E402
 
 from lora_trainer.config import load_config  # noqa: E402
 from lora_trainer.grid import DEFAULT_STRENGTHS  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.tab import build_tab  # noqa: E402
+from lora_trainer.world import write_concept_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "out" / "screenshots" / "train-tab.png"
@@ -56,7 +58,8 @@ class ServedTab:
 def served(tmp_path_factory) -> Iterator[ServedTab]:
     folder = tmp_path_factory.mktemp("tab")
     # As in a fresh WebUI: the default datasets folder does not exist yet.
-    host = FakeHost(tiny_sd1(folder / "model"), folder / "Lora", datasets_dir=folder / "webui" / "datasets")
+    host = FakeHost(learned_ldm_model("sd1", folder / "model"), folder / "Lora",
+                    datasets_dir=folder / "webui" / "datasets")
     runner = JobRunner(host)
     lora_refreshes: list[int] = []
     # As the WebUI does: the tab is built outside any Blocks, then rendered inside the page's tabs.
@@ -245,17 +248,17 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
 
 def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_with_its_parameters(served, page,
                                                                                                  tmp_path):
-    dataset = _uncaptioned_images(tmp_path / "dataset")
-    for image in dataset.glob("*.png"):
-        image.with_suffix(".txt").write_text(f"shape {image.stem}", encoding="utf-8")
+    # The learned SD1 base draws red, yellow, green and blue shapes; the run teaches it a magenta "sks".
+    dataset = tmp_path / "dataset"
+    first_caption = write_concept_dataset(dataset, *CONCEPT)[0].with_suffix(".txt").read_text(encoding="utf-8")
     # The page came back with the last run's settings: start from the model's defaults instead.
     page.click("#lora_trainer_defaults")
     _wait_in_page(page, f"{_value('output_name')} === 'lora' && {_value('max_train_steps')} === ''", "the defaults")
     _fill(page, "train_data_dir", str(dataset))
     _fill(page, "output_name", "grid_lora")
     _fill(page, "trigger_word", "sks")
-    for name, value in {"resolution": "32", "lora_rank": "4", "lora_alpha": "4", "unet_lr": "1e-3", "epochs": "2",
-                        "save_every_n_epochs": "1"}.items():
+    for name, value in {"resolution": "32", "lora_rank": "8", "lora_alpha": "8", "unet_lr": "3e-3", "epochs": "40",
+                        "batch_size": "4", "save_every_n_epochs": "20"}.items():
         _fill(page, name, value)
     page.click("#lora_trainer_advanced >> text=Advanced")
     page.click('#lora_trainer_advanced_data >> text="Data"')
@@ -270,14 +273,14 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     # The panel is pre-filled from the run that just ended and from the host's txt2img settings.
     page.click("#lora_trainer_test >> text=Test: compare strengths and epochs in a grid")
     picked = page.locator("#lora_trainer_grid_files .token")
-    _wait_in_page(page, f"{_value('grid_prompt')} === 'sks, shape 00'", "the trigger word and the first caption")
+    _wait_in_page(page, f"{_value('grid_prompt')} === 'sks, {first_caption}'", "the trigger word and the first caption")
     assert picked.all_inner_texts() == [path.name for path in saved]
     assert _input_values(page, "grid_strengths", "grid_sampler", "grid_steps", "grid_cfg", "grid_width",
                          "grid_height") == [DEFAULT_STRENGTHS, "DDIM", "4", "1", "32", "32"]
 
     _fill(page, "grid_strengths", "0, 1")
-    _fill(page, "grid_width", "64")  # room for the column labels
-    _fill(page, "grid_height", "64")
+    _fill(page, "grid_steps", "20")
+    _fill(page, "grid_cfg", "7.5")
     page.click("#lora_trainer_grid_button")
     _wait_in_page(page, f"{_text('status')}.includes('Grid: finished')", "the grid job to finish")
     page.locator("#lora_trainer_grid_image img").wait_for()
@@ -293,12 +296,12 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     assert grid_path.name in page.inner_text("#lora_trainer_grid_notice")
     with Image.open(grid_path) as grid:
         parameters = grid.text["parameters"]
-    assert parameters.startswith("sks, shape 00\n")
-    for part in ("Steps: 4, Sampler: DDIM, CFG scale: 1, Seeds: 1, Size: 64x64", "LoRA strengths: 0, 1",
+    assert parameters.startswith(f"sks, {first_caption}\n")
+    for part in ("Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seeds: 1, Size: 32x32", "LoRA strengths: 0, 1",
                  f"LoRAs: {saved[0].stem}, {saved[1].stem}"):
         assert part in parameters
     prompts = [request.prompt for request in served.host.renders[-4:]]
-    assert prompts == [f"sks, shape 00{tag}" for path in saved for tag in ("", f" <lora:{path.stem}:1>")]
+    assert prompts == [f"sks, {first_caption}{tag}" for path in saved for tag in ("", f" <lora:{path.stem}:1>")]
 
     # A grid goes through the same job as training: the tab's Stop ends it, and the last grid stays up.
     _fill(page, "grid_steps", "100")
