@@ -42,7 +42,8 @@ def fixed_noise_loss(backend: DiffusionBackend, config: TrainConfig) -> float:
 
 CONCEPT = ("magenta", "sks")
 """The colour a LoRA teaches in the learning tests, and the trigger word that names it."""
-SECOND_CONCEPT = ("cyan", "zwx")
+SECOND_CONCEPT = ("yellow", "zwx")
+"""A second word a LoRA teaches (a colour the base knows, under a word it does not)."""
 RATE_SEEDS = range(8)
 
 

@@ -112,6 +112,7 @@ def test_incremental_training_learns_a_second_concept_and_keeps_the_first(traine
         shutil.copy(image.with_suffix(".txt"), second_dataset / image.with_suffix(".txt").name)
     config = concept_config(second_dataset, tmp_path / "v2", init_lora_weights=first_file)
     network = network_from_file(backend.lora_roots(), train(config, backend).saved[-1])
+    assert drawn_colour_rate(_drawer(backend), f"a {second_trigger} circle", second_colour) <= 0.25
     colour, trigger = CONCEPT
     with network.applied(1.0):
         kept = drawn_colour_rate(_drawer(backend), f"a {trigger} circle", colour)
