@@ -114,6 +114,7 @@ def test_a_run_that_fails_midway_ends_the_progress_bar_line_before_the_error(sha
     assert main(["train", "--config", str(config)]) == 2
     bar_output, _, error = capsys.readouterr().err.partition("error: ")
     assert "the loss became" in error
+    assert "fp16" not in error  # an fp32 run: no advice about a precision it does not use
     assert bar_output.endswith("\n")
 
 

@@ -88,11 +88,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                             scan, data, total_steps, started_at)
     run_log = RunLog(config.logging_dir, config.output_name)
 
+    nan_advice = "Lower the learning rate" + (
+        ", or train in bf16/fp32 instead of fp16" if config.mixed_precision == "fp16" else "") + "."
+
     def save(path: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
         """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
         if not all(torch.isfinite(p).all() for p in trainable):
-            raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
-                            "learning rate, or train in bf16/fp32 instead of fp16")
+            raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. {nan_advice}")
         with_state = with_state and config.save_state
 
         def write(folder: Path) -> Path:
@@ -207,7 +209,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         report_loss = (loss_sum / losses_in_sum).item()
                         if not math.isfinite(report_loss):
                             raise UserError(f"the loss became {report_loss} by step {step}; nothing more was "
-                                            "saved. Lower the learning rate, or train in bf16/fp32 instead of fp16")
+                                            f"saved. {nan_advice}")
                         result.last_loss = report_loss
                         loss_sum.zero_()
                         losses_in_sum = 0
