@@ -199,6 +199,9 @@ class TinySDXL(nn.Module):
     def get_first_stage_encoding(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
+    def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(latents / self.scale_factor)
+
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(x, t, cond)
 
@@ -272,6 +275,7 @@ def _register_tiny_open_clip(folder: Path) -> None:
 def learned_ldm_model(family: str, folder: Path, weights: Path = WEIGHTS_DIR) -> nn.Module:
     """The learned tiny base of `family` (lora_trainer/bases) as the WebUI would load its single-file checkpoint."""
 
+    Path(folder).mkdir(parents=True, exist_ok=True)
     model = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}[family](folder)
     own_keys = set(model.state_dict())
     state = {}

@@ -13,7 +13,7 @@ from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.models.base import DiffusionBackend
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target
-from lora_trainer.world import colour_rate
+from lora_trainer.world import COLOURS, colour_rate
 
 TINY_SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
 
@@ -57,6 +57,6 @@ def concept_config(dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
 
 
 def drawn_colour_rate(generate: Callable[[str, int], Image.Image], prompt: str, colour: str,
-                      seeds: range = RATE_SEEDS) -> float:
-    """The share of `seeds` for which `generate(prompt, seed)` draws `colour`."""
-    return colour_rate([generate(prompt, seed) for seed in seeds], colour)
+                      seeds: range = RATE_SEEDS, colours: tuple[str, ...] = tuple(COLOURS)) -> float:
+    """The share of `seeds` for which `generate(prompt, seed)` draws `colour` (the nearest of `colours`)."""
+    return colour_rate([generate(prompt, seed) for seed in seeds], colour, colours)

@@ -60,7 +60,8 @@ def trained(tmp_path_factory, tokenizer_folder, concept_dataset):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_base_draws_the_colour_it_is_asked_for(family, tokenizer_folder):
     generate = _drawer(_backend(family, tokenizer_folder))
-    rates = {colour: drawn_colour_rate(generate, f"a {colour} circle", colour, range(4)) for colour in BASE_COLOURS}
+    rates = {colour: drawn_colour_rate(generate, f"a {colour} circle", colour, range(4), tuple(BASE_COLOURS))
+             for colour in BASE_COLOURS}
     print(f"{family}: colour right per colour {rates}")
     assert sum(rates.values()) / len(rates) >= 0.75
 

@@ -264,7 +264,8 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     page.click('#lora_trainer_advanced_data >> text="Data"')
     _fill(page, "bucket_step", "8")
     page.click("#lora_trainer_start")
-    _wait_in_page(page, f"{_text('status')}.includes('Training: finished')", "the training run to finish")
+    _wait_in_page(page, f"{_text('status')}.includes('Training: finished')", "the training run to finish",
+                  timeout_ms=8 * TIMEOUT_MS)
     # The notice said the run started; once it has ended only the status speaks, and it says how it ended.
     _wait_in_page(page, f"!{_text('notice')}.includes('started')", "the start notice to go")
     saved = served.runner.status().saved

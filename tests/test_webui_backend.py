@@ -66,7 +66,7 @@ def _snapshot(model: nn.Module) -> dict:
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, models, shapes_dataset, tmp_path):
     backend = WebUIBackend(models[family])
-    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=30, learning_rate=2e-2)
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=60, learning_rate=2e-2)
     path = train(config, backend).saved[-1]
     network = network_from_file(backend.lora_roots(), path)
     with network.applied(0.0):
@@ -74,7 +74,7 @@ def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, m
     with network.applied(1.0):
         trained_loss = fixed_noise_loss(backend, config)
     print(f"{family}: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
-    # Measured strength-1 / strength-0 loss ratios: sd1 0.64, sd2 0.53, sdxl 0.57.
+    # Measured strength-1 / strength-0 loss ratios (60 steps): sd1 0.63, sd2 0.58, sdxl 0.60.
     assert trained_loss < 0.85 * base_loss
 
 
