@@ -274,7 +274,7 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     # The panel is pre-filled from the run that just ended and from the host's txt2img settings.
     page.click("#lora_trainer_test >> text=Test: compare strengths and epochs in a grid")
     picked = page.locator("#lora_trainer_grid_files .token")
-    _wait_in_page(page, f"{_value('grid_prompt')} === 'sks, {first_caption}'", "the trigger word and the first caption")
+    _wait_in_page(page, f"{_value('grid_prompt')} === '{first_caption}'", "the caption, which holds the trigger")
     assert picked.all_inner_texts() == [path.name for path in saved]
     assert _input_values(page, "grid_strengths", "grid_sampler", "grid_steps", "grid_cfg", "grid_width",
                          "grid_height") == [DEFAULT_STRENGTHS, "DDIM", "4", "1", "32", "32"]
@@ -297,12 +297,12 @@ def test_the_test_panel_renders_a_strength_grid_of_the_last_runs_files_saved_wit
     assert grid_path.name in page.inner_text("#lora_trainer_grid_notice")
     with Image.open(grid_path) as grid:
         parameters = grid.text["parameters"]
-    assert parameters.startswith(f"sks, {first_caption}\n")
+    assert parameters.startswith(f"{first_caption}\n")
     for part in ("Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seeds: 1, Size: 32x32", "LoRA strengths: 0, 1",
                  f"LoRAs: {saved[0].stem}, {saved[1].stem}"):
         assert part in parameters
     prompts = [request.prompt for request in served.host.renders[-4:]]
-    assert prompts == [f"sks, {first_caption}{tag}" for path in saved for tag in ("", f" <lora:{path.stem}:1>")]
+    assert prompts == [f"{first_caption}{tag}" for path in saved for tag in ("", f" <lora:{path.stem}:1>")]
 
     # A grid goes through the same job as training: the tab's Stop ends it, and the last grid stays up.
     _fill(page, "grid_steps", "100")
