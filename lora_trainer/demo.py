@@ -107,9 +107,9 @@ def run_demo(workdir: Path, device: str | None = None, steps: int = DEFAULT_STEP
     labels = []
     for strength in STRENGTHS:
         with network.applied(strength):
-            for row, prompt in zip(rows, PROMPTS):
-                row.append(_sample(backend, prompt, RATE_SEEDS[0]).resize((128, 128), Image.NEAREST))
             images = [_sample(backend, prompt, seed) for prompt in PROMPTS for seed in RATE_SEEDS]
+        for row, shown in zip(rows, images[::len(RATE_SEEDS)]):
+            row.append(shown.resize((128, 128), Image.NEAREST))
         rate = colour_rate(images, CONCEPT_COLOUR)
         print(f"strength {strength:g}: {CONCEPT_COLOUR} in {rate:.0%} of {len(images)} samples")
         labels.append(f"strength {strength:g}: {CONCEPT_COLOUR} {rate:.0%}")

@@ -284,9 +284,8 @@ def learned_ldm_model(family: str, folder: Path, weights: Path = WEIGHTS_DIR) ->
         wrapped = re.sub(r"^(cond_stage_model|conditioner\.embedders\.\d+)\.", r"\1.wrapped.", key)
         state[wrapped if wrapped in own_keys else key] = tensor.float()
     unexpected = set(state) - own_keys
-    missing = {key for key in own_keys - set(state) if not key.endswith(("position_ids", "logit_scale"))
-               and "betas" not in key and "alphas" not in key and "posterior" not in key and "sqrt" not in key
-               and "log_one_minus" not in key and "logvar" not in key}
+    missing = own_keys - set(state) - {name for name, _ in model.named_buffers()} - {
+        key for key in own_keys if key.endswith("logit_scale")}
     if unexpected or missing:
         raise AssertionError(f"checkpoint and model differ: unexpected {sorted(unexpected)[:5]}, "
                              f"missing {sorted(missing)[:5]}")
