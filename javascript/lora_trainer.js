@@ -1,6 +1,7 @@
-// Train LoRA tab, client side: polls the job status, draws the loss chart, refreshes the Lora cards after a save.
-// The server puts {losses: [[step, loss], ...], saved: [names], state} into the hidden #lora_trainer_chart_data
-// textbox on each poll. A textbox value set by gradio is no DOM mutation, so one timer watches it, whether or not
+// Train LoRA tab, client side: polls the job status, draws the loss chart, refreshes the Lora cards after a save,
+// and tells a txt2img waiting behind a job what it waits for.
+// The server puts {losses: [[step, loss], ...], saved: [names], state, refresh_lora_cards, queue_note} into the
+// hidden #lora_trainer_chart_data textbox on each poll. A textbox value set by gradio is no DOM mutation, so one timer watches it, whether or not
 // the page defines the WebUI's onUiUpdate.
 (function () {
     "use strict";
@@ -17,6 +18,7 @@
     let lastPoll = 0;
     let lastData = null;
     let savedNames = null;
+    let queueNote = "";
 
     function appRoot() {
         const app = document.querySelector("gradio-app");
@@ -32,6 +34,7 @@
         if (!tab) {
             return;
         }
+        explainQueuedTasks();
         const hidden = document.hidden || tab.offsetParent === null;
         const now = Date.now();
         if (now - lastPoll >= (hidden ? HIDDEN_POLL_MS : POLL_MS)) {
@@ -56,12 +59,34 @@
             return; // empty before the first poll
         }
         drawChart(data.losses || []);
+        queueNote = data.queue_note || "";
         // A new file (an older one may have gone with it, keep_last_n_saves): the cards change.
         const saved = data.saved || [];
         if (savedNames !== null && saved.some((name) => !savedNames.includes(name)) && data.refresh_lora_cards) {
             refreshLoraCards();
         }
         savedNames = saved;
+    }
+
+    // The WebUI's progress bar (its javascript/progressbar.js) asks ./internal/progress through the global
+    // request(); a generation queued behind a job of this tab, which holds the WebUI's queue, only hears
+    // "In queue: 1/1". The job's note is added to that text.
+    function explainQueuedTasks() {
+        const original = window.request;
+        if (typeof original !== "function" || original.explainsLoraTrainerJobs) {
+            return;
+        }
+        const request = function (url, data, handler, errorHandler) {
+            return original(url, data, function (response) {
+                if (String(url).endsWith("internal/progress") && response && response.queued && !response.active &&
+                    queueNote) {
+                    response.textinfo = (response.textinfo || "In queue") + " · " + queueNote;
+                }
+                handler(response);
+            }, errorHandler);
+        };
+        request.explainsLoraTrainerJobs = true;
+        window.request = request;
     }
 
     function refreshLoraCards() {

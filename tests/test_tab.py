@@ -37,7 +37,14 @@ from lora_trainer.tab.grids import (
     lora_choices,
 )
 from lora_trainer.tab.presets import load_preset, preset_names, save_preset
-from lora_trainer.tab.progress import chart_json, chart_points, format_duration, saved_html, status_html
+from lora_trainer.tab.progress import (
+    chart_json,
+    chart_points,
+    format_duration,
+    queue_note,
+    saved_html,
+    status_html,
+)
 from lora_trainer.tab.training import advanced_groups
 
 
@@ -273,8 +280,20 @@ def test_chart_points_average_long_runs_down_to_the_limit():
 def test_chart_json_carries_losses_saved_names_state_and_whether_to_refresh_the_lora_cards():
     status = JobStatus(kind="training", state="running", losses=[(1, 0.5), (2, 0.25)], saved=[Path("/l/x.safetensors")])
     assert json.loads(chart_json(status, True)) == {"losses": [[1, 0.5], [2, 0.25]], "saved": ["x.safetensors"],
-                                                   "state": "running", "refresh_lora_cards": True}
+                                                   "state": "running", "refresh_lora_cards": True,
+                                                   "queue_note": queue_note(status)}
     assert json.loads(chart_json(status, False))["refresh_lora_cards"] is False
+
+
+def test_a_generation_queued_behind_a_job_is_told_what_it_waits_for():
+    training = JobStatus(kind="training", state="running", step=120, total_steps=400, seconds_left=190)
+    assert queue_note(training) == "waiting for LoRA training (step 120/400, ETA 3:10); Interrupt stops it"
+    saving = dataclasses.replace(training, activity="saving x.safetensors")
+    assert queue_note(saving) == "waiting for LoRA training (step 120/400); Interrupt stops it"
+    grid = JobStatus(kind="grid", state="running", step=2, total_steps=6)
+    assert queue_note(grid) == "waiting for LoRA test grid (2/6); Interrupt stops it"
+    assert queue_note(JobStatus(kind="captioning", state="running")).startswith("waiting for LoRA trainer captioning;")
+    assert queue_note(dataclasses.replace(training, state="finished")) == ""
 
 
 def test_status_of_a_running_training_shows_progress_speed_eta_and_memory():

@@ -206,6 +206,18 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
     page.locator("#lora_trainer_samples img").first.wait_for()
     assert page.locator("#lora_trainer_chart polyline").count() == 2
 
+    # The WebUI's progress bar asks ./internal/progress through its global request() (progressbar.js), here a
+    # stand-in answering as the WebUI does for a txt2img waiting behind the run: it hears what it waits for.
+    page.evaluate("() => { window.request = (url, data, handler) => handler(url.endsWith('/internal/progress') ? "
+                  "{active: data.id_task === 'task(active)', queued: data.id_task !== 'task(active)', "
+                  "textinfo: data.id_task === 'task(active)' ? 'Sampling' : 'In queue: 1/1'} : {}); }")
+    _wait_in_page(page, "window.request.explainsLoraTrainerJobs === true", "the page script to take up request()")
+    progress_text = ("id => new Promise(resolve => request('./internal/progress', {id_task: id}, "
+                     "response => resolve(response.textinfo)))")
+    queued = page.evaluate(progress_text, "task(queued)")
+    assert queued.startswith("In queue: 1/1 · waiting for LoRA training (step ") and "Interrupt stops it" in queued
+    assert page.evaluate(progress_text, "task(active)") == "Sampling"
+
     # The job lives in the runner, not in the page: a page opened now (or reloaded) shows the same run, and
     # its form the run's settings (Start there would otherwise train the defaults).
     other_page = _open(browser, served)

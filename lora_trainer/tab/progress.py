@@ -27,10 +27,29 @@ def chart_points(losses: list[tuple[int, float]], limit: int = CHART_POINTS) -> 
 
 
 def chart_json(status: JobStatus, refresh_lora_cards: bool) -> str:
-    """What the page's script needs: the loss points, the saved file names, the job state, and whether it may
-    refresh the host's Lora cards when a file is saved."""
+    """What the page's script needs: the loss points, the saved file names, the job state, whether it may
+    refresh the host's Lora cards when a file is saved, and why the host's generations wait (`queue_note`)."""
     return json.dumps({"losses": chart_points(status.losses), "saved": [path.name for path in status.saved],
-                       "state": status.state, "refresh_lora_cards": refresh_lora_cards})
+                       "state": status.state, "refresh_lora_cards": refresh_lora_cards,
+                       "queue_note": queue_note(status)})
+
+
+def queue_note(status: JobStatus) -> str:
+    """Why a generation queued in the host waits while this job runs (it holds the host's queue), or "".
+
+    The page adds it to the host's "In queue" progress text.
+    """
+    if not status.running:
+        return ""
+    doing = {"training": "LoRA training", "captioning": "LoRA trainer captioning", "grid": "LoRA test grid"}
+    note = f"waiting for {doing.get(status.kind, status.kind)}"
+    if status.total_steps:
+        unit = "step " if status.kind == "training" else ""
+        note += f" ({unit}{status.step}/{status.total_steps}"
+        if status.kind == "training" and status.seconds_left and not status.activity:
+            note += f", ETA {format_duration(status.seconds_left)}"
+        note += ")"
+    return f"{note}; Interrupt stops it"
 
 
 def status_html(status: JobStatus) -> str:
