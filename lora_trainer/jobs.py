@@ -108,7 +108,7 @@ class JobRunner:
         Each saved file gets `name.preview.png` (rendered with the LoRA as trained so far, from
         `preview_prompt`) and `name.json` (activation text = `trigger_word`), and is registered with the host.
         """
-        config = replace(config, output_dir=Path(self.host.lora_dir()))
+        config = config.updated(output_dir=Path(self.host.lora_dir()))
         self._start("training", lambda task: self._train(task, config, trigger_word, preview_prompt),
                     config=config, trigger_word=trigger_word)
 
@@ -176,8 +176,9 @@ class JobRunner:
     def _train(self, task: HostTask, config: TrainConfig, trigger_word: str, preview_prompt: str):
         backend = self.host.loaded_model_backend()
         defaults = self.host.render_defaults()
-        preview = RenderRequest(prompt=preview_prompt, seed=config.sample_seed, steps=defaults.steps,
-                                cfg_scale=defaults.cfg_scale, width=config.resolution, height=config.resolution,
+        preview = RenderRequest(prompt=preview_prompt, seed=config.sampling.sample_seed, steps=defaults.steps,
+                                cfg_scale=defaults.cfg_scale, width=config.dataset.resolution,
+                                height=config.dataset.resolution,
                                 sampler_name=defaults.sampler_name) if preview_prompt else None
         result = train(config, backend, _JobEvents(self, task, trigger_word, preview, backend.family))
         if result.stopped:

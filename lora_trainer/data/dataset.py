@@ -42,13 +42,14 @@ class TrainingData:
 
     def __init__(self, scan: DatasetScan, config: TrainConfig, latent_scale: int):
         self.config = config
-        if config.enable_bucket:
-            step = max(config.bucket_step, latent_scale)
-            if config.resolution % step:
-                raise UserError(f"resolution {config.resolution} must be a multiple of {step} for this model")
-            buckets = make_buckets(config.resolution, step, config.min_bucket_side, config.max_bucket_side)
+        dataset = config.dataset
+        if dataset.enable_bucket:
+            step = max(dataset.bucket_step, latent_scale)
+            if dataset.resolution % step:
+                raise UserError(f"resolution {dataset.resolution} must be a multiple of {step} for this model")
+            buckets = make_buckets(dataset.resolution, step, dataset.min_bucket_side, dataset.max_bucket_side)
         else:
-            buckets = [square_bucket(config.resolution)]
+            buckets = [square_bucket(dataset.resolution)]
         for width, height in buckets:
             if width % latent_scale or height % latent_scale:
                 raise UserError(f"bucket {width}x{height} is not a multiple of {latent_scale} pixels, which this "
@@ -62,7 +63,7 @@ class TrainingData:
     @property
     def uses_latent_cache(self) -> bool:
         """Whether latents are encoded once up front (not possible with random crops)."""
-        return self.config.cache_latents and not self.config.random_crop
+        return self.config.dataset.cache_latents and not self.config.dataset.random_crop
 
     @property
     def bucket_counts(self) -> dict[tuple[int, int], int]:
@@ -80,7 +81,7 @@ class TrainingData:
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """Example indices of each batch of `epoch`, in the order they are trained (deterministic per seed)."""
-        rng = random.Random(f"{self.config.seed}-epoch-{epoch}")
+        rng = random.Random(f"{self.config.training.seed}-epoch-{epoch}")
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, example in enumerate(self.examples):
             by_bucket.setdefault(example.bucket, []).extend([index] * example.record.repeats)
@@ -88,7 +89,7 @@ class TrainingData:
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
             rng.shuffle(indices)
-            size = self.config.batch_size
+            size = self.config.training.batch_size
             batches += [indices[start:start + size] for start in range(0, len(indices), size)]
         rng.shuffle(batches)
         return batches
@@ -100,7 +101,7 @@ class TrainingData:
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
-        flips = (False, True) if self.config.flip_aug else (False,)
+        flips = (False, True) if self.config.dataset.flip_aug else (False,)
         self.latent_cache = {}
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, example in enumerate(self.examples):
@@ -127,19 +128,19 @@ class TrainingData:
 
     def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch."""
-        config = self.config
+        dataset = self.config.dataset
         captions, sizes, pixels, latents = [], [], [], []
         for index in indices:
             example = self.examples[index]
-            flip = config.flip_aug and rng.random() < 0.5
-            captions.append(process_caption(example.record.caption, config.shuffle_caption, config.keep_tokens,
-                                            config.caption_dropout_rate, rng))
+            flip = dataset.flip_aug and rng.random() < 0.5
+            captions.append(process_caption(example.record.caption, dataset.shuffle_caption, dataset.keep_tokens,
+                                            dataset.caption_dropout_rate, rng))
             if self.latent_cache is not None:
                 latents.append(self.latent_cache[(index, flip)])
                 sizes.append(self._cached_sizes[index])
             else:
                 image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
-                                             config.random_crop, rng)
+                                             dataset.random_crop, rng)
                 pixels.append(to_tensor(image, flip))
                 sizes.append(torch.tensor(_size_conditioning(example, crop)))
         return Batch(captions=captions, size_conditioning=torch.stack(sizes),
@@ -151,7 +152,8 @@ class TrainingData:
         buckets = ", ".join(f"{w}x{h}: {count}" for (w, h), count in self.bucket_counts.items())
         cache = "cached once" if self.uses_latent_cache else "encoded every step"
         return (f"{len(self.bucket_counts)} bucket(s) ({buckets}); {self.examples_per_epoch} examples and "
-                f"{self.batches_per_epoch()} batches of up to {self.config.batch_size} per epoch; latents {cache}")
+                f"{self.batches_per_epoch()} batches of up to {self.config.training.batch_size} per epoch; "
+                f"latents {cache}")
 
 
 def _size_conditioning(example: _Example, crop: tuple[int, int]) -> list[float]:

@@ -193,7 +193,7 @@ class GridPanel:
         # Without a last run (or after another job), the files picked so far stay picked.
         files = gr.update(choices=lora_choices(self.host), value=last_run) if last_run else \
             gr.update(choices=lora_choices(self.host))
-        side = status.config.resolution if status.config is not None else None
+        side = status.config.dataset.resolution if status.config is not None else None
         return {self.prompt: default_grid_prompt(trigger, folder_text), self.files: files,
                 self.sampler: txt2img.sampler_name, self.steps: txt2img.steps, self.cfg: txt2img.cfg_scale,
                 self.width: side or txt2img.width, self.height: side or txt2img.height}
