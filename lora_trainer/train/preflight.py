@@ -15,7 +15,9 @@ def check_run_paths(config: TrainConfig) -> None:
     """Raise a `UserError` naming the config key and what to do for the first path the run could not use.
     Nothing is created."""
     inputs = (("train_data_dir", Path.is_dir, "folder"), ("metadata_path", Path.is_file, "file"),
-              ("init_lora_weights", Path.is_file, "file"), ("resume", Path.is_dir, "state folder"))
+              ("init_lora_weights", Path.is_file, "file"), ("resume", Path.is_dir, "state folder"),
+              ("mask_dir", Path.is_dir, "folder"), ("reg_data_dir", Path.is_dir, "folder"),
+              ("validation_data_dir", Path.is_dir, "folder"))
     values = config.flat()
     for key, exists, kind in inputs:
         path = values[key]
