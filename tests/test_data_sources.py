@@ -13,6 +13,7 @@ from PIL import Image
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.dataset import TrainingData
+from lora_trainer.data.masks import mask_on_grid
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
@@ -117,11 +118,11 @@ def test_masks_come_from_a_mask_file_or_the_alpha_channel_on_the_latent_grid(tmp
     if cache_latents:
         data.cache_latents(_pooling_encoder)
     for position, example in enumerate(data.examples):
-        mask = data.load_batch([position], random.Random(0)).masks[0]
-        assert mask.shape == (1, 4, 4)
-        expected = torch.ones(1, 4, 4) if example.record.path.stem == "unmasked" else \
-            torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(4, 4)[None]
-        assert torch.equal(mask, expected), example.record.path.stem
+        masks = data.load_batch([position], random.Random(0)).masks
+        assert masks.shape == (1, 1, 32, 32) and masks.dtype == torch.uint8
+        expected = torch.ones(1, 1, 4, 4) if example.record.path.stem == "unmasked" else \
+            torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(4, 4)[None, None]
+        assert torch.equal(mask_on_grid(masks, (4, 4)), expected), example.record.path.stem
 
 
 def test_a_flipped_image_has_its_mask_flipped(tmp_path):
@@ -143,10 +144,11 @@ def test_a_mask_folder_holds_masks_named_like_their_images(tmp_path):
 def test_the_masked_loss_counts_only_the_masked_region():
     prediction, target = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
     target[..., 0] = 1.0  # error 1 in the left column, 0 in the right
-    masks = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    masks = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    masks[..., :8] = 255  # the left half of the image: the left latent column
     timesteps, alphas = torch.tensor([10]), torch.linspace(0.99, 0.01, 100)
     assert diffusion_loss(prediction, target, timesteps, alphas, "epsilon", None, masks).item() == 1.0
-    assert diffusion_loss(prediction, target, timesteps, alphas, "epsilon", None, 1 - masks).item() == 0.0
+    assert diffusion_loss(prediction, target, timesteps, alphas, "epsilon", None, 255 - masks).item() == 0.0
     assert diffusion_loss(prediction, target, timesteps, alphas, "epsilon", None).item() == 0.5
 
 

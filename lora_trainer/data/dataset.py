@@ -13,7 +13,7 @@ from PIL import Image
 from lora_trainer.config import DatasetConfig, SubsetConfig, TrainConfig
 from lora_trainer.data.buckets import make_buckets, nearest_bucket, square_bucket
 from lora_trainer.data.images import load_rgb_image
-from lora_trainer.data.masks import load_mask, mask_file_for, mask_on_latent_grid
+from lora_trainer.data.masks import load_mask, mask_file_for, mask_tensor
 from lora_trainer.data.scan import DatasetScan, ImageRecord
 from lora_trainer.data.transforms import crop_like, crop_to_bucket, process_caption, to_tensor
 from lora_trainer.errors import UserError
@@ -31,7 +31,7 @@ class Batch:
     latents: torch.Tensor | None = None
     """[B, 4, H/8, W/8] scaled latents, when cached."""
     masks: torch.Tensor | None = None
-    """[B, 1, H/8, W/8] loss masks in [0, 1] on the latent grid, with `masked_loss`."""
+    """[B, 1, H, W] uint8 loss masks (255: counts fully), with `masked_loss`."""
     sample_weights: torch.Tensor | None = None
     """[B] loss weight of each example (the prior loss weight for regularisation images), when the run has any."""
 
@@ -51,7 +51,6 @@ class TrainingData:
     def __init__(self, scan: DatasetScan, config: TrainConfig, latent_scale: int,
                  reg_records: list[ImageRecord] | None = None):
         self.config = config
-        self.latent_scale = latent_scale
         dataset = config.dataset
         if dataset.enable_bucket:
             step = max(dataset.bucket_step, latent_scale)
@@ -190,12 +189,12 @@ class TrainingData:
         return example.record.subset_options or self.config.dataset
 
     def _mask(self, example: _Example, crop: tuple[int, int], flip: bool) -> torch.Tensor:
-        """The example's loss mask fitted to its bucket, on the latent grid (all ones when it has none)."""
+        """The example's loss mask fitted to its bucket (all 255 when it has none)."""
         mask = load_mask(example.record.path, mask_file_for(example.record.path, self.config.dataset.mask_dir))
         width, height = example.bucket
         if mask is None:
-            return torch.ones(1, height // self.latent_scale, width // self.latent_scale)
-        return mask_on_latent_grid(crop_like(mask, example.bucket, crop, Image.BILINEAR), self.latent_scale, flip)
+            return torch.full((1, height, width), 255, dtype=torch.uint8)
+        return mask_tensor(crop_like(mask, example.bucket, crop, Image.BILINEAR), flip)
 
     def summary(self) -> str:
         """Buckets and per-epoch counts, for the start-of-run report."""

@@ -55,9 +55,13 @@ def load_mask(image_path: Path, mask_path: Path | None) -> Image.Image | None:
     return mask if mask.size == size else mask.resize(size, Image.BILINEAR)
 
 
-def mask_on_latent_grid(mask: Image.Image, latent_scale: int, flip: bool) -> torch.Tensor:
-    """A mask already fitted to its bucket as a (1, height/scale, width/scale) float tensor in [0, 1]: each
-    latent cell holds the mean of the pixels it covers."""
-    pixels = torch.from_numpy(np.array(mask, dtype=np.float32) / 255.0)[None, None]
-    grid = F.avg_pool2d(pixels, latent_scale)[0]
-    return grid.flip(-1) if flip else grid
+def mask_tensor(mask: Image.Image, flip: bool) -> torch.Tensor:
+    """A mask already fitted to its bucket as a (1, height, width) uint8 tensor, mirrored when `flip`."""
+    pixels = torch.from_numpy(np.array(mask, dtype=np.uint8))[None]
+    return pixels.flip(-1) if flip else pixels
+
+
+def mask_on_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """uint8 masks ([B, 1, H, W]) as weights in [0, 1] on a coarser grid (the latents'): each cell holds the mean
+    of the pixels it covers."""
+    return F.adaptive_avg_pool2d(masks.float() / 255.0, grid)

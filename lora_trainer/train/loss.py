@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora_trainer.data.masks import mask_on_grid
 from lora_trainer.models.base import PredictionType
 
 
@@ -41,14 +42,14 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
                    sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample, min-SNR-gamma weighted when asked, averaged over the batch.
 
-    `masks` ([B, 1, h, w] in [0, 1]) make each sample's error a mean weighted by its mask, so that only the
-    masked region is learned; `sample_weights` ([B]) scale whole samples (regularisation images' prior loss
-    weight)."""
+    `masks` (uint8 [B, 1, H, W] at pixel resolution, 255: counts fully) make each sample's error a mean weighted
+    by its mask on the latent grid, so that only the masked region is learned; `sample_weights` ([B]) scale
+    whole samples (regularisation images' prior loss weight)."""
     squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if masks is None:
         per_sample = squared_error.mean(dim=(1, 2, 3))
     else:
-        weights = masks.to(squared_error).expand_as(squared_error)
+        weights = mask_on_grid(masks, squared_error.shape[-2:]).to(squared_error).expand_as(squared_error)
         per_sample = (squared_error * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp(min=1e-6)
     if min_snr_gamma is not None:
         alpha = alphas_cumprod[timesteps]
