@@ -307,7 +307,7 @@ class StepClock:
 
 def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int], float | None]:
     """The library's trainer with the defaults a user gets. Returns samples per step and the last loss."""
-    from lora_trainer.config import TrainConfig
+    from lora_trainer.config import config_from_dict
     from lora_trainer.data.dataset import TrainingData
     from lora_trainer.data.scan import scan_dataset
     from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
@@ -327,7 +327,7 @@ def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int],
         model.unet.to(memory_format=torch.channels_last)
     if settings.contender == "ours-compile":
         model.unet.compile()
-    config = TrainConfig(
+    config = config_from_dict(dict(
         train_data_dir=Path(settings.dataset), resolution=settings.resolution,
         bucket_step=WORKLOADS[settings.workload].bucket_step, lora_rank=settings.rank, lora_alpha=float(settings.rank),
         train_text_encoder=settings.train_text_encoder, learning_rate=settings.learning_rate,
@@ -335,12 +335,12 @@ def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int],
         mixed_precision=settings.mixed_precision, gradient_checkpointing=settings.gradient_checkpointing,
         cache_latents=True, cache_text_encoder_outputs=not settings.train_text_encoder,
         output_dir=Path(settings.output_dir), output_name="bench", logging_dir=None, seed=settings.seed,
-        device=settings.device)
+        device=settings.device))
     clock.start()
     backend = _backend(settings, model)
     result = train(config, backend, TimedEvents())
     # The batch plan is deterministic per seed: rebuild it to count the samples of every step exactly.
-    data = TrainingData(scan_dataset(config.train_data_dir), config, backend.latent_scale)
+    data = TrainingData(scan_dataset(config.dataset.train_data_dir), config, backend.latent_scale)
     epochs = -(-settings.total_steps // data.batches_per_epoch())
     batch_sizes = [len(batch) for epoch in range(epochs) for batch in data.epoch_plan(epoch)]
     return batch_sizes, result.last_loss

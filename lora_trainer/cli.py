@@ -78,17 +78,18 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     from lora_trainer.train.preflight import check_run_paths
 
     config = load_config(config_path, parse_overrides(override_words))
-    if config.train_data_dir is None or config.base_model is None:
+    if config.dataset.train_data_dir is None or config.model.base_model is None:
         raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
     check_run_paths(config)
     with StopSignals() as signals:
         try:
-            device = resolve_device(config.device)
+            device = resolve_device(config.training.device)
             weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-                config.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
-            pipeline = load_pipeline(config.base_model, config.base_model_config, weight_dtype)
-            backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(config.base_model).stem,
-                                       v_parameterization=config.v_parameterization, clip_skip=config.clip_skip)
+                config.training.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
+            pipeline = load_pipeline(config.model.base_model, config.model.base_model_config, weight_dtype)
+            model = config.model
+            backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(model.base_model).stem,
+                                       v_parameterization=model.v_parameterization, clip_skip=model.clip_skip)
             with ConsoleEvents(signals) as events:
                 result = train(config, backend, events)
         except KeyboardInterrupt:

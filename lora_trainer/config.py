@@ -1,8 +1,10 @@
-"""The typed training config: one dataclass, loaded from YAML, overridable from the command line.
+"""The typed training config: small dataclasses, one per group of settings, loaded from YAML, overridable from
+the command line.
 
-Key names follow what LoRA users already write for kohya's sd-scripts. All validation lives in
-`TrainConfig.__post_init__`, so a config built in code, from YAML or from the WebUI tab is checked the
-same way.
+Key names follow what LoRA users already write for kohya's sd-scripts, and every key's name is unique across
+the groups, so a YAML file may list them flat (`lora_rank: 16`) or under their group (`network: {lora_rank: 16}`).
+All validation lives in the `__post_init__` methods, so a config built in code, from YAML or from the WebUI tab
+is checked the same way.
 """
 
 from __future__ import annotations
@@ -26,15 +28,57 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
+AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size", "gradient_accumulation_steps",
+                "epochs", "log_every_n_steps", "scheduler_num_cycles", "sample_steps")
+AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
+                        "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
+POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
+                    "prior_loss_weight")
+ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
+PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
+NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset")
+FLAT_ALIASES = {"optimizer": "optimizer_type"}
+"""Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
+unless its value is the group's mapping)."""
+
 
 @dataclass
-class TrainConfig:
-    """Everything one training run needs. Paths may be relative to the directory the run starts in."""
+class SubsetConfig:
+    """One folder of a dataset made of several (kohya's dataset-config subsets), with its own options; an
+    option left out takes the dataset's value."""
 
-    # --- data ---
+    image_dir: Path
+    """The folder of images and captions (kohya-style `N_name` subfolders repeat as usual)."""
+    repeats: int = 1
+    """Repeats per epoch of this folder's images."""
+    caption_extension: str | None = None
+    """Extension of this folder's caption files."""
+    keep_tokens: int | None = None
+    """Leading caption tags kept in place when shuffling."""
+    shuffle_caption: bool | None = None
+    """Shuffle this folder's caption tags."""
+    caption_dropout_rate: float | None = None
+    """Probability of an empty caption for this folder's images."""
+    flip_aug: bool | None = None
+    """Randomly mirror this folder's images."""
+    is_reg: bool = False
+    """The folder holds regularisation (prior-preservation) images."""
+
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+
+@dataclass
+class DatasetConfig:
+    """Where the images and captions are and how they become batches."""
+
     train_data_dir: Path | None = None
     """Folder of images. Captions come from `name.txt` beside each image or from `metadata_path`;
     kohya-style subfolders `N_name` repeat their images N times per epoch."""
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    """Several folders, each with its own repeats, caption and flip options (`image_dir`, `repeats`,
+    `caption_extension`, `keep_tokens`, `shuffle_caption`, `caption_dropout_rate`, `flip_aug`, `is_reg`),
+    instead of or beside `train_data_dir`."""
     metadata_path: Path | None = None
     """Optional `metadata.csv` with columns `filename,prompt` (a `.txt` beside an image wins)."""
     caption_extension: str = ".txt"
@@ -61,8 +105,40 @@ class TrainConfig:
     """How many leading caption tags stay in place when shuffling (e.g. the trigger word)."""
     caption_dropout_rate: float = 0.0
     """Probability of training an image with an empty caption."""
+    cache_latents: bool = True
+    """Encode every image with the VAE once, before training (not with random_crop)."""
+    cache_text_encoder_outputs: bool | None = None
+    """Encode every caption once (needs a frozen text encoder and no caption shuffling).
+    Default: on whenever that holds."""
+    masked_loss: bool = False
+    """Learn only the masked part of each image: its mask is `name.mask.png` beside it (or `name.png` in
+    `mask_dir`), else its alpha channel; white counts, black is ignored. Images without a mask count whole."""
+    mask_dir: Path | None = None
+    """A folder of masks named like their images (`photo.png` for `photo.jpg`), instead of masks beside them."""
+    reg_data_dir: Path | None = None
+    """Regularisation (prior-preservation) images of the class, kohya's layout (`N_class` subfolders repeat N
+    times): each epoch mixes in as many of them as there are training images, their loss weighted by
+    `prior_loss_weight`."""
+    validation_split: float = 0.0
+    """Hold out this share of the images (at least one; chosen by the seed) to measure a validation loss."""
+    validation_data_dir: Path | None = None
+    """A folder of held-out images and captions for the validation loss, instead of `validation_split`."""
 
-    # --- model ---
+    def __post_init__(self) -> None:
+        if not isinstance(self.subsets, list):
+            raise UserError("config key 'subsets' should be a list of folders with their options, "
+                            f"got {self.subsets!r}")
+        self.subsets = [_subset(number, entry) for number, entry in enumerate(self.subsets, start=1)]
+        _check_group(self)
+        if self.validation_split and self.validation_data_dir is not None:
+            raise UserError("validation_split and validation_data_dir both choose the validation images: "
+                            "set one of them")
+
+
+@dataclass
+class ModelConfig:
+    """The base model (the command line's; in the WebUI, the loaded checkpoint)."""
+
     base_model: str | None = None
     """A diffusers model folder, or a single-file checkpoint (.safetensors/.ckpt)."""
     base_model_config: str | None = None
@@ -74,7 +150,14 @@ class TrainConfig:
     (2: the penultimate layer, then the final layer norm). SD1/SD2 only; in the WebUI, its Clip skip
     setting decides."""
 
-    # --- LoRA ---
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+
+@dataclass
+class NetworkConfig:
+    """The LoRA network: its size, the layers it adapts and where it starts."""
+
     lora_rank: int = 16
     """Rank (kohya: network_dim) of each LoRA matrix pair."""
     lora_alpha: float | None = None
@@ -94,15 +177,32 @@ class TrainConfig:
     init_lora_weights: Path | None = None
     """Start from this LoRA file (kohya or diffusers/peft format); rank and targets must match."""
 
-    # --- optimisation ---
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """Alpha of the attention LoRA (the rank when not set)."""
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """Alpha of the convolution LoRA (its rank when not set)."""
+        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer, its learning rates and their schedule."""
+
+    optimizer_type: Optimizer = "adamw"
+    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch)."""
     learning_rate: float = 1e-4
     """Learning rate for every LoRA parameter unless `unet_lr`/`text_encoder_lr` say otherwise."""
     unet_lr: float | None = None
     """Learning rate of the UNet LoRA (default: `learning_rate`); 0 trains the text encoder's alone."""
     text_encoder_lr: float | None = None
     """Learning rate of the text-encoder LoRA (default: `learning_rate`); 0 leaves it untrained."""
-    optimizer: Optimizer = "adamw"
-    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch)."""
     weight_decay: float = 1e-2
     """Decoupled weight decay."""
     scheduler: Scheduler = "constant"
@@ -113,6 +213,27 @@ class TrainConfig:
     """Restarts for cosine_with_restarts."""
     scheduler_power: float = 1.0
     """Power of the polynomial schedule."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+    @property
+    def effective_unet_lr(self) -> float:
+        """The UNet LoRA learning rate."""
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        """The text-encoder LoRA learning rate."""
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
+
+@dataclass
+class TrainingConfig:
+    """How long the run is, in what batches and precision, on which device."""
+
     batch_size: int = 1
     """Images per forward pass."""
     gradient_accumulation_steps: int = 1
@@ -121,27 +242,38 @@ class TrainConfig:
     """Passes over the (repeated) dataset; ignored when `max_train_steps` is set."""
     max_train_steps: int | None = None
     """Stop after this many optimizer steps."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradient norm to this (None: no clipping)."""
     mixed_precision: MixedPrecision = "no"
     """Compute precision: fp16 or bf16 autocast with fp32 LoRA weights, or no (fp32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
-    cache_latents: bool = True
-    """Encode every image with the VAE once, before training (not with random_crop)."""
-    cache_text_encoder_outputs: bool | None = None
-    """Encode every caption once (needs a frozen text encoder and no caption shuffling).
-    Default: on whenever that holds."""
-    min_snr_gamma: float | None = None
-    """Min-SNR loss weighting (5 is the paper's choice); None: plain MSE."""
-    noise_offset: float = 0.0
-    """Add this much per-channel offset noise (helps very dark/bright images)."""
     seed: int = 42
     """Seed for data order, augmentation, noise and LoRA initialisation."""
     device: str | None = None
     """cuda, cpu, cuda:1, ... (default: cuda when available)."""
 
-    # --- output ---
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+
+@dataclass
+class LossConfig:
+    """The loss's weighting and the training noise."""
+
+    min_snr_gamma: float | None = None
+    """Min-SNR loss weighting (5 is the paper's choice); None: plain MSE."""
+    noise_offset: float = 0.0
+    """Add this much per-channel offset noise (helps very dark/bright images)."""
+    prior_loss_weight: float = 1.0
+    """Weight of the regularisation images' loss against the training images' (kohya's prior loss weight)."""
+
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+
+@dataclass
+class SavingConfig:
+    """Where the LoRA files go, how often they are written and how many are kept."""
+
     output_dir: Path = Path("output")
     """Folder for the LoRA files."""
     output_name: str = "lora"
@@ -159,10 +291,36 @@ class TrainConfig:
     """Also write the diffusers/peft layout (`name.diffusers.safetensors`)."""
     resume: Path | None = None
     """A state folder written by `save_state`: continue that run exactly."""
+
+    def __post_init__(self) -> None:
+        _check_group(self)
+        if not _is_plain_file_name(self.output_name):
+            raise UserError(f"output_name {self.output_name!r} must be a plain file name (no folders, no '..')")
+        if not tag_can_name(self.output_name):
+            raise UserError(f"output_name {self.output_name!r} has ':', '<' or '>' in it: a <lora:name:weight> "
+                            "prompt tag could not name the LoRA; choose another name")
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard logs."""
+
     logging_dir: Path | None = Path("logs")
     """TensorBoard logs go to a subfolder per run; None turns logging off."""
     log_every_n_steps: int = 10
     """How often the loss is read back from the device and logged."""
+    validate_every_n_steps: int | None = None
+    """With held-out images: measure the validation loss every N steps (default: 20 times a run), before the
+    first step and at every save, with fixed noise and timesteps so that the values compare."""
+
+    def __post_init__(self) -> None:
+        _check_group(self)
+
+
+@dataclass
+class SamplingConfig:
+    """Sample images rendered during training."""
+
     sample_every_n_steps: int | None = None
     """Render `sample_prompts` with the LoRA as trained so far every N steps (and at the end)."""
     sample_prompts: list[str] = field(default_factory=list, metadata={"commas_are_text": True})
@@ -173,78 +331,70 @@ class TrainConfig:
     """Seed of every sample image, so they are comparable across steps."""
 
     def __post_init__(self) -> None:
-        for name in ("train_data_dir", "metadata_path", "init_lora_weights", "resume", "output_dir", "logging_dir"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, Path(value).expanduser())
-        _check_types(self)
-        positive = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size",
-                    "gradient_accumulation_steps", "epochs", "log_every_n_steps", "scheduler_num_cycles",
-                    "sample_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
-                     "sample_every_n_steps", "clip_skip"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")
-        for name in ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"config key '{name}' must be positive, got {value}")
-        for name in ("unet_lr", "text_encoder_lr"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UserError(f"config key '{name}' must be positive, or 0 to leave that part untrained; got {value}")
-        for name in ("lora_dropout", "caption_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"config key '{name}' must be in [0, 1), got {getattr(self, name)}")
-        if self.conv_rank < 0 or self.warmup_steps < 0 or self.keep_tokens < 0 or self.noise_offset < 0:
-            raise UserError("conv_rank, warmup_steps, keep_tokens and noise_offset cannot be negative")
-        if self.resolution % self.bucket_step:
-            raise UserError(f"resolution {self.resolution} must be a multiple of bucket_step {self.bucket_step}")
-        if not self.target_modules and not self.conv_rank and not self.train_text_encoder:
+        _check_group(self)
+
+
+GROUPS: dict[str, type] = {"dataset": DatasetConfig, "model": ModelConfig, "network": NetworkConfig,
+                           "optimizer": OptimizerConfig, "training": TrainingConfig, "loss": LossConfig,
+                           "saving": SavingConfig, "logging": LoggingConfig, "sampling": SamplingConfig}
+GROUP_TITLES = {"dataset": "Dataset", "model": "Model", "network": "Network", "optimizer": "Optimizer",
+                "training": "Training", "loss": "Loss and noise", "saving": "Saving", "logging": "Logging",
+                "sampling": "Sampling"}
+FIELD_GROUPS: dict[str, str] = {f.name: group for group, group_type in GROUPS.items()
+                                for f in dataclasses.fields(group_type)}
+"""Which group each config key belongs to (key names are unique across the groups)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs, in groups. Paths may be relative to the directory the run starts in.
+
+    Build one from flat keys or group sections with `config_from_dict`; change one with `updated`."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    saving: SavingConfig = field(default_factory=SavingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        dataset, network = self.dataset, self.network
+        if dataset.resolution % dataset.bucket_step:
+            raise UserError(f"resolution {dataset.resolution} must be a multiple of bucket_step {dataset.bucket_step}")
+        if not network.target_modules and not network.conv_rank and not network.train_text_encoder:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
-        if not _is_plain_file_name(self.output_name):
-            raise UserError(f"output_name {self.output_name!r} must be a plain file name (no folders, no '..')")
-        if not tag_can_name(self.output_name):
-            raise UserError(f"output_name {self.output_name!r} has ':', '<' or '>' in it: a <lora:name:weight> "
-                            "prompt tag could not name the LoRA; choose another name")
-        if self.cache_text_encoder_outputs and (self.train_text_encoder or self.shuffle_caption):
+        if dataset.cache_text_encoder_outputs and (network.train_text_encoder or self._shuffles_captions):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
 
     @property
     def uses_text_encoder_cache(self) -> bool:
         """Whether caption encodings are computed once up front."""
-        if self.cache_text_encoder_outputs is not None:
-            return self.cache_text_encoder_outputs
-        return not self.train_text_encoder and not self.shuffle_caption
+        if self.dataset.cache_text_encoder_outputs is not None:
+            return self.dataset.cache_text_encoder_outputs
+        return not self.network.train_text_encoder and not self._shuffles_captions
 
     @property
-    def effective_unet_lr(self) -> float:
-        """The UNet LoRA learning rate."""
-        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+    def _shuffles_captions(self) -> bool:
+        return self.dataset.shuffle_caption or any(subset.shuffle_caption for subset in self.dataset.subsets)
 
-    @property
-    def effective_text_encoder_lr(self) -> float:
-        """The text-encoder LoRA learning rate."""
-        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+    def flat(self) -> dict[str, Any]:
+        """Every key's value by its flat name."""
+        return {f.name: getattr(getattr(self, group), f.name)
+                for group in GROUPS for f in dataclasses.fields(getattr(self, group))}
 
-    @property
-    def effective_lora_alpha(self) -> float:
-        """Alpha of the attention LoRA (the rank when not set)."""
-        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
-
-    @property
-    def effective_conv_alpha(self) -> float:
-        """Alpha of the convolution LoRA (its rank when not set)."""
-        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+    def updated(self, **changes: Any) -> TrainConfig:
+        """A validated copy with the flat keys in `changes` set."""
+        return config_from_dict({**self.flat(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-ready values (paths as strings)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain YAML-ready values, one section per group (paths as strings)."""
+        return {group: {f.name: _plain(getattr(getattr(self, group), f.name))
+                        for f in dataclasses.fields(getattr(self, group))} for group in GROUPS}
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -260,8 +410,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> T
             raise UserError(f"config file {path} is not valid YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file {path} must be a mapping of keys to values")
-        values.update(loaded or {})
-    values.update(overrides or {})
+        values = flat_config_values(loaded or {})
+    values.update(flat_config_values(overrides or {}))
     return config_from_dict(values)
 
 
@@ -278,15 +428,48 @@ def _config_text(path: Path) -> str:
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a `TrainConfig`, rejecting unknown keys with the list of valid ones."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        hints = [_closest(name, known) for name in unknown]
-        described = ", ".join(f"'{name}'" + (f" (did you mean '{hint}'?)" if hint else "")
-                              for name, hint in zip(unknown, hints))
-        raise UserError(f"unknown config key {described}; valid keys: {', '.join(sorted(known))}")
-    return TrainConfig(**values)
+    """Build a `TrainConfig` from flat keys, group sections or `group.key` keys, rejecting unknown keys with
+    the closest valid one."""
+    by_group: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+    for name, value in flat_config_values(values).items():
+        by_group[FIELD_GROUPS[name]][name] = value
+    return TrainConfig(**{group: GROUPS[group](**items) for group, items in by_group.items()})
+
+
+def flat_config_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The same settings keyed by their flat names; a key given twice, or one that no group has, is an error."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        group, _, name = str(key).rpartition(".")
+        if not group and key in GROUPS and (isinstance(value, dict) or value is None):
+            for name, item in (value or {}).items():
+                _put(flat, _known_key(str(name), section=key), item)
+        else:
+            _put(flat, _known_key(name, section=group or None), value)
+    return flat
+
+
+def _known_key(name: str, section: str | None) -> str:
+    name = FLAT_ALIASES.get(name, name)
+    if name in FIELD_GROUPS and (section is None or FIELD_GROUPS[name] == section):
+        return name
+    if section is not None and section not in GROUPS:
+        raise UserError(f"unknown config section '{section}'; the sections are {', '.join(GROUPS)}")
+    if section is not None and name in FIELD_GROUPS:
+        raise UserError(f"config key '{name}' belongs in section '{FIELD_GROUPS[name]}', not '{section}'")
+    if name in GROUPS:
+        raise UserError(f"config section '{name}' must be a mapping of its keys")
+    candidates = set(FIELD_GROUPS) if section is None else {n for n, g in FIELD_GROUPS.items() if g == section}
+    hint = _closest(name, candidates)
+    where = f" in section '{section}'" if section else ""
+    raise UserError(f"unknown config key '{name}'{where}" + (f" (did you mean '{hint}'?)" if hint else "")
+                    + f"; valid keys: {', '.join(sorted(candidates))}")
+
+
+def _put(flat: dict[str, Any], name: str, value: Any) -> None:
+    if name in flat:
+        raise UserError(f"config key '{name}' is given twice (once flat, once under '{FIELD_GROUPS[name]}')")
+    flat[name] = value
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
@@ -297,7 +480,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 def parse_overrides(arguments: list[str]) -> dict[str, Any]:
-    """Turn `--key value` / `--key=value` command-line words into typed overrides (values parsed as YAML)."""
+    """Turn `--key value` / `--key=value` / `--group.key value` command-line words into typed overrides
+    (values parsed as YAML)."""
     overrides: dict[str, Any] = {}
     words = list(arguments)
     while words:
@@ -314,16 +498,57 @@ def parse_overrides(arguments: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _check_types(config: TrainConfig) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
+def _subset(number: int, entry: Any) -> SubsetConfig:
+    """Subset `number` (counted from 1) of `subsets` as a `SubsetConfig`; errors name the subset and the key."""
+    if isinstance(entry, SubsetConfig):
+        return entry
+    if not isinstance(entry, dict):
+        raise UserError(f"dataset subset {number} must be a mapping of its keys (image_dir, repeats, ...), "
+                        f"got {entry!r}")
+    known = {f.name for f in dataclasses.fields(SubsetConfig)}
+    for key in entry:
+        if key not in known:
+            hint = _closest(str(key), known)
+            raise UserError(f"dataset subset {number}: unknown key '{key}'"
+                            + (f" (did you mean '{hint}'?)" if hint else "")
+                            + f"; its keys: {', '.join(sorted(known))}")
+    if "image_dir" not in entry:
+        raise UserError(f"dataset subset {number} has no image_dir: say which folder it is")
+    try:
+        return SubsetConfig(**entry)
+    except UserError as error:
+        raise UserError(f"dataset subset {number} ({entry['image_dir']}): {error}") from None
+
+
+def _check_group(group: Any) -> None:
+    """Coerce a group's values to their declared types and check each value's range."""
+    hints = typing.get_type_hints(type(group))
+    for f in dataclasses.fields(group):
+        value = getattr(group, f.name)
         if isinstance(value, str) and f.metadata.get("commas_are_text"):
             value = [value]
         coerced = _coerce(value, hints[f.name])
         if coerced is _INVALID:
             raise UserError(f"config key '{f.name}' should be {_describe(hints[f.name])}, got {value!r}")
-        setattr(config, f.name, coerced)
+        setattr(group, f.name, coerced)
+        _check_range(f.name, coerced)
+
+
+def _check_range(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if name in AT_LEAST_ONE and value < 1:
+        raise UserError(f"config key '{name}' must be at least 1, got {value}")
+    if name in AT_LEAST_ONE_OR_NONE and value < 1:
+        raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")
+    if name in POSITIVE_OR_NONE and value <= 0:
+        raise UserError(f"config key '{name}' must be positive, got {value}")
+    if name in ZERO_LEAVES_UNTRAINED and value < 0:
+        raise UserError(f"config key '{name}' must be positive, or 0 to leave that part untrained; got {value}")
+    if name in PROBABILITIES and not 0.0 <= value < 1.0:
+        raise UserError(f"config key '{name}' must be in [0, 1), got {value}")
+    if name in NOT_NEGATIVE and value < 0:
+        raise UserError(f"config key '{name}' cannot be negative, got {value}")
 
 
 _INVALID = object()
@@ -363,8 +588,10 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return _INVALID
     if annotation is str:
         return value if isinstance(value, str) else _INVALID
+    if dataclasses.is_dataclass(annotation):
+        return value if isinstance(value, annotation) else _INVALID
     if annotation is Path:
-        return Path(value) if isinstance(value, (str, Path)) else _INVALID
+        return Path(value).expanduser() if isinstance(value, (str, Path)) else _INVALID
     raise TypeError(f"unsupported config annotation {annotation}")
 
 
@@ -376,6 +603,8 @@ def _describe(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a string",
             Path: "a path"}[annotation]
 
@@ -383,6 +612,9 @@ def _describe(annotation: Any) -> str:
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None}
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from lora_trainer.bases import save_learned_model
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.console import ConsoleEvents
 from lora_trainer.files import atomic_write, atomic_write_text
 from lora_trainer.grid import BACKGROUND, PADDING, TEXT_COLOUR, labelled_grid
@@ -45,11 +45,11 @@ def write_demo_dataset(folder: Path) -> Path:
 
 def demo_config(workdir: Path, steps: int = DEFAULT_STEPS) -> TrainConfig:
     """The demo's training settings: a few hundred steps on the tiny base, UNet and text encoder."""
-    return TrainConfig(
+    return config_from_dict(dict(
         train_data_dir=workdir / "dataset", base_model=str(workdir / "tiny-sd1"), resolution=WORLD_RESOLUTION,
         bucket_step=8, lora_rank=8, train_text_encoder=True, learning_rate=2e-3, batch_size=4,
         max_train_steps=steps, scheduler="cosine", warmup_steps=min(10, steps // 10), output_dir=workdir / "lora",
-        output_name="demo", save_every_n_steps=100, logging_dir=workdir / "logs", log_every_n_steps=10)
+        output_name="demo", save_every_n_steps=100, logging_dir=workdir / "logs", log_every_n_steps=10))
 
 
 class _LossRecorder(ConsoleEvents):
@@ -89,19 +89,19 @@ def run_demo(workdir: Path, device: str | None = None, steps: int = DEFAULT_STEP
     save_learned_model(workdir / "tiny-sd1", "sd1")
     write_demo_dataset(workdir / "dataset")
     config = demo_config(workdir, steps)
-    final = config.output_dir / f"{config.output_name}.safetensors"
-    losses_path = config.output_dir / "losses.json"
+    final = config.saving.output_dir / f"{config.saving.output_name}.safetensors"
+    losses_path = config.saving.output_dir / "losses.json"
     if final.exists():
-        print(f"{final} is from an earlier demo run; delete {config.output_dir} to train again")
+        print(f"{final} is from an earlier demo run; delete {config.saving.output_dir} to train again")
     else:
-        backend = DiffusersBackend(load_pipeline(config.base_model), resolve_device(device),
+        backend = DiffusersBackend(load_pipeline(config.model.base_model), resolve_device(device),
                                    model_name="tiny-sd1")
         with _LossRecorder() as events:
             train(config, backend, events)
         atomic_write_text(losses_path, json.dumps(events.losses))
     losses = json.loads(losses_path.read_text(encoding="utf-8")) if losses_path.exists() else []
 
-    backend = DiffusersBackend(load_pipeline(config.base_model), resolve_device(device), model_name="tiny-sd1")
+    backend = DiffusersBackend(load_pipeline(config.model.base_model), resolve_device(device), model_name="tiny-sd1")
     network = network_from_file(backend.lora_roots(), final).to(backend.device)
     rows = [[] for _ in PROMPTS]
     labels = []

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.models.base import DiffusionBackend
@@ -20,7 +20,7 @@ TINY_SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
 
 def fixed_noise_loss(backend: DiffusionBackend, config: TrainConfig) -> float:
     """Denoising loss on the training images of `config` with fixed noise and timesteps."""
-    data = TrainingData(scan_dataset(config.train_data_dir), config, backend.latent_scale)
+    data = TrainingData(scan_dataset(config.dataset.train_data_dir), config, backend.latent_scale)
     generator = torch.Generator().manual_seed(1234)
     losses = []
     with torch.no_grad():
@@ -53,7 +53,7 @@ def concept_config(dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
                     batch_size=4, max_train_steps=200, scheduler="cosine", warmup_steps=10, output_dir=output_dir,
                     output_name="concept", logging_dir=None, log_every_n_steps=10)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return config_from_dict(settings)
 
 
 def drawn_colour_rate(generate: Callable[[str, int], Image.Image], prompt: str, colour: str,

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import config_from_dict
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import scan_dataset
 
 
 def _data(folder: Path, **overrides) -> TrainingData:
-    config = TrainConfig(train_data_dir=folder, resolution=32, bucket_step=8, min_bucket_side=16,
-                         max_bucket_side=64, **overrides)
+    config = config_from_dict(dict(train_data_dir=folder, resolution=32, bucket_step=8, min_bucket_side=16,
+                         max_bucket_side=64, **overrides))
     return TrainingData(scan_dataset(folder), config, latent_scale=8)
 
 
@@ -81,8 +81,8 @@ def test_every_repeat_is_trained_once_per_epoch(tmp_path):
     (folder / "3_subject").mkdir(parents=True)
     for index in range(5):
         Image.new("RGB", (32, 32), "blue").save(folder / "3_subject" / f"{index}.png")
-    data = TrainingData(scan_dataset(folder), TrainConfig(train_data_dir=folder, resolution=32, bucket_step=8,
-                                                          batch_size=2), latent_scale=8)
+    data = TrainingData(scan_dataset(folder), config_from_dict(dict(train_data_dir=folder, resolution=32, bucket_step=8,
+                                                          batch_size=2)), latent_scale=8)
     plan = data.epoch_plan(0)
     assert sorted(i for batch in plan for i in batch) == sorted(list(range(5)) * 3)
     assert data.examples_per_epoch == 15 and data.batches_per_epoch() == 8

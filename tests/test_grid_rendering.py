@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.grid import GridPlan, labelled_grid
 
 
@@ -13,7 +13,7 @@ def _train_config(dataset, **overrides) -> TrainConfig:
     settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=5e-2,
                     max_train_steps=6, save_every_n_steps=3, output_name="style", logging_dir=None)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return config_from_dict(settings)
 
 
 @pytest.fixture(scope="module")

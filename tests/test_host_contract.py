@@ -18,7 +18,7 @@ from fake_host import FakeHost
 
 import install
 import preload
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
 from lora_trainer.host import RenderDefaults, RenderRequest, list_loras
 from lora_trainer.jobs import JobRunner
@@ -90,8 +90,8 @@ def write_lora(host: FakeHost, name: str) -> Path:
     """A LoRA file in the host's folder whose weights change the image (the `up` matrices are not zero)."""
     with host.busy("make a LoRA"):
         backend = host.loaded_model_backend()
-    config = TrainConfig(lora_rank=4, train_text_encoder=True)
-    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config))
+    config = config_from_dict(dict(lora_rank=4, train_text_encoder=True))
+    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in network.lora_modules.values():
@@ -194,8 +194,8 @@ def test_a_lora_tag_at_weight_one_changes_the_image(host):
 
 
 def test_a_training_job_registers_every_saved_file_once_and_ends_without_deadlock(host, shapes_dataset):
-    config = TrainConfig(train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4, max_train_steps=3,
-                         save_every_n_steps=1, output_name="contract", logging_dir=None)
+    config = config_from_dict(dict(train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4,
+                                   max_train_steps=3, save_every_n_steps=1, output_name="contract", logging_dir=None))
     runner = JobRunner(host)
     runner.start_training(config, preview_prompt="sks, a red shape")
     status = runner.wait(120)

@@ -14,7 +14,7 @@ from fake_host import FakeHost  # noqa: E402
 from ldm_models import tiny_sd1  # noqa: E402
 
 from lora_trainer.caption import CaptionOptions  # noqa: E402
-from lora_trainer.config import TrainConfig  # noqa: E402
+from lora_trainer.config import TrainConfig, config_from_dict  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.jobs import JobRunner, process_runner  # noqa: E402
 
@@ -33,7 +33,7 @@ def _config(dataset, **overrides) -> TrainConfig:
     settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=1e-3,
                     max_train_steps=4, output_name="job", logging_dir=None, log_every_n_steps=1)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return config_from_dict(settings)
 
 
 def _state_hash(model) -> str:
@@ -161,7 +161,7 @@ def test_the_last_training_runs_settings_stay_through_later_jobs(host, shapes_da
     runner.start_captioning(tmp_path / "missing", CaptionOptions())
     status = runner.wait(60)
     assert status.kind == "captioning"
-    assert status.config.train_data_dir == shapes_dataset and status.config.output_name == "job"
+    assert status.config.dataset.train_data_dir == shapes_dataset and status.config.saving.output_name == "job"
     assert status.trigger_word == "sks"
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import write_shapes_dataset
 from PIL import Image
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning
 from lora_trainer.train.loop import train
 
@@ -107,7 +107,7 @@ def _config(dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
     settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, batch_size=20,
                     max_train_steps=2, output_dir=output_dir, logging_dir=None, cache_text_encoder_outputs=True)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return config_from_dict(settings)
 
 
 def test_the_long_caption_is_encoded_as_two_chunks(backend):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
 from lora_trainer.train.retention import prune_saves
 
@@ -41,4 +41,4 @@ def test_the_final_file_always_stays_and_does_not_count(tmp_path):
 
 def test_keeping_no_saves_is_refused():
     with pytest.raises(UserError, match="keep_last_n_saves"):
-        TrainConfig(keep_last_n_saves=0)
+        config_from_dict(dict(keep_last_n_saves=0))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_trainer.config import TrainConfig, load_config
+from lora_trainer.config import TrainConfig, config_from_dict, load_config
 from lora_trainer.errors import UserError
 from lora_trainer.grid import GridPlan, parse_seeds, parse_strengths
 from lora_trainer.jobs import JobStatus
@@ -23,6 +23,7 @@ from lora_trainer.tab.dataset import dataset_contents, prepare_default_folder, s
 from lora_trainer.tab.form import (
     HOST_OWNED_KEYS,
     MAIN_KEYS,
+    YAML_ONLY_KEYS,
     config_from_form,
     default_config,
     form_fields,
@@ -146,12 +147,13 @@ def test_save_caption_refuses_files_outside_the_dataset_or_not_images(tmp_path):
 @pytest.mark.parametrize(("family", "resolution"), [("sd1", 512), ("sd2", 768), ("sdxl", 1024), (None, 512)])
 def test_defaults_follow_the_loaded_model_family(family, resolution):
     config = default_config(family, "bf16")
-    assert config.resolution == resolution
-    assert (config.lora_rank, config.lora_alpha, config.unet_lr) == (16, 8.0, 1e-4)
-    assert (config.epochs, config.batch_size, config.save_every_n_epochs, config.keep_last_n_saves) == (10, 1, 1, 5)
-    assert config.cache_latents and config.mixed_precision == "bf16"
-    assert config.logging_dir is None  # a relative "logs" would land in the WebUI's working folder
-    assert config.log_every_n_steps == 1  # the loss chart starts at the first step
+    assert config.dataset.resolution == resolution
+    assert (config.network.lora_rank, config.network.lora_alpha, config.optimizer.unet_lr) == (16, 8.0, 1e-4)
+    assert (config.training.epochs, config.training.batch_size) == (10, 1)
+    assert (config.saving.save_every_n_epochs, config.saving.keep_last_n_saves) == (1, 5)
+    assert config.dataset.cache_latents and config.training.mixed_precision == "bf16"
+    assert config.logging.logging_dir is None  # a relative "logs" would land in the WebUI's working folder
+    assert config.logging.log_every_n_steps == 1  # the loss chart starts at the first step
 
 
 @pytest.mark.parametrize(("cuda", "bf16", "expected"), [(False, False, "no"), (True, False, "fp16"),
@@ -165,14 +167,14 @@ def test_mixed_precision_default_depends_on_the_gpu(monkeypatch, cuda, bf16, exp
 def test_the_form_has_every_config_key_but_the_hosts_each_with_its_docstring():
     fields = form_fields()
     names = [field.name for field in fields]
-    assert names == [f.name for f in dataclasses.fields(TrainConfig) if f.name not in HOST_OWNED_KEYS]
+    assert names == [name for name in TrainConfig().flat() if name not in (*HOST_OWNED_KEYS, *YAML_ONLY_KEYS)]
     assert all(field.info for field in fields), [field.name for field in fields if not field.info]
     kinds = {field.name: field.kind for field in fields}
     assert kinds["cache_latents"] == "check" and kinds["epochs"] == "int" and kinds["learning_rate"] == "number"
-    assert kinds["optimizer"] == "choice" and kinds["lora_alpha"] == "optional"
+    assert kinds["optimizer_type"] == "choice" and kinds["lora_alpha"] == "optional"
     assert kinds["resume"] == "optional_path" and kinds["sample_prompts"] == "lines"
     assert kinds["target_modules"] == "list"
-    optimizer = next(field for field in fields if field.name == "optimizer")
+    optimizer = next(field for field in fields if field.name == "optimizer_type")
     assert optimizer.choices == ("adamw", "adamw8bit", "prodigy", "lion")
 
 
@@ -191,33 +193,35 @@ def test_help_speaks_the_forms_words_not_the_configs():
 
 def test_the_advanced_settings_are_grouped_as_the_config_is():
     groups = advanced_groups()
-    assert list(groups) == ["data", "model", "LoRA", "optimisation", "output"]
-    assert "bucket_step" in groups["data"] and "conv_rank" in groups["LoRA"] and "seed" in groups["optimisation"]
-    assert "sample_steps" in groups["output"]
+    assert list(groups) == ["dataset", "model", "network", "optimizer", "training", "loss", "saving", "logging",
+                            "sampling"]
+    assert "bucket_step" in groups["dataset"] and "conv_rank" in groups["network"] and "seed" in groups["training"]
+    assert "sample_steps" in groups["sampling"] and "min_snr_gamma" in groups["loss"]
     shown = [name for names in groups.values() for name in names]
     assert not set(shown) & {"train_data_dir", "output_name", "lora_rank", "epochs"}
     assert set(shown) | set(MAIN_KEYS) | {"train_data_dir"} == {field.name for field in form_fields()}
 
 
 def test_form_values_give_back_the_same_config():
-    config = TrainConfig(train_data_dir=Path("/data/cats"), resolution=768, lora_alpha=4.0, learning_rate=1.2345678e-4,
-                         optimizer="prodigy", target_modules=["to_q", "to_v"], max_train_steps=None,
-                         v_parameterization=True, min_snr_gamma=5.0, sample_prompts=["a cat", "a cat, sks"],
-                         logging_dir=None, flip_aug=True)
+    config = config_from_dict(dict(train_data_dir=Path("/data/cats"), resolution=768, lora_alpha=4.0,
+                                   learning_rate=1.2345678e-4, optimizer="prodigy", target_modules=["to_q", "to_v"],
+                                   max_train_steps=None, v_parameterization=True, min_snr_gamma=5.0,
+                                   sample_prompts=["a cat", "a cat, sks"], logging_dir=None, flip_aug=True))
     assert config_from_form(form_values(config)) == config
 
 
 def test_empty_optional_fields_mean_the_default_and_others_are_read_as_yaml():
     config = config_from_form({"lora_alpha": "", "unet_lr": "2e-4", "max_train_steps": " 300 ", "resume": "",
                                "v_parameterization": "false"})
-    assert config.lora_alpha is None and config.unet_lr == 2e-4 and config.max_train_steps == 300
-    assert config.resume is None and config.v_parameterization is False
+    assert config.network.lora_alpha is None and config.optimizer.unet_lr == 2e-4
+    assert config.training.max_train_steps == 300
+    assert config.saving.resume is None and config.model.v_parameterization is False
 
 
 def test_sample_prompts_are_one_per_line_and_module_lists_comma_separated():
     config = config_from_form({"sample_prompts": "sks, a cat\n\n  sks, a dog  \n", "target_modules": "to_q, to_k,"})
-    assert config.sample_prompts == ["sks, a cat", "sks, a dog"]
-    assert config.target_modules == ["to_q", "to_k"]
+    assert config.sampling.sample_prompts == ["sks, a cat", "sks, a dog"]
+    assert config.network.target_modules == ["to_q", "to_k"]
 
 
 @pytest.mark.parametrize(("values", "message"), [
@@ -232,7 +236,8 @@ def test_invalid_form_values_are_user_errors(values, message):
 
 
 def test_a_preset_is_the_yaml_the_cli_reads(tmp_path):
-    config = TrainConfig(train_data_dir=Path("/data/cats"), lora_rank=8, sample_prompts=["sks"], logging_dir=None)
+    config = config_from_dict(dict(train_data_dir=Path("/data/cats"), lora_rank=8, sample_prompts=["sks"],
+                                   logging_dir=None))
     path = save_preset(tmp_path / "presets", "cats v2", config)
     assert path == tmp_path / "presets" / "cats v2.yaml"
     assert load_config(path) == config
@@ -241,12 +246,12 @@ def test_a_preset_is_the_yaml_the_cli_reads(tmp_path):
 
 
 def test_an_existing_preset_is_replaced_only_when_asked(tmp_path):
-    save_preset(tmp_path, "style", TrainConfig(lora_rank=8))
+    save_preset(tmp_path, "style", config_from_dict(dict(lora_rank=8)))
     with pytest.raises(UserError, match="exists.*Overwrite"):
-        save_preset(tmp_path, "style", TrainConfig(lora_rank=32))
-    assert load_preset(tmp_path, "style").lora_rank == 8
-    save_preset(tmp_path, "style", TrainConfig(lora_rank=32), overwrite=True)
-    assert load_preset(tmp_path, "style").lora_rank == 32
+        save_preset(tmp_path, "style", config_from_dict(dict(lora_rank=32)))
+    assert load_preset(tmp_path, "style").network.lora_rank == 8
+    save_preset(tmp_path, "style", config_from_dict(dict(lora_rank=32)), overwrite=True)
+    assert load_preset(tmp_path, "style").network.lora_rank == 32
 
 
 @pytest.mark.parametrize("name", ["", "  ", "../up", "a/b", "a\\b", ".hidden", "dot.", "x" * 65])
@@ -279,7 +284,8 @@ def test_chart_points_average_long_runs_down_to_the_limit():
 
 def test_chart_json_carries_losses_saved_names_state_and_whether_to_refresh_the_lora_cards():
     status = JobStatus(kind="training", state="running", losses=[(1, 0.5), (2, 0.25)], saved=[Path("/l/x.safetensors")])
-    assert json.loads(chart_json(status, True)) == {"losses": [[1, 0.5], [2, 0.25]], "saved": ["x.safetensors"],
+    assert json.loads(chart_json(status, True)) == {"losses": [[1, 0.5], [2, 0.25]], "validation": [],
+                                                   "best_step": None, "saved": ["x.safetensors"],
                                                    "state": "running", "refresh_lora_cards": True,
                                                    "queue_note": queue_note(status)}
     assert json.loads(chart_json(status, False))["refresh_lora_cards"] is False
@@ -287,13 +293,55 @@ def test_chart_json_carries_losses_saved_names_state_and_whether_to_refresh_the_
 
 def test_a_generation_queued_behind_a_job_is_told_what_it_waits_for():
     training = JobStatus(kind="training", state="running", step=120, total_steps=400, seconds_left=190)
-    assert queue_note(training) == "waiting for LoRA training (step 120/400, ETA 3:10); Interrupt stops it"
+    assert queue_note(training) == "waiting for LoRA training (step 120/400, ETA 3:10)"
     saving = dataclasses.replace(training, activity="saving x.safetensors")
-    assert queue_note(saving) == "waiting for LoRA training (step 120/400); Interrupt stops it"
+    assert queue_note(saving) == "waiting for LoRA training (step 120/400)"
     grid = JobStatus(kind="grid", state="running", step=2, total_steps=6)
-    assert queue_note(grid) == "waiting for LoRA test grid (2/6); Interrupt stops it"
-    assert queue_note(JobStatus(kind="captioning", state="running")).startswith("waiting for LoRA trainer captioning;")
+    assert queue_note(grid) == "waiting for LoRA test grid (2/6)"
+    assert queue_note(JobStatus(kind="captioning", state="running")) == "waiting for LoRA trainer captioning"
     assert queue_note(dataclasses.replace(training, state="finished")) == ""
+
+
+def _validated_run(folder: Path) -> JobStatus:
+    """A run that measured its validation loss at steps 0, 10 and 20 and saved after steps 10 and 20."""
+    early, late = folder / "v-s000010.safetensors", folder / "v-s000020.safetensors"
+    return JobStatus(kind="training", state="finished", step=20, total_steps=20, losses=[(10, 0.3), (20, 0.2)],
+                     validation_losses=[(0, 0.5), (10, 0.25), (20, 0.4)], saved=[early, late],
+                     saved_validation_losses={early: 0.25, late: 0.4})
+
+
+def test_the_chart_gets_the_validation_loss_and_its_best_step(tmp_path):
+    data = json.loads(chart_json(_validated_run(tmp_path), False))
+    assert data["validation"] == [[0, 0.5], [10, 0.25], [20, 0.4]] and data["best_step"] == 10
+
+
+def test_the_file_with_the_lowest_validation_loss_is_marked_and_named_in_the_status(tmp_path):
+    status = _validated_run(tmp_path)
+    assert status.best_saved == tmp_path / "v-s000010.safetensors"
+    saved = saved_html(status, True)
+    assert saved.index("lowest validation loss (0.2500)") < saved.index("v-s000020")
+    assert "validation loss 0.4000 (lowest 0.2500 at step 10)" in status_html(status)
+
+
+def test_the_test_panel_preselects_the_file_with_the_lowest_validation_loss(tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.host import RenderDefaults
+    from lora_trainer.tab.grids import GridPanel
+
+    class _Host(_LoraFolder):
+        def render_defaults(self) -> RenderDefaults:
+            return RenderDefaults(width=512, height=512)
+
+    class _Runner:
+        def status(self) -> JobStatus:
+            return status
+
+    status = _validated_run(tmp_path)
+    for path in status.saved:
+        _lora_file(path, 100)
+    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
+    files = GridPanel(_Runner(), _Host(tmp_path), *components).defaults("sks", "")["files"]
+    assert files["value"] == ["v-s000010.safetensors"]
 
 
 def test_status_of_a_running_training_shows_progress_speed_eta_and_memory():
@@ -511,7 +559,7 @@ def test_the_grid_defaults_to_the_last_runs_resolution_not_txt2img_size(tmp_path
         def status(self) -> JobStatus:
             return self.current
 
-    runner = _Runner(JobStatus(kind="training", state="finished", config=TrainConfig(resolution=768)))
+    runner = _Runner(JobStatus(kind="training", state="finished", config=config_from_dict(dict(resolution=768))))
     components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
     panel = GridPanel(runner, _Host(tmp_path), *components)
     defaults = panel.defaults("sks", "")

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 
 from measures import TINY_SIZES, fixed_noise_loss  # noqa: E402
 
-from lora_trainer.config import TrainConfig  # noqa: E402
+from lora_trainer.config import TrainConfig, config_from_dict  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.lora.targets import network_from_file  # noqa: E402
 from lora_trainer.models.diffusers_backend import DiffusersBackend  # noqa: E402
@@ -35,7 +35,7 @@ def _config(dataset, output_dir, **overrides) -> TrainConfig:
     settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=2e-3,
                     batch_size=2, max_train_steps=40, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return config_from_dict(settings)
 
 
 class _Recorder(TrainingEvents):
@@ -340,4 +340,4 @@ def test_clip_skip_is_recorded_and_a_mismatch_with_the_model_is_refused(pipeline
     with pytest.raises(UserError, match="SD1 and SD2 only"):
         DiffusersBackend(pipelines["sdxl"], "cpu", clip_skip=2)
     with pytest.raises(UserError, match="clip_skip"):
-        TrainConfig(clip_skip=0)
+        config_from_dict(dict(clip_skip=0))

@@ -15,7 +15,7 @@ pytest.importorskip("ldm")
 
 from measures import TINY_SIZES, fixed_noise_loss  # noqa: E402
 
-from lora_trainer.config import TrainConfig  # noqa: E402
+from lora_trainer.config import TrainConfig, config_from_dict  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.lora.network import LoraNetwork  # noqa: E402
 from lora_trainer.lora.targets import find_lora_targets, network_from_file  # noqa: E402
@@ -39,7 +39,7 @@ def _config(dataset, output_dir, **overrides) -> TrainConfig:
     settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=5e-3,
                     batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return config_from_dict(settings)
 
 
 def _state_hashes(model: nn.Module) -> dict[str, str]:
@@ -101,7 +101,7 @@ def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes
     # conditioner runs its text encoders under no_grad unless told otherwise.
     backend = WebUIBackend(models[family])
     config = _config(shapes_dataset, tmp_path / "out", train_text_encoder=True, conv_rank=2)
-    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config))
+    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network))
     with torch.no_grad():
         for module in network.lora_modules.values():
             module.up.normal_(std=0.1)
@@ -179,7 +179,7 @@ def test_exported_keys_name_the_trained_layers_as_the_webui_maps_them(family, mo
                      text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     # The extension finds an OpenCLIP attention's q/k/v LoRA on the attention, and its out LoRA on out_proj.
     trained_layers = {target.key: target.layer.out_proj if target.part == "out" else target.layer
-                      for target in find_lora_targets(backend.lora_roots(), config)}
+                      for target in find_lora_targets(backend.lora_roots(), config.network)}
     path = train(config, backend).saved[-1]
     with safe_open(str(path), "pt") as handle:
         file_keys = {key.partition(".")[0] for key in handle.keys()}

@@ -29,64 +29,70 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
                  started_at: float) -> dict[str, str]:
     """Metadata that stays the same for every file of one run."""
     subsets: dict[str, dict[str, int]] = {}
-    for record in scan.records:
-        entry = subsets.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
+    reg_subsets: dict[str, dict[str, int]] = {}
+    for record in [*scan.records, *(example.record for example in data.examples if example.record.is_reg)]:
+        folders = reg_subsets if record.is_reg else subsets
+        entry = folders.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
-    network_args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)} \
-        if config.conv_rank else {}
+    network_args = {"conv_dim": str(config.network.conv_rank), "conv_alpha": str(config.network.effective_conv_alpha)} \
+        if config.network.conv_rank else {}
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.lora_rank),
-        "ss_network_alpha": _number(config.effective_lora_alpha),
-        "ss_network_dropout": _number(config.lora_dropout),
+        "ss_network_dim": str(config.network.lora_rank),
+        "ss_network_alpha": _number(config.network.effective_lora_alpha),
+        "ss_network_dropout": _number(config.network.lora_dropout),
         "ss_network_args": json.dumps(network_args),
-        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_network_train_unet_only": str(not config.network.train_text_encoder),
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": str(model_name),
-        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_resolution": f"({config.dataset.resolution}, {config.dataset.resolution})",
         "ss_clip_skip": str(clip_skip),
         "ss_num_train_images": str(data.examples_per_epoch),
         "ss_tag_frequency": json.dumps(scan.tag_frequency()),
         "ss_dataset_dirs": json.dumps(subsets),
+        "ss_reg_dataset_dirs": json.dumps(reg_subsets),
+        "ss_num_reg_images": str(sum(entry["img_count"] for entry in reg_subsets.values())),
+        "ss_prior_loss_weight": _number(config.loss.prior_loss_weight),
+        "ss_masked_loss": str(config.dataset.masked_loss),
         "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0}),
-        "ss_enable_bucket": str(config.enable_bucket),
-        "ss_output_name": config.output_name,
+        "ss_enable_bucket": str(config.dataset.enable_bucket),
+        "ss_output_name": config.saving.output_name,
         "ss_training_started_at": str(int(started_at)),
         "ss_max_train_steps": str(total_steps),
-        "ss_num_epochs": str(config.epochs),
-        "ss_learning_rate": _number(config.learning_rate),
-        "ss_unet_lr": _number(config.effective_unet_lr),
-        "ss_text_encoder_lr": _number(config.effective_text_encoder_lr),
-        "ss_optimizer": config.optimizer,
-        "ss_lr_scheduler": config.scheduler,
-        "ss_lr_warmup_steps": str(config.warmup_steps),
-        "ss_batch_size_per_device": str(config.batch_size),
-        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
-        "ss_mixed_precision": config.mixed_precision,
-        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_max_grad_norm": _number(config.max_grad_norm),
-        "ss_min_snr_gamma": _number(config.min_snr_gamma),
-        "ss_noise_offset": _number(config.noise_offset),
-        "ss_flip_aug": str(config.flip_aug),
-        "ss_shuffle_caption": str(config.shuffle_caption),
-        "ss_keep_tokens": str(config.keep_tokens),
-        "ss_caption_dropout_rate": _number(config.caption_dropout_rate),
+        "ss_num_epochs": str(config.training.epochs),
+        "ss_learning_rate": _number(config.optimizer.learning_rate),
+        "ss_unet_lr": _number(config.optimizer.effective_unet_lr),
+        "ss_text_encoder_lr": _number(config.optimizer.effective_text_encoder_lr),
+        "ss_optimizer": config.optimizer.optimizer_type,
+        "ss_lr_scheduler": config.optimizer.scheduler,
+        "ss_lr_warmup_steps": str(config.optimizer.warmup_steps),
+        "ss_batch_size_per_device": str(config.training.batch_size),
+        "ss_gradient_accumulation_steps": str(config.training.gradient_accumulation_steps),
+        "ss_mixed_precision": config.training.mixed_precision,
+        "ss_gradient_checkpointing": str(config.training.gradient_checkpointing),
+        "ss_max_grad_norm": _number(config.optimizer.max_grad_norm),
+        "ss_min_snr_gamma": _number(config.loss.min_snr_gamma),
+        "ss_noise_offset": _number(config.loss.noise_offset),
+        "ss_flip_aug": str(config.dataset.flip_aug),
+        "ss_shuffle_caption": str(config.dataset.shuffle_caption),
+        "ss_keep_tokens": str(config.dataset.keep_tokens),
+        "ss_caption_dropout_rate": _number(config.dataset.caption_dropout_rate),
         "ss_cache_latents": str(data.uses_latent_cache),
-        "ss_seed": str(config.seed),
+        "ss_seed": str(config.training.seed),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": modelspec_architecture(family, prediction_type),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
         else "diffusers",
-        "modelspec.title": config.output_name,
-        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.title": config.saving.output_name,
+        "modelspec.resolution": f"{config.dataset.resolution}x{config.dataset.resolution}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
-    if config.init_lora_weights:
-        metadata["ss_network_weights"] = str(config.init_lora_weights)
+    if config.network.init_lora_weights:
+        metadata["ss_network_weights"] = str(config.network.init_lora_weights)
     return metadata
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import UserError
 from lora_trainer.lora.files import read_lora
 from lora_trainer.lora.naming import STEM_CONVS, kohya_key
@@ -16,8 +16,8 @@ from lora_trainer.lora.network import ATTENTION_PARTS, LoraNetwork, LoraTarget, 
 from lora_trainer.models.base import LoraRoot
 
 
-def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTarget]:
-    """Every layer of `roots` that the config asks to adapt, with its kohya key, rank and alpha.
+def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[LoraTarget]:
+    """Every layer of `roots` that the network config asks to adapt, with its kohya key, rank and alpha.
 
     A layer matches a name in `target_modules` (or `text_encoder_target_modules`) when its path, or its
     path as kohya files name it, ends with it. With `conv_rank > 0`, the UNet's 3x3 convolutions (except
@@ -25,18 +25,18 @@ def find_lora_targets(roots: list[LoraRoot], config: TrainConfig) -> list[LoraTa
     """
     targets: list[LoraTarget] = []
     for root in roots:
-        if root.is_text_encoder and not config.train_text_encoder:
+        if root.is_text_encoder and not network.train_text_encoder:
             continue
-        suffixes = config.text_encoder_target_modules if root.is_text_encoder else config.target_modules
+        suffixes = network.text_encoder_target_modules if root.is_text_encoder else network.target_modules
         found, linear_paths = [], []
         for path, layer, part, weight in _adaptable_layers(root.module):
             if weight.dim() == 2:
                 linear_paths.append(path)
             if _matches(path, root.kohya_path(path), suffixes) and (weight.dim() == 2 or weight.shape[-2:] == (1, 1)):
-                found.append(_target(root, path, layer, part, config.lora_rank, config.effective_lora_alpha))
-            elif (not root.is_text_encoder and config.conv_rank and weight.dim() == 4
+                found.append(_target(root, path, layer, part, network.lora_rank, network.effective_lora_alpha))
+            elif (not root.is_text_encoder and network.conv_rank and weight.dim() == 4
                   and weight.shape[-2:] == (3, 3) and path not in STEM_CONVS):
-                found.append(_target(root, path, layer, part, config.conv_rank, config.effective_conv_alpha))
+                found.append(_target(root, path, layer, part, network.conv_rank, network.effective_conv_alpha))
         if not found and suffixes:
             raise UserError(f"no layer of {root.prefix} matches {suffixes}; layer names look like: "
                             + ", ".join(linear_paths[:8]))

@@ -10,7 +10,6 @@ Lora cards after a save.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +38,7 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
     runner = runner or JobRunner(host)
     presets_dir = Path(presets_dir or Path(host.lora_dir()).parent / "lora_trainer_presets")
     prepare_default_folder(host.datasets_dir())
-    initial = form_values(replace(default_config(host.model_family()), train_data_dir=host.datasets_dir()))
+    initial = form_values(default_config(host.model_family()).updated(train_data_dir=host.datasets_dir()))
     folder_field = next(field for field in form_fields() if field.name == "train_data_dir")
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Column(elem_id="lora_trainer_tab"):

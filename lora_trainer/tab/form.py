@@ -4,7 +4,6 @@ between widget values and a validated config. No gradio here but `field_widget`.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import inspect
 import re
@@ -17,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from lora_trainer import config as config_module
-from lora_trainer.config import MixedPrecision, TrainConfig, config_from_dict
+from lora_trainer.config import FIELD_GROUPS, GROUPS, MixedPrecision, TrainConfig, config_from_dict
 from lora_trainer.errors import UserError
 from lora_trainer.models.base import ModelFamily
 
@@ -26,6 +25,9 @@ FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDX
 HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "clip_skip")
 """Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
 setting): not in the form."""
+YAML_ONLY_KEYS = ("subsets",)
+"""Config keys the form has no widget for yet: a dataset of several folders with their own options is set in a
+preset's YAML (the form trains the one dataset folder, whose `N_name` subfolders repeat as usual)."""
 MAIN_KEYS = ("output_name", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs", "batch_size",
              "max_train_steps", "save_every_n_epochs", "keep_last_n_saves", "mixed_precision", "cache_latents",
              "sample_prompts", "sample_every_n_steps")
@@ -58,10 +60,10 @@ def default_config(family: ModelFamily | None, mixed_precision: MixedPrecision |
     """The tab's starting settings for a model family: its native resolution, rank 16 / alpha 8, UNet lr 1e-4,
     10 epochs of batch 1 saved after each (the last 5 of those kept), cached latents, the GPU's mixed precision,
     no TensorBoard logs, the loss read every step (the chart starts at the first)."""
-    return TrainConfig(resolution=FAMILY_RESOLUTION[family or "sd1"], lora_rank=16, lora_alpha=8.0, unet_lr=1e-4,
-                       epochs=10, batch_size=1, save_every_n_epochs=1, keep_last_n_saves=5, cache_latents=True,
-                       mixed_precision=mixed_precision or gpu_mixed_precision(), logging_dir=None,
-                       log_every_n_steps=1)
+    return config_from_dict(dict(resolution=FAMILY_RESOLUTION[family or "sd1"], lora_rank=16, lora_alpha=8.0,
+                                 unet_lr=1e-4, epochs=10, batch_size=1, save_every_n_epochs=1, keep_last_n_saves=5,
+                                 cache_latents=True, mixed_precision=mixed_precision or gpu_mixed_precision(),
+                                 logging_dir=None, log_every_n_steps=1))
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class FormField:
     label: str
     info: str
     group: str
-    """The config's group of the key (data, model, LoRA, optimisation, output)."""
+    """The config group the key is in (`GROUPS`: dataset, model, network, optimizer, ...)."""
     choices: tuple[str, ...] = ()
 
 
@@ -83,47 +85,33 @@ class FormField:
 def form_fields() -> tuple[FormField, ...]:
     """Every `TrainConfig` key the tab shows (all but `HOST_OWNED_KEYS`), with help from the config's docstrings
     in the form's words."""
-    hints = typing.get_type_hints(TrainConfig)
-    docs, groups = config_field_docs(), config_field_groups()
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in HOST_OWNED_KEYS]
+    hints = {name: typing.get_type_hints(group_type)[name] for group_type in GROUPS.values()
+             for name in typing.get_type_hints(group_type)}
+    docs = config_field_docs()
+    names = [name for name in FIELD_GROUPS if name not in (*HOST_OWNED_KEYS, *YAML_ONLY_KEYS)]
     labels = {name: LABELS.get(name, name.replace("_", " ").capitalize()) for name in names}
     fields = []
     for name in names:
         choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
         kind = _kind(name, hints[name])
         info = TAB_HELP.get(name) or _in_form_words(docs.get(name, ""), labels, kind in OPTIONAL_KINDS)
-        fields.append(FormField(name, kind, labels[name], info, groups[name], choices))
+        fields.append(FormField(name, kind, labels[name], info, FIELD_GROUPS[name], choices))
     return tuple(fields)
 
 
 def config_field_docs() -> dict[str, str]:
-    """The docstring under each `TrainConfig` field, joined into one line."""
+    """The docstring under each config field, joined into one line."""
     docs = {}
-    body = _config_class().body
-    for field_node, doc_node in zip(body, body[1:]):
-        if isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr) and \
-                isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str):
-            docs[field_node.target.id] = " ".join(doc_node.value.value.split())
-    return docs
-
-
-def config_field_groups() -> dict[str, str]:
-    """Each `TrainConfig` field's group, from the `# --- group ---` comment above it in config.py."""
-    lines = inspect.getsource(config_module).splitlines()
-    groups, group = {}, ""
-    fields = {node.lineno: node.target.id for node in _config_class().body if isinstance(node, ast.AnnAssign)}
-    for number, line in enumerate(lines, start=1):
-        heading = re.fullmatch(r"\s*# --- (.+) ---\s*", line)
-        if heading:
-            group = heading.group(1)
-        elif number in fields:
-            groups[fields[number]] = group
-    return groups
-
-
-def _config_class() -> ast.ClassDef:
     source = ast.parse(inspect.getsource(config_module))
-    return next(node for node in source.body if isinstance(node, ast.ClassDef) and node.name == "TrainConfig")
+    group_classes = {group_type.__name__ for group_type in GROUPS.values()}
+    for class_node in source.body:
+        if not (isinstance(class_node, ast.ClassDef) and class_node.name in group_classes):
+            continue
+        for field_node, doc_node in zip(class_node.body, class_node.body[1:]):
+            if isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr) and \
+                    isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str):
+                docs[field_node.target.id] = " ".join(doc_node.value.value.split())
+    return docs
 
 
 def _in_form_words(doc: str, labels: dict[str, str], optional: bool) -> str:
@@ -153,7 +141,8 @@ def _kind(name: str, annotation: Any) -> FieldKind:
 
 def form_values(config: TrainConfig) -> dict[str, Any]:
     """The widget value of every form field for `config`."""
-    return {field.name: _to_widget(field, getattr(config, field.name)) for field in form_fields()}
+    values = config.flat()
+    return {field.name: _to_widget(field, values[field.name]) for field in form_fields()}
 
 
 def config_from_form(values: dict[str, Any]) -> TrainConfig:

@@ -3,11 +3,11 @@ groups), presets, and Start / Save now / Stop."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import GROUP_TITLES, TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.host import Host
 from lora_trainer.jobs import JobRunner, JobStatus
@@ -90,8 +90,7 @@ class TrainingPanel:
                     place(name)
         with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
             for group, names in advanced_groups().items():
-                with gr.Accordion(group.capitalize() if group.islower() else group, open=False,
-                                  elem_id=f"lora_trainer_advanced_{group.lower()}"):
+                with gr.Accordion(GROUP_TITLES[group], open=False, elem_id=f"lora_trainer_advanced_{group}"):
                     for start in range(0, len(names), 3):
                         with gr.Row():
                             for name in names[start:start + 3]:
@@ -123,7 +122,7 @@ class TrainingPanel:
     def config(self, values: tuple) -> TrainConfig:
         """The config the form's `values` (in `form` order) describe, saving into the host's LoRA folder."""
         values_by_name = {field.name: value for field, value in zip(form_fields(), values, strict=True)}
-        return replace(config_from_form(values_by_name), output_dir=Path(self.host.lora_dir()))
+        return config_from_form(values_by_name).updated(output_dir=Path(self.host.lora_dir()))
 
     def form_updates(self, config: TrainConfig, keep_dataset: bool = False) -> dict:
         """The form showing `config` (with `keep_dataset`, the dataset folder as it is)."""
@@ -152,13 +151,14 @@ class TrainingPanel:
         def start(seen_now: dict | None, trigger: str, *values) -> dict:
             try:
                 config = self.config(values)
-                if config.train_data_dir is None:
+                if config.dataset.train_data_dir is None:
                     raise UserError("Enter the dataset folder first.")
-                preview_prompt = config.sample_prompts[0] if config.sample_prompts else trigger.strip()
+                prompts = config.sampling.sample_prompts
+                preview_prompt = prompts[0] if prompts else trigger.strip()
                 self.runner.start_training(config, trigger.strip(), preview_prompt)
             except UserError as error:
                 return {self.notice: notice(str(error), error=True)}
-            return {self.notice: notice(f"Training {config.output_name} started."), **progress.started(seen_now)}
+            return {self.notice: notice(f"Training {config.saving.output_name} started."), **progress.started(seen_now)}
 
         def save_now() -> dict:
             self.runner.save_now()

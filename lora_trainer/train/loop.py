@@ -12,7 +12,7 @@ import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import Batch, TrainingData
-from lora_trainer.data.scan import scan_dataset
+from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
@@ -28,6 +28,7 @@ from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
+from lora_trainer.train.validation import DEFAULT_MEASUREMENTS, ValidationSet
 
 
 @dataclass
@@ -38,45 +39,59 @@ class TrainingResult:
     steps: int = 0
     stopped: bool = False
     last_loss: float | None = None
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation loss) of every measurement, when the run has held-out images."""
+
+    @property
+    def best_validation_step(self) -> int | None:
+        """The step with the lowest validation loss."""
+        return min(self.validation_losses, key=lambda measured: measured[1])[0] if self.validation_losses else None
 
 
 def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents | None = None) -> TrainingResult:
     """Train a LoRA on `backend`'s model as `config` says. The model is left exactly as it was."""
     events = events or TrainingEvents()
+    training, saving, sampling = config.training, config.saving, config.sampling
     check_run_paths(config)
-    if leftovers := remove_stale_temporaries(config.output_dir):
+    if leftovers := remove_stale_temporaries(saving.output_dir):
         events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
-                          f"{config.output_dir}.")
+                          f"{saving.output_dir}.")
     started_at = time.time()
-    torch.manual_seed(config.seed)
-    data_rng = random.Random(config.seed)
-    noise_generator = torch.Generator(backend.device).manual_seed(config.seed)
+    torch.manual_seed(training.seed)
+    data_rng = random.Random(training.seed)
+    noise_generator = torch.Generator(backend.device).manual_seed(training.seed)
     result = TrainingResult()
 
     # --- data and plan ---
-    scan = scan_dataset(config.train_data_dir, config.metadata_path, config.repeats, config.caption_extension)
-    data = TrainingData(scan, config, backend.latent_scale)
-    steps_per_epoch = math.ceil(data.batches_per_epoch() / config.gradient_accumulation_steps)
-    total_steps = config.max_train_steps or steps_per_epoch * config.epochs
+    dataset = config.dataset
+    sources = gather_images(dataset, training.seed)
+    scan, reg_records, held_out = sources.scan, sources.reg_records, sources.held_out
+    data = TrainingData(scan, config, backend.latent_scale, reg_records)
+    validation = ValidationSet(held_out, config, backend.latent_scale) if held_out else None
+    steps_per_epoch = math.ceil(data.batches_per_epoch() / training.gradient_accumulation_steps)
+    total_steps = training.max_train_steps or steps_per_epoch * training.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
-    final_path = Path(config.output_dir) / f"{config.output_name}.safetensors"
-    if final_path.exists() and config.resume is None:
+    validate_every = config.logging.validate_every_n_steps or max(1, total_steps // DEFAULT_MEASUREMENTS)
+    final_path = Path(saving.output_dir) / f"{saving.output_name}.safetensors"
+    if final_path.exists() and saving.resume is None:
         raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
 
-    if config.clip_skip is not None and config.clip_skip != (backend.clip_skip or 1):
-        raise UserError(f"the config asks for clip_skip {config.clip_skip}, but this model's text conditioning "
+    if config.model.clip_skip is not None and config.model.clip_skip != (backend.clip_skip or 1):
+        raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
 
     # --- LoRA on the model ---
-    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config), config.lora_dropout).to(backend.device)
-    if config.init_lora_weights:
-        initial = read_lora(config.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
-        check_matches_network(initial, network, f"init_lora_weights {config.init_lora_weights}")
+    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network),
+                          config.network.lora_dropout).to(backend.device)
+    if config.network.init_lora_weights:
+        initial = read_lora(config.network.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
+        check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
         network.load_kohya_state_dict(initial.state)
-    parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"), "lr": config.effective_unet_lr}]
-    if config.train_text_encoder:
+    parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"),
+                         "lr": config.optimizer.effective_unet_lr}]
+    if config.network.train_text_encoder:
         parameter_groups.append({"params": network.parameters_with_prefix("lora_te"),
-                                 "lr": config.effective_text_encoder_lr})
+                                 "lr": config.optimizer.effective_text_encoder_lr})
     parameter_groups = [group for group in parameter_groups if group["params"]]
     trainable = [p for group in parameter_groups for p in group["params"]]
 
@@ -86,22 +101,40 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, backend.clip_skip,
                             scan, data, total_steps, started_at)
-    run_log = RunLog(config.logging_dir, config.output_name)
+    run_log = RunLog(config.logging.logging_dir, saving.output_name)
 
     nan_advice = "Lower the learning rate" + (
-        ", or train in bf16/fp32 instead of fp16" if config.mixed_precision == "fp16" else "") + "."
+        ", or train in bf16/fp32 instead of fp16" if training.mixed_precision == "fp16" else "") + "."
+
+    def validate(step: int) -> None:
+        """Measure the validation loss after `step` (once per step), when the run has held-out images."""
+        if validation is None or (result.validation_losses and result.validation_losses[-1][0] == step):
+            return
+        events.on_busy("measuring the validation loss")
+        network.eval()
+        loss = validation.loss(backend, accelerator.autocast)
+        network.train()
+        result.validation_losses.append((step, loss))
+        events.on_validation(step, loss)
+        run_log.log_validation(step, loss)
 
     def save(path: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
-        """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
+        """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`.
+        The file records the validation loss of its weights, measured now unless `with_state` is off (an
+        interrupted save does not wait for it)."""
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. {nan_advice}")
-        with_state = with_state and config.save_state
+        if with_state:
+            validate(step)
+        measured = dict(result.validation_losses)
+        per_file = {"lora_trainer_validation_loss": repr(measured[step])} if step in measured else {}
+        with_state = with_state and saving.save_state
 
         def write(folder: Path) -> Path:
-            saved = save_kohya(folder / path.name, network, file_metadata(metadata, step, epoch + 1))
-            if config.save_diffusers_format:
+            saved = save_kohya(folder / path.name, network, {**file_metadata(metadata, step, epoch + 1), **per_file})
+            if saving.save_diffusers_format:
                 save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network,
-                                      file_metadata(metadata, step, epoch + 1))
+                                      {**file_metadata(metadata, step, epoch + 1), **per_file})
             if with_state:
                 save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
                            epoch, next_batch, noise_generator, data_rng)
@@ -112,33 +145,35 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
         result.saved.append(saved)
         events.on_saved(saved, step, epoch + 1)
-        if config.keep_last_n_saves:
-            for removed in prune_saves(result.saved, config.keep_last_n_saves, final_path):
+        if saving.keep_last_n_saves:
+            for removed in prune_saves(result.saved, saving.keep_last_n_saves, final_path):
                 result.saved.remove(removed)
                 events.on_removed(removed)
 
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
         network.eval()
-        images = [backend.generate(prompt, "", config.sample_seed, config.sample_steps, config.resolution,
-                                   config.resolution, 7.0) for prompt in config.sample_prompts]
+        images = [backend.generate(prompt, "", sampling.sample_seed, sampling.sample_steps, dataset.resolution,
+                                   dataset.resolution, 7.0) for prompt in sampling.sample_prompts]
         network.train()
-        events.on_sample(step, images, list(config.sample_prompts))
+        events.on_sample(step, images, list(sampling.sample_prompts))
 
     step, start_epoch, skip_batches = 0, 0, 0
-    with backend.training_mode(config.gradient_checkpointing), network.applied(1.0):
+    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
         network.train()
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
             data.cache_latents(backend.encode_images, progress=events.on_caching)
+        if validation is not None:
+            validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
             text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
 
-        if config.resume is not None:
-            resume_point, weights = load_state(config.resume, optimizer, scheduler, noise_generator, data_rng)
-            check_matches_network(LoraFile(weights, {}), network, f"the resume state {config.resume}")
+        if saving.resume is not None:
+            resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
+            check_matches_network(LoraFile(weights, {}), network, f"the resume state {saving.resume}")
             network.load_kohya_state_dict(weights)
             step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
             events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
@@ -146,11 +181,15 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         skipped_list = None
         if scan.skipped:
             skipped_list = scan.write_skipped_list(
-                Path(config.logging_dir or config.output_dir) / f"{config.output_name}-skipped.txt")
-        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary(skipped_list)}\n{data.summary()}\n"
+                Path(config.logging.logging_dir or saving.output_dir) / f"{saving.output_name}-skipped.txt")
+        held_out_line = f"; {len(validation)} held out for the validation loss" if validation else ""
+        reg_line = f"; {len(reg_records)} regularisation images" if reg_records else ""
+        plan = RunPlan(total_steps, epochs, steps_per_epoch,
+                       f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
                        f"parameters; {total_steps} steps over {epochs} epoch(s)")
         events.on_start(plan)
+        validate(step)
 
         def training_loss(batch: Batch) -> torch.Tensor:
             if batch.latents is not None:
@@ -162,15 +201,15 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                               padding=text_cache[""].context)
             else:
                 text = backend.encode_text(batch.captions)
-            noise = sample_noise(latents, config.noise_offset, noise_generator)
+            noise = sample_noise(latents, config.loss.noise_offset, noise_generator)
             timesteps = torch.randint(0, len(backend.alphas_cumprod), (latents.shape[0],),
                                       generator=noise_generator, device=backend.device)
             noisy_latents = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
             with accelerator.autocast():
                 prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
             target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
-                                  backend.prediction_type, config.min_snr_gamma)
+            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod, backend.prediction_type,
+                                  config.loss.min_snr_gamma, batch.masks, batch.sample_weights)
 
         loss_sum = torch.zeros((), device=backend.device)
         losses_in_sum = 0
@@ -189,14 +228,14 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     in_step = True
                     batch = data.load_batch(indices, data_rng)
                     loss = training_loss(batch)
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
+                    accelerator.backward(loss / training.gradient_accumulation_steps)
                     loss_sum += loss.detach()
                     losses_in_sum += 1
                     end_of_epoch = batch_index + 1 == len(batches)
-                    if (batch_index + 1) % config.gradient_accumulation_steps and not end_of_epoch:
+                    if (batch_index + 1) % training.gradient_accumulation_steps and not end_of_epoch:
                         continue
-                    if config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    if config.optimizer.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -205,7 +244,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
                     # --- report (reading the loss back only every few steps keeps the device busy) ---
                     report_loss = None
-                    if step % config.log_every_n_steps == 0 or step == total_steps:
+                    if step % config.logging.log_every_n_steps == 0 or step == total_steps:
                         report_loss = (loss_sum / losses_in_sum).item()
                         if not math.isfinite(report_loss):
                             raise UserError(f"the loss became {report_loss} by step {step}; nothing more was "
@@ -220,7 +259,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     report = StepReport(
                         step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
                         learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
-                        samples_per_second=steps_per_second * config.batch_size * config.gradient_accumulation_steps,
+                        samples_per_second=(steps_per_second * training.batch_size
+                                            * training.gradient_accumulation_steps),
                         seconds_elapsed=time.time() - started_at,
                         seconds_left=seconds_per_step * (total_steps - step))
                     events.on_step(report)
@@ -232,16 +272,18 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if step >= total_steps or stopping:
                         break
                     paused_at = time.perf_counter()
-                    if (config.save_every_n_steps and step % config.save_every_n_steps == 0) or \
+                    if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or \
                             events.save_requested():
-                        save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step,
+                        save(Path(saving.output_dir) / f"{saving.output_name}-s{step:06d}.safetensors", step,
                              epoch, batch_index + 1)
-                    if config.save_every_n_epochs and end_of_epoch and (epoch + 1) % config.save_every_n_epochs == 0:
-                        save(Path(config.output_dir) / f"{config.output_name}-e{epoch + 1:04d}.safetensors", step,
+                    if saving.save_every_n_epochs and end_of_epoch and (epoch + 1) % saving.save_every_n_epochs == 0:
+                        save(Path(saving.output_dir) / f"{saving.output_name}-e{epoch + 1:04d}.safetensors", step,
                              epoch, batch_index + 1)
-                    if config.sample_every_n_steps and config.sample_prompts and \
-                            step % config.sample_every_n_steps == 0:
+                    if sampling.sample_every_n_steps and sampling.sample_prompts and \
+                            step % sampling.sample_every_n_steps == 0:
                         sample(step)
+                    if step % validate_every == 0:
+                        validate(step)
                     window_start += time.perf_counter() - paused_at
                     if events.interrupt_requested():
                         raise KeyboardInterrupt
@@ -250,9 +292,9 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         except KeyboardInterrupt:
             # In the middle of a step (a second Ctrl-C) the weights are those of the last finished step, but
             # the random streams have moved on: that state would not resume exactly, so it is left out.
-            if in_step and config.save_state:
+            if in_step and saving.save_state:
                 events.on_message("Interrupted in the middle of a step: the weights are saved without their state.")
-            save(Path(config.output_dir) / f"{config.output_name}-interrupted-s{step:06d}.safetensors", step,
+            save(Path(saving.output_dir) / f"{saving.output_name}-interrupted-s{step:06d}.safetensors", step,
                  *resume_at, with_state=not in_step)
             run_log.close()
             raise
@@ -263,11 +305,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         result.stopped = step < total_steps
         result.steps = step
         if result.stopped:
-            save(Path(config.output_dir) / f"{config.output_name}-s{step:06d}.safetensors", step, epoch,
+            save(Path(saving.output_dir) / f"{saving.output_name}-s{step:06d}.safetensors", step, epoch,
                  batch_index + 1)
         else:
             save(final_path, step, epoch, batch_index + 1)
-        if config.sample_prompts:
+        if sampling.sample_prompts:
             sample(step)
     run_log.close()
     return result
@@ -303,4 +345,4 @@ def _accelerator(config: TrainConfig, device: torch.device):
     # One process may train many times (the WebUI): accelerate keeps global state that pins the first
     # run's precision, so it is reset for every run.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
+    return Accelerator(mixed_precision=config.training.mixed_precision, cpu=device.type == "cpu")
