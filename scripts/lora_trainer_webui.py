@@ -28,6 +28,7 @@ from lora_trainer.jobs import process_runner
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.webui_backend import WebUIBackend
 from lora_trainer.tab import build_tab
+from lora_trainer.tab.server import release_closing_server
 
 RESTORED_AFTER_RENDER = ("job", "job_no", "job_count", "sampling_step", "sampling_steps", "textinfo",
                          "current_latent", "current_image_sampling_step", "processing_has_refined_job_count")
@@ -122,6 +123,8 @@ class A1111Host:
             # What call_queue.wrap_gradio_call resets after a request.
             shared.state.interrupted = shared.state.skipped = shared.state.stopping_generation = False
             self._holder = self._progress_id = None
+            if release_closing_server(getattr(shared.demo, "server", None)):
+                print("LoRA trainer: the UI reloads now; generations that were queued behind the job run meanwhile")
             call_queue.queue_lock.release()
 
     def progress_id(self) -> str | None:

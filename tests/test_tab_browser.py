@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,10 +34,11 @@ from fake_host import FakeHost  # noqa: E402
 from ldm_models import learned_ldm_model  # noqa: E402
 from measures import CONCEPT  # noqa: E402
 
-from lora_trainer.config import load_config  # noqa: E402
+from lora_trainer.config import config_from_dict, load_config  # noqa: E402
 from lora_trainer.grid import DEFAULT_STRENGTHS  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
 from lora_trainer.tab import build_tab  # noqa: E402
+from lora_trainer.tab.server import release_closing_server  # noqa: E402
 from lora_trainer.world import write_concept_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,8 @@ TEST_PANEL_SCREENSHOT = ROOT / "out" / "screenshots" / "test-panel.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
+RELOAD_SECONDS = 20
+"""How long a reload may take: the job finishes its step and saves, the server closes."""
 
 
 class ServedTab:
@@ -347,6 +352,95 @@ def test_a_preset_saved_from_the_form_loads_back_and_is_never_overwritten_silent
     page.click("#lora_trainer_load_preset")  # the saved preset is the chosen one
     _wait_in_page(page, f"{_value('lora_rank')} === '12' && {_value('output_name')} === 'preset_lora'",
                   "the preset's values back in the form")
+
+
+class _WebUIHost(FakeHost):
+    """The fake host doing what the WebUI adapter's `busy()` does as a job ends: a server that is closing (Reload
+    UI) is let go instead of waiting for the requests queued behind the job."""
+
+    server = None
+
+    @contextmanager
+    def busy(self, job_name: str) -> Iterator:
+        with super().busy(job_name) as task:
+            try:
+                yield task
+            finally:
+                release_closing_server(self.server)
+
+
+def test_reload_ui_during_training_comes_back_even_with_a_slow_generation_queued_behind_it(served, browser,
+                                                                                           tmp_path):
+    # The WebUI's Reload UI interrupts the running job, then closes the gradio server in its main thread; uvicorn
+    # waits for every open request first. Twice, as the WebUI rebuilds its UI around the same job runner: once
+    # with only the tab's page polling, once with a txt2img queued behind the training that, once the training
+    # lets it in, takes much longer than a reload may (as txt2img does on a CPU).
+    host = _WebUIHost(served.host.model, tmp_path / "Lora")
+    runner = JobRunner(host)
+    dataset = _uncaptioned_images(tmp_path / "dataset")
+    generation_may_end = threading.Event()
+    try:
+        for with_generation in (False, True):
+            demo, reload_requested, generation_waits = _webui_like_demo(host, runner, generation_may_end)
+            host.server = demo.server
+            runner.start_training(config_from_dict(dict(
+                train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, max_train_steps=100_000,
+                output_name=f"reload{int(with_generation)}", logging_dir=None, save_every_n_epochs=None)))
+            page = _open(browser, ServedTab(host, runner, tmp_path / "presets", demo.local_url, []))
+            _wait_in_page(page, f"/Step [1-9]/.test({_text('status')})", "the training to run")
+            if with_generation:
+                page.click(".tab-nav button:has-text('txt2img')")
+                page.click("#txt2img_generate")
+                assert generation_waits.wait(TIMEOUT_MS / 1000), "the generation never queued behind the training"
+            page.click("#reload_ui")
+            assert reload_requested.wait(TIMEOUT_MS / 1000)
+            closing = threading.Thread(target=demo.close, daemon=True)
+            started = time.monotonic()
+            closing.start()
+            closing.join(RELOAD_SECONDS)
+            if closing.is_alive():
+                demo.server.force_exit = True
+                closing.join()
+                pytest.fail(f"the server took over {RELOAD_SECONDS} s to close for the reload "
+                            f"({'with' if with_generation else 'without'} a generation queued)")
+            assert time.monotonic() - started < RELOAD_SECONDS
+            status = runner.wait(TIMEOUT_MS / 1000)
+            assert status.state == "stopped" and status.saved[-1].is_file()
+            page.close()
+    finally:
+        generation_may_end.set()
+
+
+def _webui_like_demo(host: FakeHost, runner: JobRunner, generation_may_end: threading.Event):
+    """The tab in a page with a txt2img button and a Reload UI button, queued as the WebUI's are, launched.
+
+    Returns the demo, an Event set once Reload UI was pressed (the job interrupted, as `shared.state.request_restart`
+    does) and an Event set once the generation waits for the host's queue, which it then holds until
+    `generation_may_end` is set.
+    """
+    reload_requested, generation_waits = threading.Event(), threading.Event()
+
+    def generate() -> str:
+        generation_waits.set()
+        with host.queue_lock:  # call_queue.wrap_gradio_gpu_call: the WebUI's FIFO queue lock, held throughout
+            generation_may_end.wait(10 * RELOAD_SECONDS)
+        return "an image"
+
+    def request_restart() -> None:
+        host.task.interrupt.set()
+        reload_requested.set()
+
+    tab = build_tab(host, runner)
+    with gr.Blocks(analytics_enabled=False) as demo:
+        with gr.Tab("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
+            tab.render()
+        with gr.Tab("txt2img"):
+            generate_button = gr.Button("Generate", elem_id="txt2img_generate")
+            generate_button.click(generate, None, gr.Textbox())
+        gr.Button("Reload UI", elem_id="reload_ui").click(request_restart, None, None)
+    demo.queue(64)
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    return demo, reload_requested, generation_waits
 
 
 def _uncaptioned_images(folder: Path, count: int = 4, size: int = 32) -> Path:
