@@ -36,7 +36,7 @@ POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm"
                     "prior_loss_weight")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
-NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset")
+NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
@@ -119,6 +119,11 @@ class DatasetConfig:
     """Regularisation (prior-preservation) images of the class, kohya's layout (`N_class` subfolders repeat N
     times): each epoch mixes in as many of them as there are training images, their loss weighted by
     `prior_loss_weight`."""
+    class_prompt: str | None = None
+    """Generate `num_class_images` regularisation images of this prompt ("a photo of a person") with the base
+    model itself, before training, into a `1_<prompt>` subfolder of `reg_data_dir`; kept for the next run."""
+    num_class_images: int = 0
+    """How many class images `reg_data_dir` should hold for `class_prompt` (only the missing ones are drawn)."""
     validation_split: float = 0.0
     """Hold out this share of the images (at least one; chosen by the seed) to measure a validation loss."""
     validation_data_dir: Path | None = None
@@ -130,6 +135,9 @@ class DatasetConfig:
                             f"got {self.subsets!r}")
         self.subsets = [_subset(number, entry) for number, entry in enumerate(self.subsets, start=1)]
         _check_group(self)
+        if self.class_prompt and (self.reg_data_dir is None or self.num_class_images < 1):
+            raise UserError("class_prompt generates regularisation images: set reg_data_dir (where they go) and "
+                            "num_class_images (how many)")
         if self.validation_split and self.validation_data_dir is not None:
             raise UserError("validation_split and validation_data_dir both choose the validation images: "
                             "set one of them")
