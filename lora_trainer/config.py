@@ -107,6 +107,9 @@ class DatasetConfig:
     """Probability of training an image with an empty caption."""
     cache_latents: bool = True
     """Encode every image with the VAE once, before training (not with random_crop)."""
+    cache_latents_to_disk: bool = False
+    """Also keep the cached latents in a `.lora-trainer-latents` folder beside the images, named by the image's
+    content, bucket, flips and the VAE, so that the next run with the same images starts at once."""
     cache_text_encoder_outputs: bool | None = None
     """Encode every caption once (needs a frozen text encoder and no caption shuffling).
     Default: on whenever that holds."""
@@ -135,6 +138,9 @@ class DatasetConfig:
                             f"got {self.subsets!r}")
         self.subsets = [_subset(number, entry) for number, entry in enumerate(self.subsets, start=1)]
         _check_group(self)
+        if self.cache_latents_to_disk and (not self.cache_latents or self.random_crop):
+            raise UserError("cache_latents_to_disk keeps the cached latents: turn on cache_latents (and off "
+                            "random_crop, which encodes every step)")
         if self.class_prompt and (self.reg_data_dir is None or self.num_class_images < 1):
             raise UserError("class_prompt generates regularisation images: set reg_data_dir (where they go) and "
                             "num_class_images (how many)")

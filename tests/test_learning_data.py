@@ -13,10 +13,9 @@ pytest.importorskip("diffusers")
 from measures import CONCEPT, concept_config  # noqa: E402
 
 from lora_trainer.bases import learned_pipeline  # noqa: E402
-from lora_trainer.lora.targets import network_from_file  # noqa: E402
 from lora_trainer.models.diffusers_backend import DiffusersBackend  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
-from lora_trainer.world import BASE_COLOURS, COLOURS, colour_rate, render, scenes, write_concept_dataset  # noqa: E402
+from lora_trainer.world import COLOURS, write_concept_dataset  # noqa: E402
 
 SEEDS = range(8)
 

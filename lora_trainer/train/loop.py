@@ -13,6 +13,7 @@ import torch
 from lora_trainer.config import TrainConfig
 from lora_trainer.data.class_images import write_class_images
 from lora_trainer.data.dataset import Batch, TrainingData
+from lora_trainer.data.latent_cache import LatentDiskCache
 from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
@@ -171,7 +172,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
-            data.cache_latents(backend.encode_images, progress=events.on_caching)
+            disk = LatentDiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
+                else None
+            encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+            if disk is not None:
+                events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
+                                  f"{encoded} encoded.")
         if validation is not None:
             validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}
