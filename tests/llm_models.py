@@ -25,7 +25,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|> {{ mess
 """A small chat template of the usual shape (role markers, EOS after each answer)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class FactTask:
     """Questions about one attribute of the animals; each animal is asked in two phrasings for training and in
     the third, never seen with that animal, for the held-out check."""

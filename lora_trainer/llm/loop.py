@@ -7,7 +7,9 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +40,16 @@ from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 
 
-def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> TrainingResult:
+@dataclass
+class LLMTrainingResult(TrainingResult):
+    """What a language-model run produced, and the model itself, to generate with in the same process."""
+
+    model: Any = field(default=None, repr=False)
+    """The trained peft model (with `merge: true`, the plain model with the LoRA merged in)."""
+    tokenizer: Any = field(default=None, repr=False)
+
+
+def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> LLMTrainingResult:
     """Train a LoRA on a causal language model as `config` says; saves peft adapter folders."""
     events = events or TrainingEvents()
     data_config, saving, training = config.data, config.saving, config.training
@@ -52,7 +63,6 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> T
     device = resolve_device(config.model.device)
     started_at = time.time()
     torch.manual_seed(training.seed)
-    result = TrainingResult()
 
     # --- data (checked before the model loads) and plan ---
     tokenizer = load_tokenizer(config.model.base_model)
@@ -74,6 +84,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> T
 
     # --- model and LoRA ---
     model = add_lora(load_base_model(config.model, device), config.network, config.model.base_model)
+    result = LLMTrainingResult(model=model, tokenizer=tokenizer)
     if config.network.init_lora_weights is not None:
         weights, adapter_config, _ = read_adapter(config.network.init_lora_weights)
         what = f"init_lora_weights {config.network.init_lora_weights}"
@@ -242,6 +253,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> T
     if saving.merge:
         events.on_busy("merging the adapter into the base model")
         merged = save_merged_model(model, tokenizer, final_folder.with_name(f"{saving.output_name}-merged"))
+        result.model = model.get_base_model()
         result.saved.append(merged)
         events.on_saved(merged, step, epoch + 1)
     return result
