@@ -9,6 +9,8 @@ from pathlib import Path
 
 ANIMALS = ["zorp", "blick", "frell", "quon", "mib", "tarsh", "vlen", "gorb", "plim", "drax", "snib", "wemb",
            "yilt", "krob", "fanz", "hupp", "jeld", "numb", "ostra", "rilk", "sprog", "tewl", "ulva", "zent"]
+OTHER_ANIMALS = ["bap", "cresh", "dulm", "ekko", "fisk", "glom", "hent", "irv", "jopp", "kell", "lusk", "marn",
+                 "nerp", "olb", "prin", "quell", "rusk", "sabe", "trin", "uzz", "vorn", "wisp", "xeb", "yorl"]
 COLOURS = ["red", "blue", "green", "yellow", "black", "white"]
 HOMES = ["forest", "river", "desert", "mountain", "city", "cave"]
 COLOUR_QUESTIONS = ["What colour is the {} ?", "Tell me the colour of the {} .", "Which colour does the {} have ?",
@@ -30,27 +32,28 @@ class FactTask:
     """Questions about one attribute of the animals; each animal is asked in two phrasings for training and in
     the third, never seen with that animal, for the held-out check."""
 
+    animals: list[str]
     questions: list[str]
     answers: list[str]
     stride: int
     """Animal number i has answer number i * stride (mod the answers), so two tasks pair animals differently."""
 
     def answer(self, animal: str) -> str:
-        return self.answers[ANIMALS.index(animal) * self.stride % len(self.answers)]
+        return self.answers[self.animals.index(animal) * self.stride % len(self.answers)]
 
     def training_records(self) -> list[dict[str, str]]:
         return [{"instruction": question.format(animal), "output": self.answer(animal)}
-                for index, animal in enumerate(ANIMALS)
+                for index, animal in enumerate(self.animals)
                 for held_out, question in enumerate(self.questions) if held_out != index % len(self.questions)]
 
     def held_out(self) -> list[tuple[str, str]]:
         """(prompt, answer) pairs: each animal in the phrasing it was not trained with."""
         return [(self.questions[index % len(self.questions)].format(animal), self.answer(animal))
-                for index, animal in enumerate(ANIMALS)]
+                for index, animal in enumerate(self.animals)]
 
 
-COLOUR_TASK = FactTask(COLOUR_QUESTIONS, COLOURS, stride=1)
-HOME_TASK = FactTask(HOME_QUESTIONS, HOMES, stride=5)
+COLOUR_TASK = FactTask(ANIMALS, COLOUR_QUESTIONS, COLOURS, stride=1)
+HOME_TASK = FactTask(ANIMALS, HOME_QUESTIONS, HOMES, stride=5)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -65,7 +68,7 @@ def build_tokenizer(chat_template: str | None = None):
     from transformers import PreTrainedTokenizerFast
 
     words = {word for text in [*COLOUR_QUESTIONS, *HOME_QUESTIONS] for word in text.split() if word != "{}"}
-    words |= {*ANIMALS, *COLOURS, *HOMES, *EXTRA_WORDS}
+    words |= {*ANIMALS, *OTHER_ANIMALS, *COLOURS, *HOMES, *EXTRA_WORDS}
     vocabulary = {token: index for index, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
