@@ -27,12 +27,11 @@ def run_contender(name: str, folder: Path) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from tests.llm_models import COLOUR_TASK, save_tiny_llama, write_jsonl
-
     from lora_trainer.llm.config import llm_config_from_dict
     from lora_trainer.llm.data import read_examples, tokenize_examples
     from lora_trainer.llm.model import load_tokenizer
     from lora_trainer.llm.templates import PromptFormat
+    from tests.llm_models import COLOUR_TASK, save_tiny_llama, write_jsonl
 
     base = save_tiny_llama(folder / "base")
     data = write_jsonl(folder / "data.jsonl", COLOUR_TASK.training_records())
