@@ -29,8 +29,8 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|> {{ mess
 
 @dataclass(eq=False)
 class FactTask:
-    """Questions about one attribute of the animals; each animal is asked in two phrasings for training and in
-    the third, never seen with that animal, for the held-out check."""
+    """Questions about one attribute of the animals: each animal is asked in all phrasings but one for training,
+    and in that one, never seen with that animal, for the held-out check."""
 
     animals: list[str]
     questions: list[str]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from llm_models import CHAT_TEMPLATE, build_tokenizer, save_tiny_llama, write_jsonl
 
+from lora_trainer.config import read_config_file
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries, write_new_folder
 from lora_trainer.llm.config import DataConfig, llm_config_from_dict
@@ -29,6 +31,11 @@ def test_flat_and_grouped_keys_land_in_their_groups():
     assert config.network.target_modules == ["q_proj", "k_proj"]
     assert config.data.max_seq_length == 64
     assert llm_config_from_dict(config.to_dict()) == config
+
+
+def test_the_example_config_is_a_valid_llm_config():
+    config = llm_config_from_dict(read_config_file(Path(__file__).parent.parent / "examples" / "llm.yaml"))
+    assert (config.network.lora_rank, config.network.target_modules) == (8, ["q_proj", "v_proj"])
 
 
 def test_an_unknown_or_misplaced_key_is_named_with_a_hint():
