@@ -54,14 +54,20 @@ def version_1(base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def version_2(base, version_1, tmp_path_factory):
-    """v2: the home of each animal, started from v1's adapter at 40% of the learning rate for a few epochs, with
-    one of v1's examples per animal kept in the data (trained on homes alone, v2 forgets the colours)."""
-    folder = tmp_path_factory.mktemp("v2")
-    kept_from_v1 = COLOUR_TASK.training_records()[::len(COLOUR_TASK.questions) - 1]
-    data = write_jsonl(folder / "homes.jsonl", HOME_TASK.training_records() + kept_from_v1)
-    return train_llm(run_config(base, data, folder / "out", epochs=6, output_name="v2",
-                                learning_rate=0.4 * LEARNING_RATE, init_lora_weights=str(version_1.saved[-1])))
+def incremental(base, tmp_path_factory):
+    """(v1, v2) on every linear layer: v1 learns the colours; v2 learns the homes from v1's adapter at 40% of
+    v1's learning rate, with half of v1's examples kept in its data (on homes alone it forgets the colours)."""
+    folder = tmp_path_factory.mktemp("incremental")
+    learning_rate = 3e-3
+    version_1 = train_llm(run_config(
+        base, write_jsonl(folder / "colours.jsonl", COLOUR_TASK.training_records()), folder / "out",
+        target_modules=["all-linear"], learning_rate=learning_rate, epochs=25, output_name="v1"))
+    kept_from_v1 = COLOUR_TASK.training_records()[::2]
+    version_2 = train_llm(run_config(
+        base, write_jsonl(folder / "homes.jsonl", HOME_TASK.training_records() + kept_from_v1), folder / "out",
+        target_modules=["all-linear"], learning_rate=0.4 * learning_rate, epochs=12, output_name="v2",
+        init_lora_weights=str(version_1.saved[-1])))
+    return version_1, version_2
 
 
 def test_a_tiny_model_learns_facts_it_answers_to_held_out_prompts(version_1):
@@ -83,28 +89,14 @@ def answer_rates(model, tokenizer) -> dict[FactTask, float]:
     return {task: answer_rate(model, tokenizer, task, PromptFormat("llama2")) for task in (COLOUR_TASK, HOME_TASK)}
 
 
-@pytest.fixture(scope="module")
-def rates_before_and_after(base, version_1, version_2):
-    """Held-out answer rates of both tasks for v1 (loaded from its folder) and v2."""
+def test_v2_from_v1_learns_the_second_task_and_keeps_the_first(base, incremental):
+    version_1, version_2 = incremental
     before = answer_rates(load_adapter(base, version_1.saved[-1]), version_1.tokenizer)
     after = answer_rates(version_2.model, version_2.tokenizer)
     print(f"colours (A): v1 {before[COLOUR_TASK]:.0%} -> v2 {after[COLOUR_TASK]:.0%}; "
           f"homes (B): v1 {before[HOME_TASK]:.0%} -> v2 {after[HOME_TASK]:.0%}")
-    return before, after
-
-
-def test_v2_from_v1_learns_the_second_task(rates_before_and_after):
-    before, after = rates_before_and_after
-    assert before[HOME_TASK] <= 0.3
+    assert before[COLOUR_TASK] >= 0.9 and before[HOME_TASK] <= 0.3
     assert after[HOME_TASK] >= 0.9
-
-
-@pytest.mark.xfail(strict=True, reason="open (issue 16): on this tiny random base a rank-8 q/v LoRA that learns "
-                   "the homes at 40% of the learning rate forgets most colours (measured 100% -> 17% with one "
-                   "colour example per animal kept; 96% kept only with all colour data replayed, when the homes "
-                   "reach 58-75%)")
-def test_v2_from_v1_keeps_the_first_task(rates_before_and_after):
-    _, after = rates_before_and_after
     assert after[COLOUR_TASK] >= 0.9
 
 
