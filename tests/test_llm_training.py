@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from llm_models import COLOUR_TASK, HOME_TASK, FactTask, save_tiny_llama, write_jsonl
+from safetensors.torch import load_file
 
 from lora_trainer.cli import main
 from lora_trainer.errors import UserError
@@ -151,9 +152,28 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(base, tmp_path):
     assert (expected - actual).abs().max() <= 1e-5
 
 
-def test_resuming_a_saved_state_ends_with_the_uninterrupted_runs_adapter(base, tmp_path):
-    from safetensors.torch import load_file
+def test_a_dora_adapter_trains_and_loads_in_peft_with_the_trainers_logits(base, tmp_path):
+    data = write_jsonl(tmp_path / "colours.jsonl", COLOUR_TASK.training_records())
+    result = train_llm(run_config(base, data, tmp_path / "out", max_train_steps=3, use_dora=True))
+    tokens = torch.tensor([[1, 5, 9, 12, 30, 2]])
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=tokens).logits
+        loaded = load_adapter(base, result.saved[-1])(input_ids=tokens).logits
+    assert (trained - loaded).abs().max() <= 1e-5
+    assert any("lora_magnitude_vector" in name for name in load_file(result.saved[-1] / "adapter_model.safetensors"))
 
+
+def test_gradient_checkpointing_trains_the_same_adapter(base, tmp_path):
+    data = write_jsonl(tmp_path / "colours.jsonl", COLOUR_TASK.training_records())
+    plain = train_llm(run_config(base, data, tmp_path / "plain", max_train_steps=3))
+    checkpointed = train_llm(run_config(base, data, tmp_path / "checkpointed", max_train_steps=3,
+                                        gradient_checkpointing=True))
+    expected = load_file(plain.saved[-1] / "adapter_model.safetensors")
+    for name, tensor in load_file(checkpointed.saved[-1] / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_saved_state_ends_with_the_uninterrupted_runs_adapter(base, tmp_path):
     data = write_jsonl(tmp_path / "colours.jsonl", COLOUR_TASK.training_records())
     settings = {"max_train_steps": 6, "save_state": True, "lora_dropout": 0.1}
     whole = train_llm(run_config(base, data, tmp_path / "whole", **settings, save_every_n_steps=3))
