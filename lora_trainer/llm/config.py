@@ -13,15 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_trainer.config import LoggingConfig, _check_group, _plain, flat_config_values, tag_can_name
+from lora_trainer.config import (
+    LoggingConfig,
+    Optimizer,
+    Scheduler,
+    _check_group,
+    _plain,
+    flat_config_values,
+    tag_can_name,
+)
 from lora_trainer.errors import UserError
 
 DataFormat = Literal["auto", "text", "instruction", "chat"]
 Template = Literal["auto", "chat_template", "llama2", "plain"]
 Overlong = Literal["truncate", "drop"]
 Dtype = Literal["fp32", "bf16", "fp16"]
-Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion"]
-Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj"]
 
@@ -34,7 +40,7 @@ class DataConfig:
     """A file (.jsonl, .json, .csv, .txt) or a folder of them. Records hold `text` (raw text), `instruction` /
     `input` / `output` (Alpaca) or `messages` (chat: a list of {role, content}); a .txt file is raw text."""
     data_format: DataFormat = "auto"
-    """Which of those the records are; auto decides per file from its first record."""
+    """Which of those the records are; auto decides per record from its fields."""
     template: Template = "auto"
     """How instruction and chat examples become text: the tokenizer's chat template, the Llama-2
     `<s>[INST] ... [/INST] answer </s>` template, or plain (prompt, newline, answer). auto: the chat template
