@@ -54,9 +54,9 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also train on the prompt tokens of instruction/chat examples (default: loss on the responses only)."""
     validation_data: Path | None = None
-    """Examples for the eval loss, in the same formats."""
+    """Examples for the validation loss, in the same formats."""
     validation_split: float = 0.0
-    """Or this fraction of train_data, held out (seeded) for the eval loss."""
+    """Or this fraction of train_data, held out (seeded) for the validation loss."""
 
     def __post_init__(self) -> None:
         _check_group(self)

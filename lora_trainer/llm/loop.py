@@ -124,9 +124,9 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
 
     def evaluate(step: int) -> None:
         if validation_set.input_ids:
-            eval_loss = _mean_loss(model, validation_set, training.batch_size, tokenizer.pad_token_id, device)
-            events.on_message(f"step {step}: eval loss {eval_loss:.4f}")
-            run_log.log_validation(step, eval_loss)
+            validation_loss = _mean_loss(model, validation_set, training.batch_size, tokenizer.pad_token_id, device)
+            events.on_message(f"step {step}: validation loss {validation_loss:.4f}")
+            run_log.log_validation(step, validation_loss)
 
     def sample(step: int) -> None:
         events.on_busy("answering the sample prompts")
