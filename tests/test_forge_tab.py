@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import config_from_dict
 from lora_trainer.host import RenderRequest
 from lora_trainer.jobs import JobRunner
 from tests.forge_models import tiny_forge_engine
@@ -48,9 +48,9 @@ def test_the_tab_builds_on_the_installed_gradio(tmp_path):
 
 def test_a_training_job_in_forge_saves_a_lora_that_forge_applies_at_its_strength(host, shapes_dataset):
     runner = JobRunner(host)
-    config = TrainConfig(train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4,
-                         learning_rate=5e-2, max_train_steps=6, output_name="forge-job", logging_dir=None,
-                         train_text_encoder=True)
+    config = config_from_dict(dict(train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4,
+                                   learning_rate=5e-2, max_train_steps=6, output_name="forge-job", logging_dir=None,
+                                   train_text_encoder=True))
     runner.start_training(config, trigger_word="sks", preview_prompt="sks, a red shape")
     status = runner.wait(300)
     assert status.state == "finished", status.message

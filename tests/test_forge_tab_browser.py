@@ -80,7 +80,7 @@ def test_on_gradio_4_a_run_from_the_gallery_to_a_grid_through_forges_lora_loader
                         "max_train_steps": "6", "save_every_n_epochs": ""}.items():
         _fill(page, name, value)
     page.click("#lora_trainer_advanced >> text=Advanced")
-    page.click('#lora_trainer_advanced_data >> text="Data"')
+    page.click('#lora_trainer_advanced_dataset >> text="Dataset"')
     _fill(page, "bucket_step", "8")
     page.click("#lora_trainer_start")
     _wait_in_page(page, f"{_text('status')}.includes('Training: finished')", "the training run to finish",
