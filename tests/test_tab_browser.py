@@ -173,7 +173,7 @@ def test_a_run_shows_live_progress_on_every_open_page_and_stop_saves_a_registere
     page.click("#lora_trainer_advanced >> text=Advanced")
     page.click('#lora_trainer_advanced_dataset >> text="Dataset"')  # each of the config's groups is collapsed
     _fill(page, "bucket_step", "8")
-    page.click('#lora_trainer_advanced_output >> text="Output"')
+    page.click('#lora_trainer_advanced_sampling >> text="Sampling"')
     _fill(page, "sample_steps", "4")
     page.click("#lora_trainer_start")
 
