@@ -209,3 +209,16 @@ def test_quantized_weights_are_refused_with_what_to_do(engines):
             ForgeBackend(engine)
     finally:
         k_model.storage_dtype = storage
+
+
+def test_the_vae_fingerprint_follows_forges_vae_and_its_latent_scaling(engines):
+    backend = ForgeBackend(engines["sd1"])
+    vae = engines["sd1"].forge_objects_original.vae.first_stage_model
+    fingerprint = backend.vae_fingerprint()
+    assert backend.vae_fingerprint() == fingerprint
+    scaling = vae.scaling_factor
+    vae.scaling_factor = scaling * 2
+    try:
+        assert backend.vae_fingerprint() != fingerprint
+    finally:
+        vae.scaling_factor = scaling

@@ -27,7 +27,13 @@ from torch import nn
 
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_compvis_to_diffusers
-from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning, frozen_parameters
+from lora_trainer.models.base import (
+    DiffusionBackend,
+    LoraRoot,
+    TextConditioning,
+    frozen_parameters,
+    module_fingerprint,
+)
 from lora_trainer.models.webui_backend import (
     CHECKPOINTED_BLOCKS,
     SIZE_EMBEDDING_DIM,
@@ -99,6 +105,10 @@ class ForgeBackend(DiffusionBackend):
         self._load_models()
         # Forge encodes under inference_mode; a plain copy can be used by autograd.
         return latents.to(self.weight_dtype).clone()
+
+    def vae_fingerprint(self) -> str:
+        vae = self._patchers.vae.first_stage_model
+        return module_fingerprint(vae, self.weight_dtype, vae.scaling_factor, vae.shift_factor)
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
         # Forge's get_learned_conditioning runs under inference_mode; its text engines are called directly so
