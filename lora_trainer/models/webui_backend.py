@@ -131,7 +131,7 @@ class WebUIBackend(DiffusionBackend):
             return TextConditioning(self.model.get_learned_conditioning(captions))
         # sgm's conditioner runs frozen embedders under no_grad; text-encoder LoRA needs the graph.
         embedders = self.model.conditioner.embedders
-        with _temporary_attributes([(embedder, "is_trainable", True) for embedder in embedders
+        with temporary_attributes([(embedder, "is_trainable", True) for embedder in embedders
                                     if hasattr(embedder, "is_trainable")]):
             conditioning = self.model.get_learned_conditioning(captions)
         # The vector is the pooled text embedding followed by the embedded default sizes, rebuilt in `predict`.
@@ -158,11 +158,11 @@ class WebUIBackend(DiffusionBackend):
                      if isinstance(vars(module).get(flag), bool)]
         with ExitStack() as stack:
             stack.enter_context(frozen_parameters([self.model]))
-            stack.enter_context(_temporary_attributes(own_flags))
+            stack.enter_context(temporary_attributes(own_flags))
             if gradient_checkpointing:
                 blocks = [module for module in self.unet.modules() if type(module).__name__ in CHECKPOINTED_BLOCKS]
-                stack.enter_context(_temporary_attributes(
-                    [(block, "forward", partial(_checkpointed, block.forward)) for block in blocks]))
+                stack.enter_context(temporary_attributes(
+                    [(block, "forward", partial(checkpointed_forward, block.forward)) for block in blocks]))
             yield
 
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
@@ -245,12 +245,13 @@ def open_clip_hf_path(path: str) -> str:
     return f"text_model.encoder.layers.{match[1]}.{layer}"
 
 
-def _checkpointed(forward: Callable, *args, **kwargs):
+def checkpointed_forward(forward: Callable, *args, **kwargs):
+    """`forward(*args, **kwargs)` recomputed in the backward pass (non-reentrant torch checkpointing)."""
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextmanager
-def _temporary_attributes(assignments: list[tuple[object, str, object]]) -> Iterator[None]:
+def temporary_attributes(assignments: list[tuple[object, str, object]]) -> Iterator[None]:
     """Set `target.name = value` for each assignment; afterwards restore each previous value, or remove the
     instance attribute where there was none (so a class's own method or default shows through again)."""
     undo: list[tuple[object, str, object]] = []
