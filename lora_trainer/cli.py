@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train_parser = commands.add_parser(
         "train", help="train a LoRA from a YAML config",
-        description="Train a LoRA. Any config key can be overridden: --lora_rank 8 --unet_lr 2e-4 ...")
-    train_parser.add_argument("--config", type=Path, help="YAML file with TrainConfig keys")
+        description="Train a LoRA. Any config key can be overridden: --lora_rank 8 --unet_lr 2e-4 ... "
+                    "A config with 'task: llm' trains a language model's LoRA (lora_trainer/llm/config.py).")
+    train_parser.add_argument("--config", type=Path, help="YAML file with TrainConfig (or LLMTrainConfig) keys")
 
     from lora_trainer.caption import cli as caption_cli
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(config_path: Path | None, override_words: list[str]) -> int:
     import torch
 
-    from lora_trainer.config import load_config, parse_overrides
+    from lora_trainer.config import load_config, parse_overrides, read_config_file
     from lora_trainer.console import ConsoleEvents
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.models.base import resolve_device
@@ -77,7 +78,11 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     from lora_trainer.train.loop import train
     from lora_trainer.train.preflight import check_run_paths
 
-    config = load_config(config_path, parse_overrides(override_words))
+    overrides = parse_overrides(override_words)
+    file_values = read_config_file(config_path)
+    if overrides.get("task", file_values.get("task")) == "llm":
+        return _train_llm(file_values, overrides)
+    config = load_config(config_path, overrides)
     if config.dataset.train_data_dir is None or config.model.base_model is None:
         raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
     check_run_paths(config)
@@ -97,6 +102,27 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
             print(message, file=sys.stderr)
             return exit_code
     print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
+          + ", ".join(str(path) for path in result.saved))
+    return 0
+
+
+def _train_llm(file_values: dict, overrides: dict) -> int:
+    from lora_trainer.console import ConsoleEvents
+    from lora_trainer.interrupts import StopSignals
+    from lora_trainer.llm.config import llm_config_from_dict
+    from lora_trainer.llm.loop import check_llm_paths, train_llm
+
+    config = llm_config_from_dict(file_values, overrides)
+    check_llm_paths(config)
+    with StopSignals() as signals:
+        try:
+            with ConsoleEvents(signals) as events:
+                result = train_llm(config, events)
+        except KeyboardInterrupt:
+            message, exit_code = signals.outcome()
+            print(message, file=sys.stderr)
+            return exit_code
+    print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
           + ", ".join(str(path) for path in result.saved))
     return 0
 

@@ -36,7 +36,7 @@ POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm"
                     "prior_loss_weight")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
-NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset")
+NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
@@ -107,6 +107,9 @@ class DatasetConfig:
     """Probability of training an image with an empty caption."""
     cache_latents: bool = True
     """Encode every image with the VAE once, before training (not with random_crop)."""
+    cache_latents_to_disk: bool = False
+    """Also keep the cached latents in a `.lora-trainer-latents` folder beside the images, named by the image's
+    content, bucket, flips and the VAE, so that the next run with the same images starts at once."""
     cache_text_encoder_outputs: bool | None = None
     """Encode every caption once (needs a frozen text encoder and no caption shuffling).
     Default: on whenever that holds."""
@@ -119,6 +122,11 @@ class DatasetConfig:
     """Regularisation (prior-preservation) images of the class, kohya's layout (`N_class` subfolders repeat N
     times): each epoch mixes in as many of them as there are training images, their loss weighted by
     `prior_loss_weight`."""
+    class_prompt: str | None = None
+    """Generate `num_class_images` regularisation images of this prompt ("a photo of a person") with the base
+    model itself, before training, into a `1_<prompt>` subfolder of `reg_data_dir`; kept for the next run."""
+    num_class_images: int = 0
+    """How many class images `reg_data_dir` should hold for `class_prompt` (only the missing ones are drawn)."""
     validation_split: float = 0.0
     """Hold out this share of the images (at least one; chosen by the seed) to measure a validation loss."""
     validation_data_dir: Path | None = None
@@ -130,6 +138,12 @@ class DatasetConfig:
                             f"got {self.subsets!r}")
         self.subsets = [_subset(number, entry) for number, entry in enumerate(self.subsets, start=1)]
         _check_group(self)
+        if self.cache_latents_to_disk and (not self.cache_latents or self.random_crop):
+            raise UserError("cache_latents_to_disk keeps the cached latents: turn on cache_latents (and off "
+                            "random_crop, which encodes every step)")
+        if self.class_prompt and (self.reg_data_dir is None or self.num_class_images < 1):
+            raise UserError("class_prompt generates regularisation images: set reg_data_dir (where they go) and "
+                            "num_class_images (how many)")
         if self.validation_split and self.validation_data_dir is not None:
             raise UserError("validation_split and validation_data_dir both choose the validation images: "
                             "set one of them")
@@ -399,20 +413,25 @@ class TrainConfig:
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config (or start from the defaults when `path` is None) and apply `overrides`."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(_config_text(path))
-        except yaml.YAMLError as error:
-            raise UserError(f"config file {path} is not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must be a mapping of keys to values")
-        values = flat_config_values(loaded or {})
+    values = flat_config_values(read_config_file(path))
     values.update(flat_config_values(overrides or {}))
     return config_from_dict(values)
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """The mapping a YAML config file holds, as written (empty for None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(_config_text(path))
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must be a mapping of keys to values")
+    return loaded or {}
 
 
 def _config_text(path: Path) -> str:
@@ -436,39 +455,44 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{group: GROUPS[group](**items) for group, items in by_group.items()})
 
 
-def flat_config_values(values: dict[str, Any]) -> dict[str, Any]:
-    """The same settings keyed by their flat names; a key given twice, or one that no group has, is an error."""
+def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = None) -> dict[str, Any]:
+    """The same settings keyed by their flat names; a key given twice, or one that no group has, is an error.
+    `groups` (section name -> dataclass) describes the config (default: `TrainConfig`'s)."""
+    groups = groups or GROUPS
+    field_groups = {f.name: group for group, group_type in groups.items() for f in dataclasses.fields(group_type)}
     flat: dict[str, Any] = {}
     for key, value in values.items():
         group, _, name = str(key).rpartition(".")
-        if not group and key in GROUPS and (isinstance(value, dict) or value is None):
+        if not group and key in groups and (isinstance(value, dict) or value is None):
             for name, item in (value or {}).items():
-                _put(flat, _known_key(str(name), section=key), item)
+                _put(flat, _known_key(str(name), key, field_groups), item, field_groups)
         else:
-            _put(flat, _known_key(name, section=group or None), value)
+            _put(flat, _known_key(name, group or None, field_groups), value, field_groups)
     return flat
 
 
-def _known_key(name: str, section: str | None) -> str:
-    name = FLAT_ALIASES.get(name, name)
-    if name in FIELD_GROUPS and (section is None or FIELD_GROUPS[name] == section):
+def _known_key(name: str, section: str | None, field_groups: dict[str, str]) -> str:
+    if name in FLAT_ALIASES and FLAT_ALIASES[name] in field_groups:
+        name = FLAT_ALIASES[name]
+    sections = list(dict.fromkeys(field_groups.values()))
+    if name in field_groups and (section is None or field_groups[name] == section):
         return name
-    if section is not None and section not in GROUPS:
-        raise UserError(f"unknown config section '{section}'; the sections are {', '.join(GROUPS)}")
-    if section is not None and name in FIELD_GROUPS:
-        raise UserError(f"config key '{name}' belongs in section '{FIELD_GROUPS[name]}', not '{section}'")
-    if name in GROUPS:
+    if section is not None and section not in sections:
+        raise UserError(f"unknown config section '{section}'; the sections are {', '.join(sections)}")
+    if section is not None and name in field_groups:
+        raise UserError(f"config key '{name}' belongs in section '{field_groups[name]}', not '{section}'")
+    if name in sections:
         raise UserError(f"config section '{name}' must be a mapping of its keys")
-    candidates = set(FIELD_GROUPS) if section is None else {n for n, g in FIELD_GROUPS.items() if g == section}
+    candidates = set(field_groups) if section is None else {n for n, g in field_groups.items() if g == section}
     hint = _closest(name, candidates)
     where = f" in section '{section}'" if section else ""
     raise UserError(f"unknown config key '{name}'{where}" + (f" (did you mean '{hint}'?)" if hint else "")
                     + f"; valid keys: {', '.join(sorted(candidates))}")
 
 
-def _put(flat: dict[str, Any], name: str, value: Any) -> None:
+def _put(flat: dict[str, Any], name: str, value: Any, field_groups: dict[str, str]) -> None:
     if name in flat:
-        raise UserError(f"config key '{name}' is given twice (once flat, once under '{FIELD_GROUPS[name]}')")
+        raise UserError(f"config key '{name}' is given twice (once flat, once under '{field_groups[name]}')")
     flat[name] = value
 
 

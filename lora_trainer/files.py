@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,9 +40,32 @@ def write_new_file(path: Path, write: Callable[[Path], None]) -> Path:
         return next(candidate for candidate in _numbered(path) if _claim(tmp_path, candidate))
 
 
+def write_new_folder(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_folder)` on a temporary folder beside `path`, then give it the name `path`, or the first
+    free `path-2`, `path-3`, ... Never replaces anything; returns the folder written.
+
+    The name is claimed atomically (an exclusive mkdir, then a rename onto that empty folder), so a reader never
+    sees a half-written folder under its final name.
+    """
+    path = Path(path)
+    tmp_folder = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    tmp_folder.mkdir(parents=True)
+    try:
+        write(tmp_folder)
+        folder = next(candidate for candidate in _numbered(path) if _claim_folder(candidate))
+        try:
+            os.replace(tmp_folder, folder)
+        except OSError:  # Windows cannot rename onto a folder: free the claimed name just before taking it
+            folder.rmdir()
+            os.rename(tmp_folder, folder)
+        return folder
+    finally:
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary files that writers of this package killed mid-write left in `folder` and its
-    `*.state` folders, and the `*.state` folders that held nothing else; return what was removed.
+    """Remove the temporary files and folders that writers of this package killed mid-write left in `folder` and
+    its `*.state` folders, and the `*.state` folders that held nothing else; return what was removed.
 
     Only names of our exact pattern are touched, and only when their writer is gone: on POSIX its process
     no longer exists and the file is over a minute old (a writer on another machine sharing the folder
@@ -54,8 +78,11 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     state_folders = [path for path in folder.glob("*.state") if path.is_dir()]
     for candidate in [*folder.iterdir(), *(path for state in state_folders for path in state.iterdir())]:
         match = _TEMPORARY_NAME.fullmatch(candidate.name)
-        if match and candidate.is_file() and _writer_is_gone(int(match["pid"]), candidate):
-            candidate.unlink(missing_ok=True)
+        if match and _writer_is_gone(int(match["pid"]), candidate):
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
             removed.append(candidate)
     for state in state_folders:
         if any(path.parent == state for path in removed):
@@ -92,6 +119,15 @@ def _numbered(path: Path) -> Iterator[Path]:
     while True:
         yield path.with_name(f"{path.stem}-{counter}{path.suffix}")
         counter += 1
+
+
+def _claim_folder(name: Path) -> bool:
+    """Create the empty folder `name` unless the name is taken; True when it was free."""
+    try:
+        name.mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 def _claim(tmp_path: Path, name: Path) -> bool:

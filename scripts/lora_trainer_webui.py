@@ -1,4 +1,5 @@
-"""The WebUI skin: the "Train LoRA" tab, and `A1111Host`, the library's `Host` over AUTOMATIC1111's own objects.
+"""The WebUI skin: the "Train LoRA" tab, and the library's `Host` over the running WebUI's own objects:
+`A1111Host` for AUTOMATIC1111, `ForgeHost` for Stable Diffusion WebUI Forge, chosen at start-up.
 
 Everything the trainer does goes through the host: it trains `shared.sd_model` itself while holding the
 WebUI's generation queue, shows progress on the WebUI's own progress API, renders with `process_images`
@@ -10,6 +11,7 @@ must find a job that is still running.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -26,6 +28,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.host import RenderDefaults, RenderRequest
 from lora_trainer.jobs import process_runner
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
+from lora_trainer.models.forge_backend import ForgeBackend
 from lora_trainer.models.webui_backend import WebUIBackend
 from lora_trainer.tab import build_tab
 from lora_trainer.tab.server import release_closing_server
@@ -145,7 +148,7 @@ class A1111Host:
             sd_model=model, prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,
             sampler_name=sampler_name, scheduler=scheduler, steps=request.steps, cfg_scale=request.cfg_scale,
             width=request.width, height=request.height, do_not_save_samples=True,
-            do_not_save_grid=True, do_not_reload_embeddings=True, override_settings=_keep_checkpoint(model))
+            do_not_save_grid=True, do_not_reload_embeddings=True, override_settings=self._render_settings(model))
         state = shared.state
         saved = {name: getattr(state, name) for name in RESTORED_AFTER_RENDER}
         interrupted, stopping = state.interrupted, state.stopping_generation
@@ -216,12 +219,74 @@ class A1111Host:
         return selected is not None and os.path.isfile(selected.filename) and os.path.samefile(selected.filename,
                                                                                                  pinned)
 
+    def _render_settings(self, model) -> dict[str, str]:
+        """`override_settings` for a render with the loaded model."""
+        return _keep_checkpoint(model)
+
     def _check_holder(self, method: str) -> None:
         if self._holder != threading.get_ident():
             raise AssertionError(f"{method}() must be called by the job inside busy()")
 
     def _generate_for_backend(self, prompt, negative_prompt, seed, steps, width, height, guidance_scale):
         return self.render(RenderRequest(prompt, negative_prompt, seed, steps, guidance_scale, width, height))
+
+
+class ForgeHost(A1111Host):
+    """`lora_trainer.host.Host` over Stable Diffusion WebUI Forge (2.x, built on A1111 1.10): A1111's queue,
+    progress, pipeline and Lora folder, with Forge's own model objects and memory manager."""
+
+    def __init__(self):
+        super().__init__()
+        self._loaded_parameters: dict | None = None
+        """Forge's loading parameters of the model the running job holds."""
+
+    def model_family(self) -> ModelFamily | None:
+        # Before the first generation Forge holds a FakeInitialModel placeholder; asking must not load.
+        model = sd_models.model_data.sd_model
+        if not hasattr(model, "forge_objects"):
+            return None
+        if model.is_sdxl:
+            return "sdxl"
+        return "sd2" if model.is_sd2 else "sd1" if model.is_sd1 else None
+
+    def loaded_model_backend(self) -> DiffusionBackend:
+        self._check_holder("loaded_model_backend")
+        try:
+            model, _ = sd_models.forge_model_reload()  # loads the selected checkpoint, as a generation would
+        except ValueError as error:  # no checkpoint at all
+            raise UserError(f"no checkpoint can be loaded: {error}") from None
+        self._loaded_parameters = sd_models.model_data.forge_loading_parameters
+        return ForgeBackend(model, generate_image=self._generate_for_backend,
+                            clip_skip=int(shared.opts.CLIP_stop_at_last_layers))
+
+    @contextlib.contextmanager
+    def busy(self, job_name: str) -> Iterator[A1111Task]:
+        with super().busy(job_name) as task:
+            try:
+                yield task
+            finally:
+                self._loaded_parameters = None
+
+    def render(self, request: RenderRequest) -> Image.Image:
+        # A checkpoint chosen in the UI while the job runs is already in Forge's loading parameters, and
+        # process_images would load it under the job; the loaded one is pinned for the render.
+        model_data = sd_models.model_data
+        chosen = model_data.forge_loading_parameters
+        if self._loaded_parameters is not None:
+            model_data.forge_loading_parameters = self._loaded_parameters
+        try:
+            return super().render(request)
+        finally:
+            model_data.forge_loading_parameters = chosen
+
+    def _render_settings(self, model) -> dict[str, str]:
+        return {}
+
+
+def _is_forge() -> bool:
+    """Whether the WebUI is Forge 2 (its `backend` package; reForge and older forks also ship `modules_forge`)."""
+    return (importlib.util.find_spec("modules_forge") is not None
+            and importlib.util.find_spec("backend.diffusion_engine") is not None)
 
 
 def _keep_checkpoint(model) -> dict[str, str]:
@@ -258,7 +323,7 @@ def _read_ui_config(path: Path) -> dict:
         return {}  # no ui-config.json before the first UI build, or one the WebUI will report itself
 
 
-HOST = A1111Host()
+HOST = ForgeHost() if _is_forge() else A1111Host()
 
 
 def on_ui_tabs():

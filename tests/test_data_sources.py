@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from lora_trainer.config import config_from_dict
+from lora_trainer.data.class_images import class_image_folder, write_class_images
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.masks import mask_on_grid
 from lora_trainer.data.scan import scan_dataset
@@ -166,3 +167,28 @@ def test_validation_split_holds_out_a_share_chosen_by_the_seed(tmp_path):
 def test_mask_files_are_never_training_images(tmp_path):
     folder = _masked_image(tmp_path / "data", "x", alpha=False)
     assert [record.path.name for record in scan_dataset(folder).records] == ["x.png"]
+
+
+def test_class_images_are_drawn_once_and_reused_by_the_next_run(tmp_path):
+    drawn = []
+
+    def render(prompt: str, seed: int) -> Image.Image:
+        drawn.append((prompt, seed))
+        return Image.new("RGB", (32, 32), (seed * 40, 0, 0))
+
+    assert write_class_images(tmp_path / "reg", "a photo of a person", 3, render) == 3
+    folder = class_image_folder(tmp_path / "reg", "a photo of a person")
+    assert folder == tmp_path / "reg" / "1_a_photo_of_a_person"
+    assert drawn == [("a photo of a person", 0), ("a photo of a person", 1), ("a photo of a person", 2)]
+    assert {path.read_text() for path in folder.glob("*.txt")} == {"a photo of a person"}
+    assert write_class_images(tmp_path / "reg", "a photo of a person", 3, render) == 0
+    (folder / "class-00001.png").unlink()
+    assert write_class_images(tmp_path / "reg", "a photo of a person", 3, render) == 1 and drawn[-1][1] == 1
+    sources = gather_images(config_from_dict({"train_data_dir": str(_images(tmp_path / "train", {"t": "sks"})),
+                                              "reg_data_dir": str(tmp_path / "reg")}).dataset, 0)
+    assert len(sources.reg_records) == 3
+
+
+def test_a_class_prompt_needs_a_folder_and_a_count():
+    with pytest.raises(UserError, match="set reg_data_dir"):
+        config_from_dict({"class_prompt": "a person", "num_class_images": 10})

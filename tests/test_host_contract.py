@@ -34,6 +34,19 @@ WEBUI_PINNED = {
     "safetensors", "scikit-image", "spandrel", "spandrel-extra-arches", "tomesd", "torchdiffeq", "torchsde",
     "transformers", "httpx", "pillow-avif-plugin", "pydantic"}
 """What AUTOMATIC1111 v1.10.1 pins (requirements_versions.txt, TORCH_COMMAND) or gets through its pins (pydantic)."""
+FORGE_PINS = {
+    "setuptools": "69.5.1", "gitpython": "3.1.32", "pillow": "9.5.0", "accelerate": "0.31.0", "blendmodes": "2022",
+    "clean-fid": "0.1.35", "diskcache": "5.6.3", "einops": "0.4.1", "facexlib": "0.3.0", "fastapi": "0.104.1",
+    "gradio": "4.40.0", "httpcore": "0.15", "inflection": "0.5.1", "jsonmerge": "1.8.0", "kornia": "0.6.7",
+    "lark": "1.1.2", "numpy": "1.26.2", "omegaconf": "2.2.3", "open-clip-torch": "2.20.0", "piexif": "1.1.3",
+    "protobuf": "3.20.0", "psutil": "5.9.5", "pytorch_lightning": "1.9.4", "resize-right": "0.0.2",
+    "safetensors": "0.4.2", "scikit-image": "0.21.0", "spandrel": "0.3.4", "spandrel-extra-arches": "0.1.1",
+    "tomesd": "0.1.3", "torchdiffeq": "0.2.3", "torchsde": "0.2.6", "transformers": "4.46.1", "httpx": "0.24.1",
+    "pillow-avif-plugin": "1.4.3", "diffusers": "0.31.0", "gradio_rangeslider": "0.0.6",
+    "gradio_imageslider": "0.0.20", "loadimg": "0.1.2", "tqdm": "4.66.1", "peft": "0.13.2", "pydantic": "2.8.2",
+    "huggingface-hub": "0.26.2"}
+"""What Stable Diffusion WebUI Forge pins (requirements_versions.txt at dfdcbab6; torch comes from its
+TORCH_COMMAND)."""
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +239,14 @@ def test_install_never_installs_or_changes_what_the_webui_pins():
     names = {requirement.split("==")[0].lower() for requirement in everything_missing}
     assert names and not names & WEBUI_PINNED
     assert all("==" in requirement for requirement in everything_missing)
+    assert "torch" in install.missing_webui_packages(lambda module: False)
+
+
+def test_install_never_installs_a_version_forge_pins_otherwise():
+    everything_missing = install.missing_requirements(lambda module: False)
+    for requirement in everything_missing:
+        name, version = requirement.lower().split("==")
+        assert FORGE_PINS.get(name, version) == version, requirement
     assert "torch" in install.missing_webui_packages(lambda module: False)
 
 

@@ -8,14 +8,29 @@ Drives Debian's Chromium through Playwright; skipped where either is missing.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from browser_page import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    TIMEOUT_MS,
+    ServedTab,
+    _chart_points,
+    _fill,
+    _free_port,
+    _input_values,
+    _text,
+    _value,
+    _wait_for,
+    _wait_in_page,
+    serve_tab,
+)
 from PIL import Image, ImageDraw
 
 gr = pytest.importorskip("gradio")
@@ -23,12 +38,10 @@ pytest.importorskip("ldm")
 pytest.importorskip("open_clip")
 if not gr.__version__.startswith("3.41."):
     pytest.skip(f"the WebUI's gradio is 3.41.x; this is {gr.__version__}", allow_module_level=True)
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-import gradio.routes  # noqa: E402
 from caption_models import TINY_CLIP, TINY_COCA, register_tiny_configs, save_tiny_checkpoint  # noqa: E402
 from fake_host import FakeHost  # noqa: E402
 from ldm_models import learned_ldm_model  # noqa: E402
@@ -41,22 +54,11 @@ from lora_trainer.tab import build_tab  # noqa: E402
 from lora_trainer.tab.server import release_closing_server  # noqa: E402
 from lora_trainer.world import write_concept_dataset  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "out" / "screenshots" / "train-tab.png"
-TEST_PANEL_SCREENSHOT = ROOT / "out" / "screenshots" / "test-panel.png"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 30_000
 RELOAD_SECONDS = 20
 """How long a reload may take: the job finishes its step and saves, the server closes."""
 
-
-class ServedTab:
-    """The tab served on 127.0.0.1 with the fake host, its job runner, presets folder and Lora card refreshes."""
-
-    def __init__(self, host: FakeHost, runner: JobRunner, presets_dir: Path, url: str, lora_refreshes: list[int]):
-        self.host, self.runner, self.presets_dir, self.url = host, runner, presets_dir, url
-        self.lora_refreshes = lora_refreshes
+SCREENSHOT = ROOT / "out" / "screenshots" / "train-tab.png"
+TEST_PANEL_SCREENSHOT = ROOT / "out" / "screenshots" / "test-panel.png"
 
 
 @pytest.fixture(scope="module")
@@ -65,29 +67,8 @@ def served(tmp_path_factory) -> Iterator[ServedTab]:
     # As in a fresh WebUI: the default datasets folder does not exist yet.
     host = FakeHost(learned_ldm_model("sd1", folder / "model"), folder / "Lora",
                     datasets_dir=folder / "webui" / "datasets")
-    runner = JobRunner(host)
-    lora_refreshes: list[int] = []
-    # As the WebUI does: the tab is built outside any Blocks, then rendered inside the page's tabs.
-    tab = build_tab(host, runner, presets_dir=folder / "presets")
-    with gr.Blocks(analytics_enabled=False) as demo:
-        with gr.Tab("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
-            tab.render()
-        # The WebUI's hidden Lora-card refresh button, which the page script clicks after a save.
-        refresh = gr.Button(visible=False, elem_id="txt2img_lora_extra_refresh_internal")
-        refresh.click(lambda: lora_refreshes.append(1), None, None, queue=False)
-    demo.queue(64)  # as the WebUI: shared.demo.queue(64)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gradio.routes.templates, "TemplateResponse", _with_extension_assets(
-            gradio.routes.templates.TemplateResponse))
-        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
-        try:
-            yield ServedTab(host, runner, folder / "presets", demo.local_url, lora_refreshes)
-        finally:
-            runner.stop()
-            runner.wait(60)
-            # uvicorn otherwise waits, now and then forever, for a connection the closed browser left open.
-            demo.server.force_exit = True
-            demo.close()
+    with serve_tab(host, folder / "presets") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -451,62 +432,3 @@ def _uncaptioned_images(folder: Path, count: int = 4, size: int = 32) -> Path:
         ImageDraw.Draw(image).ellipse((4, 4, size - 4, size - 4), fill=colours[index % len(colours)])
         image.save(folder / f"{index:02d}.png")
     return folder
-
-
-def _text(name: str) -> str:
-    return f"(document.querySelector('#lora_trainer_{name}')?.innerText ?? '')"
-
-
-def _value(name: str) -> str:
-    return f"(document.querySelector('#lora_trainer_{name} textarea, #lora_trainer_{name} input')?.value ?? '')"
-
-
-def _input_values(page, *names: str) -> list[str]:
-    return [page.locator(f"#lora_trainer_{name}").locator("textarea, input").first.input_value() for name in names]
-
-
-def _chart_points() -> str:
-    return "Number(document.querySelector('#lora_trainer_chart .lora-trainer-chart')?.dataset.points ?? 0)"
-
-
-def _wait_in_page(page, condition: str, what: str, timeout_ms: float = TIMEOUT_MS) -> None:
-    """Wait for the JavaScript expression `condition`; on timeout say what the tab showed."""
-    try:
-        page.wait_for_function(f"() => {condition}", timeout=timeout_ms)
-    except sync_api.TimeoutError:
-        shown = {name: page.inner_text(f"#lora_trainer_{name}") for name in ("status", "notice", "dataset_info")}
-        raise AssertionError(f"timed out waiting for {what}; the tab showed {shown}") from None
-
-
-def _fill(page, field: str, value: str) -> None:
-    page.locator(f"#lora_trainer_{field}").locator("textarea, input").first.fill(value)
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT_MS / 1000) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _with_extension_assets(template_response):
-    """gradio's page template with the extension's script in <head> and its stylesheet before </body>,
-    as the WebUI's `ui_gradio_extensions.reload_javascript` does."""
-    script = (ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8")
-    style = (ROOT / "style.css").read_text(encoding="utf-8")
-
-    def response(*args, **kwargs):
-        page = template_response(*args, **kwargs)
-        page.body = page.body.replace(b"</head>", f"<script>{script}</script></head>".encode())
-        page.body = page.body.replace(b"</body>", f"<style>{style}</style></body>".encode())
-        page.init_headers()
-        return page
-
-    return response
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -13,6 +13,7 @@ from PIL import Image
 from lora_trainer.config import DatasetConfig, SubsetConfig, TrainConfig
 from lora_trainer.data.buckets import make_buckets, nearest_bucket, square_bucket
 from lora_trainer.data.images import load_rgb_image
+from lora_trainer.data.latent_cache import LatentDiskCache
 from lora_trainer.data.masks import load_mask, mask_file_for, mask_tensor
 from lora_trainer.data.scan import DatasetScan, ImageRecord
 from lora_trainer.data.transforms import crop_like, crop_to_bucket, process_caption, to_tensor
@@ -122,9 +123,11 @@ class TrainingData:
         return training + [regularisation[(start + offset) % len(regularisation)] for offset in range(len(training))]
 
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
-                      progress: Callable[[int, int], None] | None = None) -> None:
+                      progress: Callable[[int, int], None] | None = None,
+                      disk: LatentDiskCache | None = None) -> int:
         """Encode every image (and its mirror image with flip_aug) once and keep the latents; `progress(done,
-        total)` is called after each chunk of images.
+        total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are
+        read instead of encoded, and new ones are kept there. Returns how many images were encoded.
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
@@ -132,27 +135,43 @@ class TrainingData:
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, example in enumerate(self.examples):
             by_bucket.setdefault(example.bucket, []).append(index)
-        encoded = 0
+        done = encoded = 0
         for indices in by_bucket.values():
             for start in range(0, len(indices), chunk_size):
                 chunk = indices[start:start + chunk_size]
-                pixels, sizes, keys = [], [], []
+                pixels, sizes, keys, new_entries = [], [], [], []
                 for index in chunk:
                     example = self.examples[index]
                     image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
                                                  random.Random(0))
                     flips = (False, True) if self._options(example).flip_aug else (False,)
-                    pixels += [to_tensor(image, flip) for flip in flips]
-                    keys += [(index, flip) for flip in flips]
+                    entry = disk.path_for(example.record.path, example.bucket, flips) if disk else None
+                    kept = disk.load(entry) if disk else None
+                    if kept is not None:
+                        self.latent_cache.update(((index, flip), latents) for flip, latents in zip(flips, kept))
+                    else:
+                        pixels += [to_tensor(image, flip) for flip in flips]
+                        keys += [(index, flip) for flip in flips]
+                        new_entries.append((entry, len(flips)))
                     sizes.append(_size_conditioning(example, crop))
                     if self.config.dataset.masked_loss:
                         self.mask_cache.update(((index, flip), self._mask(example, crop, flip)) for flip in flips)
-                latents = encode_images(torch.stack(pixels))
-                self.latent_cache.update(zip(keys, latents))
-                self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=latents.device).unbind()))
-                encoded += len(chunk)
+                device = None
+                if pixels:
+                    latents = encode_images(torch.stack(pixels))
+                    self.latent_cache.update(zip(keys, latents))
+                    device, position = latents.device, 0
+                    for entry, flip_count in new_entries:
+                        if disk is not None:
+                            disk.store(entry, latents[position:position + flip_count])
+                        position += flip_count
+                    encoded += len(new_entries)
+                device = device or self.latent_cache[(chunk[0], False)].device
+                self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=device).unbind()))
+                done += len(chunk)
                 if progress is not None:
-                    progress(encoded, len(self.examples))
+                    progress(done, len(self.examples))
+        return encoded
 
     def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch."""

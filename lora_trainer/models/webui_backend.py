@@ -23,7 +23,13 @@ from torch import nn
 
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_compvis_to_diffusers
-from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning, frozen_parameters
+from lora_trainer.models.base import (
+    DiffusionBackend,
+    LoraRoot,
+    TextConditioning,
+    frozen_parameters,
+    module_fingerprint,
+)
 
 GenerateImage = Callable[[str, str, int, int, int, int, float], Image.Image]
 """(prompt, negative_prompt, seed, steps, width, height, guidance_scale) -> image, rendered by the host."""
@@ -117,12 +123,15 @@ class WebUIBackend(DiffusionBackend):
         encoded = self.model.encode_first_stage(pixels.to(self.device, vae_dtype))
         return self.model.get_first_stage_encoding(encoded).to(self.weight_dtype)
 
+    def vae_fingerprint(self) -> str:
+        return module_fingerprint(self.model.first_stage_model, self.weight_dtype, self.model.scale_factor)
+
     def encode_text(self, captions: list[str]) -> TextConditioning:
         if self.family != "sdxl":
             return TextConditioning(self.model.get_learned_conditioning(captions))
         # sgm's conditioner runs frozen embedders under no_grad; text-encoder LoRA needs the graph.
         embedders = self.model.conditioner.embedders
-        with _temporary_attributes([(embedder, "is_trainable", True) for embedder in embedders
+        with temporary_attributes([(embedder, "is_trainable", True) for embedder in embedders
                                     if hasattr(embedder, "is_trainable")]):
             conditioning = self.model.get_learned_conditioning(captions)
         # The vector is the pooled text embedding followed by the embedded default sizes, rebuilt in `predict`.
@@ -149,11 +158,11 @@ class WebUIBackend(DiffusionBackend):
                      if isinstance(vars(module).get(flag), bool)]
         with ExitStack() as stack:
             stack.enter_context(frozen_parameters([self.model]))
-            stack.enter_context(_temporary_attributes(own_flags))
+            stack.enter_context(temporary_attributes(own_flags))
             if gradient_checkpointing:
                 blocks = [module for module in self.unet.modules() if type(module).__name__ in CHECKPOINTED_BLOCKS]
-                stack.enter_context(_temporary_attributes(
-                    [(block, "forward", partial(_checkpointed, block.forward)) for block in blocks]))
+                stack.enter_context(temporary_attributes(
+                    [(block, "forward", partial(checkpointed_forward, block.forward)) for block in blocks]))
             yield
 
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
@@ -236,12 +245,13 @@ def open_clip_hf_path(path: str) -> str:
     return f"text_model.encoder.layers.{match[1]}.{layer}"
 
 
-def _checkpointed(forward: Callable, *args, **kwargs):
+def checkpointed_forward(forward: Callable, *args, **kwargs):
+    """`forward(*args, **kwargs)` recomputed in the backward pass (non-reentrant torch checkpointing)."""
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextmanager
-def _temporary_attributes(assignments: list[tuple[object, str, object]]) -> Iterator[None]:
+def temporary_attributes(assignments: list[tuple[object, str, object]]) -> Iterator[None]:
     """Set `target.name = value` for each assignment; afterwards restore each previous value, or remove the
     instance attribute where there was none (so a class's own method or default shows through again)."""
     undo: list[tuple[object, str, object]] = []

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from lora_trainer.config import TrainConfig
+from lora_trainer.data.class_images import write_class_images
 from lora_trainer.data.dataset import Batch, TrainingData
+from lora_trainer.data.latent_cache import LatentDiskCache
 from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
@@ -64,6 +66,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
     # --- data and plan ---
     dataset = config.dataset
+    if dataset.class_prompt:
+        events.on_message(f"Drawing the missing class images of {dataset.class_prompt!r} with the base model...")
+        write_class_images(dataset.reg_data_dir, dataset.class_prompt, dataset.num_class_images,
+                           lambda prompt, seed: backend.generate(prompt, "", seed, sampling.sample_steps,
+                                                                 dataset.resolution, dataset.resolution, 7.0),
+                           progress=lambda done, total: events.on_message(f"Drew class image {done}/{total}."))
     sources = gather_images(dataset, training.seed)
     scan, reg_records, held_out = sources.scan, sources.reg_records, sources.held_out
     data = TrainingData(scan, config, backend.latent_scale, reg_records)
@@ -164,7 +172,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
-            data.cache_latents(backend.encode_images, progress=events.on_caching)
+            disk = LatentDiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
+                else None
+            encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+            if disk is not None:
+                events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
+                                  f"{encoded} encoded.")
         if validation is not None:
             validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}

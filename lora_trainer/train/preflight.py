@@ -19,11 +19,14 @@ def check_run_paths(config: TrainConfig) -> None:
               ("mask_dir", Path.is_dir, "folder"), ("reg_data_dir", Path.is_dir, "folder"),
               ("validation_data_dir", Path.is_dir, "folder"))
     values = config.flat()
+    generates_reg_images = bool(values["class_prompt"])
     for key, exists, kind in inputs:
         path = values[key]
+        if key == "reg_data_dir" and generates_reg_images:
+            continue  # the class images are written there: checked as an output folder below
         if path is not None and not exists(path):
             raise UserError(f"{key} {path} does not exist or is not a {kind}: fix the path")
-    for key in ("output_dir", "logging_dir"):
+    for key in ("output_dir", "logging_dir", *(("reg_data_dir",) if generates_reg_images else ())):
         folder = values[key]
         if folder is not None:
             check_writable_folder(folder, key)

@@ -1,0 +1,291 @@
+"""The language-model training loop: batch -> loss -> step -> log -> maybe save, eval or sample. One function,
+top to bottom, reusing the image trainer's optimizers, state files, events and TensorBoard log."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_trainer.errors import UserError
+from lora_trainer.files import remove_stale_temporaries
+from lora_trainer.llm.config import LLMTrainConfig
+from lora_trainer.llm.data import TokenizedExamples, collate, read_examples, split_validation, tokenize_examples
+from lora_trainer.llm.generate import generate_answers
+from lora_trainer.llm.model import (
+    adapter_weights,
+    add_lora,
+    check_adapter_config,
+    load_adapter_weights,
+    load_base_model,
+    load_tokenizer,
+    read_adapter,
+    save_adapter,
+    save_merged_model,
+)
+from lora_trainer.llm.templates import PromptFormat
+from lora_trainer.models.base import resolve_device
+from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
+from lora_trainer.train.loop import TrainingResult
+from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.preflight import check_writable_folder
+from lora_trainer.train.rescue import save_or_rescue
+from lora_trainer.train.state import load_state, save_state
+from lora_trainer.train.tensorboard import RunLog
+
+
+@dataclass
+class LLMTrainingResult(TrainingResult):
+    """What a language-model run produced, and the model itself, to generate with in the same process."""
+
+    model: Any = field(default=None, repr=False)
+    """The trained peft model (with `merge: true`, the plain model with the LoRA merged in)."""
+    tokenizer: Any = field(default=None, repr=False)
+
+
+def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> LLMTrainingResult:
+    """Train a LoRA on a causal language model as `config` says; saves peft adapter folders."""
+    events = events or TrainingEvents()
+    data_config, saving, training = config.data, config.saving, config.training
+    check_llm_paths(config)
+    if leftovers := remove_stale_temporaries(saving.output_dir):
+        events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
+                          f"{saving.output_dir}.")
+    final_folder = Path(saving.output_dir) / saving.output_name
+    if final_folder.exists() and saving.resume is None:
+        raise UserError(f"{final_folder} already exists; choose another output_name or move the old adapter")
+    device = resolve_device(config.model.device)
+    started_at = time.time()
+    torch.manual_seed(training.seed)
+
+    # --- data (checked before the model loads) and plan ---
+    tokenizer = load_tokenizer(config.model.base_model)
+    prompt_format = PromptFormat.for_tokenizer(data_config.template, tokenizer)
+    examples = read_examples(data_config.train_data, data_config.data_format)
+    if data_config.validation_data is not None:
+        validation_examples = read_examples(data_config.validation_data, data_config.data_format)
+    else:
+        examples, validation_examples = split_validation(examples, data_config.validation_split, training.seed)
+    train_set = tokenize_examples(examples, tokenizer, prompt_format, data_config)
+    validation_set = tokenize_examples(validation_examples, tokenizer, prompt_format, data_config)
+    if not train_set.input_ids:
+        raise UserError(f"no training sequence is left: every example was longer than max_seq_length "
+                        f"{data_config.max_seq_length} and dropped; raise it or use overlong: truncate")
+    batches_per_epoch = math.ceil(len(train_set.input_ids) / training.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
+    total_steps = training.max_train_steps or steps_per_epoch * training.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    # --- model and LoRA ---
+    model = add_lora(load_base_model(config.model, device), config.network, config.model.base_model)
+    result = LLMTrainingResult(model=model, tokenizer=tokenizer)
+    if config.network.init_lora_weights is not None:
+        weights, adapter_config, _ = read_adapter(config.network.init_lora_weights)
+        what = f"init_lora_weights {config.network.init_lora_weights}"
+        check_adapter_config(adapter_config, config.network, what)
+        load_adapter_weights(model, weights, what)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = make_optimizer(config, [{"params": trainable, "lr": config.optimizer.learning_rate}])
+    scheduler = make_scheduler(config, optimizer, total_steps)
+    # The run draws from neither: its data order is seeded per epoch and dropout uses torch's global
+    # generator, which the state file saves. The state format asks for both.
+    unused_generator, unused_rng = torch.Generator(), random.Random(training.seed)
+    metadata = {**prompt_format.metadata(), "lora_trainer.base_model": str(config.model.base_model),
+                "lora_trainer.config": json.dumps(config.to_dict())}
+    run_log = RunLog(config.logging.logging_dir, saving.output_name)
+
+    def save(folder: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
+        """Save the adapter after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
+        if not all(torch.isfinite(parameter).all() for parameter in trainable):
+            raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
+                            "learning rate, or train in bf16/fp32 instead of fp16.")
+        with_state = with_state and saving.save_state
+
+        def write_state(tmp_folder: Path) -> None:
+            save_state(tmp_folder, adapter_weights(model), optimizer, scheduler, step, epoch, next_batch,
+                       unused_generator, unused_rng)
+
+        events.on_busy(f"saving {folder.name}")
+        what = f"the adapter of step {step}" + (" (with its training state)" if with_state else "")
+        saved = save_or_rescue(
+            lambda parent: save_adapter(model, parent / folder.name,
+                                        {**metadata, "lora_trainer.step": str(step),
+                                         "lora_trainer.epoch": str(epoch + 1)},
+                                        write_state if with_state else None),
+            folder.parent, what, result.saved[-1] if result.saved else None)
+        result.saved.append(saved)
+        events.on_saved(saved, step, epoch + 1)
+
+    def evaluate(step: int) -> None:
+        if validation_set.input_ids:
+            validation_loss = _mean_loss(model, validation_set, training.batch_size, tokenizer.pad_token_id, device)
+            events.on_message(f"step {step}: validation loss {validation_loss:.4f}")
+            run_log.log_validation(step, validation_loss)
+
+    def sample(step: int) -> None:
+        events.on_busy("answering the sample prompts")
+        answers = generate_answers(model, tokenizer, config.sampling.sample_prompts, prompt_format,
+                                   config.sampling.sample_max_new_tokens)
+        for prompt, answer in zip(config.sampling.sample_prompts, answers):
+            events.on_message(f"sample at step {step}: {prompt!r} -> {answer!r}")
+
+    step, start_epoch, skip_batches = 0, 0, 0
+    if saving.resume is not None:
+        resume_point, weights = load_state(saving.resume, optimizer, scheduler, unused_generator, unused_rng)
+        load_adapter_weights(model, weights, f"the resume state {saving.resume}")
+        step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
+        events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
+
+    plan_lines = [f"{data_config.train_data}: {train_set.summary(data_config.max_seq_length)}"]
+    if validation_set.input_ids:
+        plan_lines.append(f"validation: {validation_set.summary(data_config.max_seq_length)}")
+    plan_lines.append(f"prompt template {prompt_format.template}; LoRA rank {config.network.lora_rank} on "
+                      f"{', '.join(config.network.target_modules)}: {sum(p.numel() for p in trainable):,} "
+                      f"parameters; {total_steps} steps over {epochs} epoch(s)")
+    events.on_start(RunPlan(total_steps, epochs, steps_per_epoch, "\n".join(plan_lines)))
+
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    losses_in_sum = 0
+    window_start, window_step = time.perf_counter(), step
+    seconds_per_step = 0.0
+    stopping = False
+    resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
+    in_step = False
+    epoch, batch_index = start_epoch, skip_batches - 1
+    try:
+        for epoch in range(start_epoch, epochs):
+            order = list(range(len(train_set.input_ids)))
+            random.Random(f"{training.seed}-{epoch}").shuffle(order)
+            batches = [order[start:start + training.batch_size] for start in range(0, len(order), training.batch_size)]
+            for batch_index, indices in enumerate(batches):
+                if epoch == start_epoch and batch_index < skip_batches:
+                    continue
+                # --- one forward/backward pass; the optimizer steps every `gradient_accumulation_steps` ---
+                in_step = True
+                batch = collate([train_set.input_ids[i] for i in indices], [train_set.labels[i] for i in indices],
+                                tokenizer.pad_token_id)
+                loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
+                (loss / training.gradient_accumulation_steps).backward()
+                loss_sum += loss.detach()
+                losses_in_sum += 1
+                end_of_epoch = batch_index + 1 == len(batches)
+                if (batch_index + 1) % training.gradient_accumulation_steps and not end_of_epoch:
+                    continue
+                if config.optimizer.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                in_step, resume_at = False, (epoch, batch_index + 1)
+
+                # --- report (reading the loss back only every few steps keeps the device busy) ---
+                report_loss = None
+                if step % config.logging.log_every_n_steps == 0 or step == total_steps:
+                    report_loss = (loss_sum / losses_in_sum).item()
+                    if not math.isfinite(report_loss):
+                        raise UserError(f"the loss became {report_loss} by step {step}; nothing more was saved. "
+                                        "Lower the learning rate, or train in bf16/fp32 instead of fp16.")
+                    result.last_loss = report_loss
+                    loss_sum.zero_()
+                    losses_in_sum = 0
+                    now = time.perf_counter()
+                    seconds_per_step = (now - window_start) / max(1, step - window_step)
+                    window_start, window_step = now, step
+                steps_per_second = 1 / seconds_per_step if seconds_per_step else 0.0
+                report = StepReport(
+                    step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
+                    learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
+                    samples_per_second=steps_per_second * training.batch_size * training.gradient_accumulation_steps,
+                    seconds_elapsed=time.time() - started_at, seconds_left=seconds_per_step * (total_steps - step))
+                events.on_step(report)
+                if report_loss is not None:
+                    run_log.log_step(report)
+
+                # --- saves, evals, samples, stop (their time is left out of the speed) ---
+                stopping = events.should_stop()
+                if step >= total_steps or stopping:
+                    break
+                paused_at = time.perf_counter()
+                if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or events.save_requested():
+                    save(final_folder.with_name(f"{saving.output_name}-s{step:06d}"), step, epoch, batch_index + 1)
+                if end_of_epoch:
+                    evaluate(step)
+                    if saving.save_every_n_epochs and (epoch + 1) % saving.save_every_n_epochs == 0:
+                        save(final_folder.with_name(f"{saving.output_name}-e{epoch + 1:04d}"), step, epoch,
+                             batch_index + 1)
+                if config.sampling.sample_every_n_steps and config.sampling.sample_prompts and \
+                        step % config.sampling.sample_every_n_steps == 0:
+                    sample(step)
+                window_start += time.perf_counter() - paused_at
+                if events.interrupt_requested():
+                    raise KeyboardInterrupt
+            if step >= total_steps or stopping:
+                break
+    except KeyboardInterrupt:
+        # In the middle of a step (a second Ctrl-C) the weights are those of the last finished step, but the
+        # random streams have moved on: that state would not resume exactly, so it is left out.
+        if in_step and saving.save_state:
+            events.on_message("Interrupted in the middle of a step: the adapter is saved without its state.")
+        save(final_folder.with_name(f"{saving.output_name}-interrupted-s{step:06d}"), step, *resume_at,
+             with_state=not in_step)
+        run_log.close()
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise UserError("out of GPU memory: lower batch_size or max_seq_length, turn on gradient_checkpointing, "
+                        "or load the base model in bf16 or 4-bit (load_in_4bit)") from None
+
+    result.stopped = step < total_steps
+    result.steps = step
+    save(final_folder.with_name(f"{saving.output_name}-s{step:06d}") if result.stopped else final_folder, step,
+         epoch, batch_index + 1)
+    evaluate(step)
+    if config.sampling.sample_prompts:
+        sample(step)
+    run_log.close()
+    if saving.merge:
+        events.on_busy("merging the adapter into the base model")
+        merged = save_merged_model(model, tokenizer, final_folder.with_name(f"{saving.output_name}-merged"))
+        result.model = model.get_base_model()
+        result.saved.append(merged)
+        events.on_saved(merged, step, epoch + 1)
+    return result
+
+
+def check_llm_paths(config: LLMTrainConfig) -> None:
+    """Raise a `UserError` naming the config key for the first path the run could not use; nothing is created."""
+    if config.data.train_data is None or config.model.base_model is None:
+        raise UserError("an llm run needs train_data and base_model (in the config or as --train_data ...)")
+    inputs = (("train_data", config.data.train_data), ("validation_data", config.data.validation_data),
+              ("base_model", config.model.base_model), ("init_lora_weights", config.network.init_lora_weights),
+              ("resume", config.saving.resume))
+    for key, path in inputs:
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{key} {path} does not exist: fix the path")
+    for key, folder in (("output_dir", config.saving.output_dir), ("logging_dir", config.logging.logging_dir)):
+        if folder is not None:
+            check_writable_folder(folder, key)
+
+
+@torch.no_grad()
+def _mean_loss(model, examples: TokenizedExamples, batch_size: int, pad_token_id: int, device: torch.device) -> float:
+    """The loss per trained token over all of `examples`."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples.input_ids), batch_size):
+        batch = collate(examples.input_ids[start:start + batch_size], examples.labels[start:start + batch_size],
+                        pad_token_id)
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        if count:
+            total += model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss.item() * count
+            tokens += count
+    model.train(was_training)
+    return total / max(1, tokens)

@@ -1,0 +1,151 @@
+"""Tiny SD1, SD2 and SDXL models built from Stable Diffusion WebUI Forge's own classes, loaded the way Forge
+loads a checkpoint (its operations, patchers, memory manager and diffusion engines, under inference mode).
+
+Forge is not a package on PyPI: its source comes from a Forge checkout named by `LORA_TRAINER_FORGE_SOURCE`
+(the repository root, with `huggingface_guess/` from lllyasviel/huggingface_guess beside `backend/`). Without
+it the Forge tests skip and say so. `./dev test` points the variable at `$LORA_TRAINER_ENVS/forge-source`
+when that folder exists. Only the WebUI's settings object (`modules.shared.opts`, which Forge's text engines
+read) is stood in for: it belongs to the WebUI host, not to Forge's model code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+FORGE_SOURCE_VARIABLE = "LORA_TRAINER_FORGE_SOURCE"
+HIDDEN = 32
+"""Width of every tiny text encoder."""
+
+
+def import_forge() -> None:
+    """Put Forge's source on the import path (or skip the test), with the CPU as its device."""
+    source = os.environ.get(FORGE_SOURCE_VARIABLE)
+    if not source or not (Path(source) / "backend" / "memory_management.py").is_file():
+        pytest.skip(f"Forge's source is not here: set {FORGE_SOURCE_VARIABLE} to a Forge checkout (with "
+                    "huggingface_guess/ beside backend/) to test on Forge's real model classes")
+    pytest.importorskip("diffusers", reason="Forge's model code needs diffusers (the 'forge' environment has it)")
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip(f"Forge's model code needs transformers 4 (it pins 4.46.1); this is {transformers.__version__}")
+    for folder in (source, str(Path(source) / "packages_3rdparty")):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    if "modules.shared" not in sys.modules:
+        settings = types.SimpleNamespace(emphasis="Original", sdxl_crop_left=0, sdxl_crop_top=0)
+        sys.modules["modules"] = types.ModuleType("modules")
+        sys.modules["modules.shared"] = types.SimpleNamespace(opts=settings)
+    import backend.args
+
+    backend.args.args.always_cpu = not torch.cuda.is_available()
+
+
+def tiny_forge_engine(family: str, tokenizer_folder: Path, seed: int = 0):
+    """A Forge diffusion engine (`StableDiffusion`, `StableDiffusion2` or `StableDiffusionXL`) of tiny size,
+    as `forge_model_reload` leaves it."""
+    import_forge()
+    from backend import memory_management
+    from backend.diffusion_engine.sd15 import StableDiffusion
+    from backend.diffusion_engine.sd20 import StableDiffusion2
+    from backend.diffusion_engine.sdxl import StableDiffusionXL
+    from diffusers import DDPMScheduler
+    from huggingface_guess import model_list
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet_config = _unet_config(family)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    prediction_type = "v_prediction" if family == "sd2" else "epsilon"
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    engine_class, guess, encoders = {
+        "sd1": (StableDiffusion, model_list.SD15, {"text_encoder": "quick_gelu"}),
+        "sd2": (StableDiffusion2, model_list.SD20, {"text_encoder": "gelu"}),
+        "sdxl": (StableDiffusionXL, model_list.SDXL, {"text_encoder": "quick_gelu", "text_encoder_2": "gelu"}),
+    }[family]
+    with torch.inference_mode():  # as forge_model_reload()
+        components = {"unet": _forge_unet(unet_config, memory_management), "vae": _forge_vae(memory_management),
+                      "scheduler": scheduler}
+        for name, activation in encoders.items():
+            components[name] = _forge_clip(activation, memory_management)
+            components[name.replace("text_encoder", "tokenizer")] = tokenizer
+        engine = engine_class(guess(unet_config), components)
+    engine.sd_checkpoint_info = types.SimpleNamespace(model_name=f"tiny-forge-{family}")
+    return engine
+
+
+def _unet_config(family: str) -> dict:
+    config = dict(in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=(1, 2),
+                  num_heads=2, num_head_channels=-1, use_spatial_transformer=True, transformer_depth=[1, 1],
+                  transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=HIDDEN)
+    if family == "sd2":
+        config.update(use_linear_in_transformer=True)
+    if family == "sdxl":
+        config.update(use_linear_in_transformer=True, context_dim=2 * HIDDEN, num_classes="sequential",
+                      adm_in_channels=HIDDEN + 6 * 256)
+    return config
+
+
+def _forge_unet(config: dict, memory_management) -> nn.Module:
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.operations import using_forge_operations
+
+    device, dtype = memory_management.get_torch_device(), torch.float32
+    with torch.inference_mode(False):
+        weights = _perturbed(IntegratedUNet2DConditionModel.from_config(config).state_dict())
+    with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
+        unet = IntegratedUNet2DConditionModel.from_config(config).to(device=device, dtype=dtype)
+    unet.load_state_dict(weights)
+    unet.storage_dtype = unet.computation_dtype = dtype
+    unet.load_device = unet.initial_device = device
+    unet.offload_device = memory_management.unet_offload_device()
+    return unet
+
+
+def _forge_clip(activation: str, memory_management) -> nn.Module:
+    from backend.nn.clip import IntegratedCLIP
+    from backend.operations import using_forge_operations
+    from transformers import CLIPTextConfig, CLIPTextModel, modeling_utils
+
+    config = CLIPTextConfig(hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                            projection_dim=HIDDEN, hidden_act=activation, bos_token_id=49406, eos_token_id=49407,
+                            pad_token_id=49407)
+    with torch.inference_mode(False):
+        weights = _perturbed(IntegratedCLIP(CLIPTextModel, config, add_text_projection=True).state_dict())
+    with modeling_utils.no_init_weights(), using_forge_operations(device=torch.device("cpu"), dtype=torch.float32,
+                                                                  manual_cast_enabled=True):
+        clip = IntegratedCLIP(CLIPTextModel, config, add_text_projection=True)
+    clip.load_state_dict(weights, strict=False)
+    return clip
+
+
+def _forge_vae(memory_management) -> nn.Module:
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import using_forge_operations
+
+    config = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1)
+    with torch.inference_mode(False):
+        weights = _perturbed(IntegratedAutoencoderKL.from_config(config).state_dict())
+    with using_forge_operations(device=torch.device("cpu"), dtype=memory_management.vae_dtype()):
+        vae = IntegratedAutoencoderKL.from_config(config)
+    vae.load_state_dict(weights)
+    return vae
+
+
+def _perturbed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Freshly initialised weights with every constant tensor (norm scales of 1, biases of 0) made slightly
+    random: a text encoder whose output mean is exactly 0 makes the prompt-emphasis rescale divide by 0."""
+    generator = torch.Generator().manual_seed(1)
+    perturbed = {}
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all()):
+            tensor = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+        perturbed[name] = tensor.clone()
+    return perturbed
