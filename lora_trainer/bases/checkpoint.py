@@ -32,7 +32,7 @@ from lora_trainer.models.original_checkpoint import (
     unet_to_original,
     vae_to_original,
 )
-from lora_trainer.tiny import clip_tokenizer, text_encoder_config
+from lora_trainer.tiny import clip_tokenizer, text_encoder_config, write_clip_tokenizer_files
 
 
 def vae_scaling_factor(folder: Path = WEIGHTS_DIR) -> float:
@@ -75,6 +75,7 @@ def write_webui_checkpoint(out_folder: Path, name: str = "tiny-learned-sd1", fol
     # keeps that offline (the WebUI reads only its config; plain ldm its weights too).
     clip_folder = out_folder / f"{name}-clip"
     clip_tokenizer(clip_folder / "tokenizer-source").save_pretrained(clip_folder)
+    write_clip_tokenizer_files(clip_folder)  # transformers 5 saves only tokenizer.json; the WebUI's 4.30 reads these
     encoder = CLIPTextModel(text_encoder_config())
     load_text_encoder_state(encoder, load_file(str(Path(folder) / CLIP_FILE)))
     encoder.save_pretrained(clip_folder)
