@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_trainer.train.loop import TrainingResult
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +83,7 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     from lora_trainer.train.loop import train
     from lora_trainer.train.preflight import check_run_paths
 
+    started = time.monotonic()
     overrides = parse_overrides(override_words)
     file_values = read_config_file(config_path)
     if overrides.get("task", file_values.get("task")) == "llm":
@@ -101,8 +107,7 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
             message, exit_code = signals.outcome()
             print(message, file=sys.stderr)
             return exit_code
-    print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
-          + ", ".join(str(path) for path in result.saved))
+    print(run_summary(result, time.monotonic() - started))
     return 0
 
 
@@ -125,6 +130,21 @@ def _train_llm(file_values: dict, overrides: dict) -> int:
     print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
           + ", ".join(str(path) for path in result.saved))
     return 0
+
+
+def run_summary(result: TrainingResult, seconds: float) -> str:
+    """What a finished run tells the user: its length, where its files, samples and logs are, the prompt tag."""
+    minutes, seconds = divmod(round(seconds), 60)
+    lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s, last loss {result.last_loss}"]
+    if result.saved:
+        lines.append(f"LoRA files: {', '.join(str(path) for path in result.saved)}")
+    if result.samples:
+        lines.append(f"sample images: {result.samples[0].parent} ({len(result.samples)} images)")
+    if result.log_folder is not None:
+        lines.append(f"TensorBoard logs: {result.log_folder} (tensorboard --logdir {result.log_folder.parent})")
+    if result.saved:
+        lines.append(f"in a prompt: <lora:{result.saved[-1].stem}:0.8>")
+    return "\n".join(lines)
 
 
 def _grid(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size
 AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
                         "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
-                    "prior_loss_weight")
+                    "prior_loss_weight", "sample_cfg_scale")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
 NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
@@ -336,13 +336,21 @@ class SamplingConfig:
     """Sample images rendered during training."""
 
     sample_every_n_steps: int | None = None
-    """Render `sample_prompts` with the LoRA as trained so far every N steps (and at the end)."""
+    """Render the sample prompts with the LoRA as trained so far every N steps (and at the end), into
+    `output_dir/samples` and TensorBoard."""
     sample_prompts: list[str] = field(default_factory=list, metadata={"commas_are_text": True})
     """Prompts for the sample images: a list, or one string for one prompt (commas are part of a prompt)."""
+    sample_prompts_file: Path | None = None
+    """A text file of more sample prompts, one a line; a prompt may end in kohya's options: `--n` negative
+    prompt, `--w`/`--h` size, `--s` steps, `--d` seed, `--l` CFG scale (inline prompts take them too)."""
+    sample_at_first: bool = False
+    """Also render the samples before the first step (the base model, or the `init_lora_weights` start)."""
     sample_steps: int = 20
     """Sampler steps for sample images."""
     sample_seed: int = 1
     """Seed of every sample image, so they are comparable across steps."""
+    sample_cfg_scale: float = 7.0
+    """Classifier-free guidance scale of the sample images."""
 
     def __post_init__(self) -> None:
         _check_group(self)

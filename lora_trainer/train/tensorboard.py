@@ -1,9 +1,13 @@
-"""TensorBoard logging of every run (loss, validation loss, learning rate, speed), when TensorBoard is installed."""
+"""TensorBoard logging of every run (loss, validation loss, learning rate, speed, sample images), when
+TensorBoard is installed."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from lora_trainer.train.events import StepReport
 
@@ -38,6 +42,13 @@ class RunLog:
         """Write a validation loss at its step, beside the training loss."""
         if self._writer is not None:
             self._writer.add_scalar("loss/validation", loss, step)
+
+    def log_images(self, tag: str, images: list[Image.Image], step: int) -> None:
+        """Write each image as `tag/00`, `tag/01`, ... at `step`."""
+        if self._writer is None:
+            return
+        for index, image in enumerate(images):
+            self._writer.add_image(f"{tag}/{index:02d}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         """Flush and close the event file."""
