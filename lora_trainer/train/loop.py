@@ -28,6 +28,7 @@ from lora_trainer.train.optim import make_optimizer, make_scheduler
 from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
+from lora_trainer.train.samples import SAMPLES_FOLDER, render_samples, sample_prompts, save_samples
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 from lora_trainer.train.validation import DEFAULT_MEASUREMENTS, ValidationSet
@@ -41,6 +42,10 @@ class TrainingResult:
     steps: int = 0
     stopped: bool = False
     last_loss: float | None = None
+    samples: list[Path] = field(default_factory=list)
+    """Every sample image written (in `output_dir/samples`)."""
+    log_folder: Path | None = None
+    """This run's TensorBoard folder (None without logging)."""
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, validation loss) of every measurement, when the run has held-out images."""
 
@@ -84,6 +89,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     if final_path.exists() and saving.resume is None:
         raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
 
+    prompts = sample_prompts(config)
     if config.model.clip_skip is not None and config.model.clip_skip != (backend.clip_skip or 1):
         raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
@@ -110,6 +116,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, backend.clip_skip,
                             scan, data, total_steps, started_at)
     run_log = RunLog(config.logging.logging_dir, saving.output_name)
+    result.log_folder = run_log.folder
 
     nan_advice = "Lower the learning rate" + (
         ", or train in bf16/fp32 instead of fp16" if training.mixed_precision == "fp16" else "") + "."
@@ -161,10 +168,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
         network.eval()
-        images = [backend.generate(prompt, "", sampling.sample_seed, sampling.sample_steps, dataset.resolution,
-                                   dataset.resolution, 7.0) for prompt in sampling.sample_prompts]
+        images = render_samples(backend, prompts)
         network.train()
-        events.on_sample(step, images, list(sampling.sample_prompts))
+        result.samples += save_samples(Path(saving.output_dir) / SAMPLES_FOLDER, saving.output_name, step, prompts,
+                                       images)
+        run_log.log_images("samples", images, step)
+        events.on_sample(step, images, [sample.prompt for sample in prompts])
 
     step, start_epoch, skip_batches = 0, 0, 0
     with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
@@ -203,6 +212,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                        f"parameters; {total_steps} steps over {epochs} epoch(s)")
         events.on_start(plan)
         validate(step)
+        if sampling.sample_at_first and prompts and step == 0:
+            sample(0)
 
         def training_loss(batch: Batch) -> torch.Tensor:
             if batch.latents is not None:
@@ -292,7 +303,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if saving.save_every_n_epochs and end_of_epoch and (epoch + 1) % saving.save_every_n_epochs == 0:
                         save(Path(saving.output_dir) / f"{saving.output_name}-e{epoch + 1:04d}.safetensors", step,
                              epoch, batch_index + 1)
-                    if sampling.sample_every_n_steps and sampling.sample_prompts and \
+                    if sampling.sample_every_n_steps and prompts and \
                             step % sampling.sample_every_n_steps == 0:
                         sample(step)
                     if step % validate_every == 0:
@@ -322,7 +333,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                  batch_index + 1)
         else:
             save(final_path, step, epoch, batch_index + 1)
-        if sampling.sample_prompts:
+        if prompts:
             sample(step)
     run_log.close()
     return result
