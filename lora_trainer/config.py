@@ -189,7 +189,11 @@ class NetworkConfig:
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     """Text-encoder modules to adapt, matched as suffixes of module paths."""
     init_lora_weights: Path | None = None
-    """Start from this LoRA file (kohya or diffusers/peft format); rank and targets must match."""
+    """Start from this LoRA file (kohya's, peft's or diffusers' layout); its layers and ranks must match this
+    run's, unless `dim_from_weights`."""
+    dim_from_weights: bool = False
+    """Take the ranks, alphas and adapted layers from `init_lora_weights` instead of `lora_rank`, `lora_alpha`,
+    `target_modules`, `conv_rank` and `train_text_encoder` (kohya's dim_from_weights)."""
 
     def __post_init__(self) -> None:
         _check_group(self)
@@ -389,6 +393,9 @@ class TrainConfig:
             raise UserError(f"resolution {dataset.resolution} must be a multiple of bucket_step {dataset.bucket_step}")
         if not network.target_modules and not network.conv_rank and not network.train_text_encoder:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
+        if network.dim_from_weights and network.init_lora_weights is None:
+            raise UserError("dim_from_weights takes the network's shape from init_lora_weights: set that to a "
+                            "LoRA file")
         if dataset.cache_text_encoder_outputs and (network.train_text_encoder or self._shuffles_captions):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import DatasetScan
+from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.models.base import ModelFamily, PredictionType
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -24,8 +26,23 @@ def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType)
     return "stable-diffusion-v1/lora"
 
 
-def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: PredictionType, model_name: str,
-                 clip_skip: int | None, scan: DatasetScan, data: TrainingData, total_steps: int,
+def network_shape_metadata(network: LoraNetwork) -> dict[str, str]:
+    """`ss_network_dim`, `ss_network_alpha` and the conv part of `ss_network_args` as the network has them (the
+    most common rank and alpha of its linear and of its 3x3 layers): the file's, when it came from one."""
+    linear = Counter((m.rank, m.alpha) for m in network.lora_modules.values() if m.down.shape[2:] in ((), (1, 1)))
+    conv = Counter((m.rank, m.alpha) for m in network.lora_modules.values() if m.down.shape[2:] not in ((), (1, 1)))
+    rank, alpha = linear.most_common(1)[0][0] if linear else (0, 0.0)
+    network_args = {}
+    if conv:
+        conv_rank, conv_alpha = conv.most_common(1)[0][0]
+        network_args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
+    return {"ss_network_dim": str(rank), "ss_network_alpha": _number(alpha),
+            "ss_network_args": json.dumps(network_args),
+            "ss_network_train_unet_only": str(not network.parameters_with_prefix("lora_te"))}
+
+
+def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily, prediction_type: PredictionType,
+                 model_name: str, clip_skip: int | None, scan: DatasetScan, data: TrainingData, total_steps: int,
                  started_at: float) -> dict[str, str]:
     """Metadata that stays the same for every file of one run."""
     subsets: dict[str, dict[str, int]] = {}
@@ -36,15 +53,10 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
         entry["img_count"] += 1
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
-    network_args = {"conv_dim": str(config.network.conv_rank), "conv_alpha": str(config.network.effective_conv_alpha)} \
-        if config.network.conv_rank else {}
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.network.lora_rank),
-        "ss_network_alpha": _number(config.network.effective_lora_alpha),
+        **network_shape_metadata(network),
         "ss_network_dropout": _number(config.network.lora_dropout),
-        "ss_network_args": json.dumps(network_args),
-        "ss_network_train_unet_only": str(not config.network.train_text_encoder),
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
