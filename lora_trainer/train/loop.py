@@ -20,7 +20,7 @@ from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
-from lora_trainer.lora.targets import find_lora_targets
+from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
@@ -95,17 +95,21 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
 
     # --- LoRA on the model ---
-    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network),
-                          config.network.lora_dropout).to(backend.device)
-    if config.network.init_lora_weights:
-        initial = read_lora(config.network.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
-        check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
-        network.load_kohya_state_dict(initial.state)
+    if config.network.dim_from_weights:
+        network = network_from_file(backend.lora_roots(), config.network.init_lora_weights,
+                                    config.network.lora_dropout).to(backend.device)
+    else:
+        network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network),
+                              config.network.lora_dropout).to(backend.device)
+        if config.network.init_lora_weights:
+            initial = read_lora(config.network.init_lora_weights,
+                                {peft: key for key, peft in network.peft_keys.items()})
+            check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
+            network.load_kohya_state_dict(initial.state)
     parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"),
-                         "lr": config.optimizer.effective_unet_lr}]
-    if config.network.train_text_encoder:
-        parameter_groups.append({"params": network.parameters_with_prefix("lora_te"),
-                                 "lr": config.optimizer.effective_text_encoder_lr})
+                         "lr": config.optimizer.effective_unet_lr},
+                        {"params": network.parameters_with_prefix("lora_te"),
+                         "lr": config.optimizer.effective_text_encoder_lr}]
     parameter_groups = [group for group in parameter_groups if group["params"]]
     trainable = [p for group in parameter_groups for p in group["params"]]
 
@@ -113,8 +117,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     optimizer = make_optimizer(config, parameter_groups)
     scheduler = make_scheduler(config, optimizer, total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, backend.clip_skip,
-                            scan, data, total_steps, started_at)
+    metadata = run_metadata(config, network, backend.family, backend.prediction_type, backend.model_name,
+                            backend.clip_skip, scan, data, total_steps, started_at)
     run_log = RunLog(config.logging.logging_dir, saving.output_name)
     result.log_folder = run_log.folder
 
