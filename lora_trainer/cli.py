@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a LoRA. Any config key can be overridden: --lora_rank 8 --unet_lr 2e-4 ... "
                     "A config with 'task: llm' trains a language model's LoRA (lora_trainer/llm/config.py).")
     train_parser.add_argument("--config", type=Path, help="YAML file with TrainConfig (or LLMTrainConfig) keys")
+    train_parser.add_argument("--print-config", action="store_true",
+                              help="print the config as it would run (every key, with help) and exit")
+
+    init_parser = commands.add_parser("init-config", help="write a config file with every key, its default and help")
+    init_parser.add_argument("path", type=Path, help="the YAML file to write (never overwritten)")
 
     from lora_trainer.caption import cli as caption_cli
 
@@ -55,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
-            return _train(args.config, extra)
+            return _train(args.config, extra, args.print_config)
+        if args.command == "init-config":
+            return _init_config(args.path)
         if args.command == "caption":
             return caption_cli.run(args)
         if args.command == "grid":
@@ -72,7 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(config_path: Path | None, override_words: list[str]) -> int:
+def _init_config(path: Path) -> int:
+    from lora_trainer.config_template import config_template
+
+    if path.exists():
+        raise UserError(f"{path} already exists; choose another name")
+    path.write_text(config_template(), encoding="utf-8")
+    print(f"wrote {path}: every key with its default; then: lora-trainer train --config {path}")
+    return 0
+
+
+def _train(config_path: Path | None, override_words: list[str], print_config: bool = False) -> int:
     import torch
 
     from lora_trainer.config import load_config, parse_overrides, read_config_file
@@ -88,7 +105,15 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     file_values = read_config_file(config_path)
     if overrides.get("task", file_values.get("task")) == "llm":
         return _train_llm(file_values, overrides)
-    config = load_config(config_path, overrides)
+    notes: list[str] = []
+    config = load_config(config_path, overrides, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if print_config:
+        from lora_trainer.config_template import config_template
+
+        print(config_template(config))
+        return 0
     if config.dataset.train_data_dir is None or config.model.base_model is None:
         raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
     check_run_paths(config)

@@ -40,6 +40,15 @@ NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
+KOHYA_ALIASES = {
+    "pretrained_model_name_or_path": "base_model", "network_dim": "lora_rank", "network_alpha": "lora_alpha",
+    "network_dropout": "lora_dropout", "network_weights": "init_lora_weights", "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs", "lr_scheduler": "scheduler", "lr_warmup_steps": "warmup_steps",
+    "lr_scheduler_num_cycles": "scheduler_num_cycles", "lr_scheduler_power": "scheduler_power",
+    "bucket_reso_steps": "bucket_step", "min_bucket_reso": "min_bucket_side", "max_bucket_reso": "max_bucket_side",
+    "dataset_repeats": "repeats", "save_last_n_epochs": "keep_last_n_saves", "save_last_n_steps": "keep_last_n_saves",
+}
+"""kohya sd-scripts' spellings of keys this config names otherwise: accepted, with a note naming ours."""
 
 
 @dataclass
@@ -426,10 +435,12 @@ class TrainConfig:
                         for f in dataclasses.fields(getattr(self, group))} for group in GROUPS}
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from the defaults when `path` is None) and apply `overrides`."""
-    values = flat_config_values(read_config_file(path))
-    values.update(flat_config_values(overrides or {}))
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None,
+                notes: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply `overrides`; a note for each
+    kohya spelling of a key goes to `notes`."""
+    values = flat_config_values(read_config_file(path), notes=notes)
+    values.update(flat_config_values(overrides or {}, notes=notes))
     return config_from_dict(values)
 
 
@@ -470,9 +481,11 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{group: GROUPS[group](**items) for group, items in by_group.items()})
 
 
-def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = None) -> dict[str, Any]:
+def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = None,
+                       notes: list[str] | None = None) -> dict[str, Any]:
     """The same settings keyed by their flat names; a key given twice, or one that no group has, is an error.
-    `groups` (section name -> dataclass) describes the config (default: `TrainConfig`'s)."""
+    `groups` (section name -> dataclass) describes the config (default: `TrainConfig`'s). A note for each kohya
+    spelling (`network_dim`) goes to `notes`."""
     groups = groups or GROUPS
     field_groups = {f.name: group for group, group_type in groups.items() for f in dataclasses.fields(group_type)}
     flat: dict[str, Any] = {}
@@ -480,13 +493,18 @@ def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = 
         group, _, name = str(key).rpartition(".")
         if not group and key in groups and (isinstance(value, dict) or value is None):
             for name, item in (value or {}).items():
-                _put(flat, _known_key(str(name), key, field_groups), item, field_groups)
+                _put(flat, _known_key(str(name), key, field_groups, notes), item, field_groups)
         else:
-            _put(flat, _known_key(name, group or None, field_groups), value, field_groups)
+            _put(flat, _known_key(name, group or None, field_groups, notes), value, field_groups)
     return flat
 
 
-def _known_key(name: str, section: str | None, field_groups: dict[str, str]) -> str:
+def _known_key(name: str, section: str | None, field_groups: dict[str, str], notes: list[str] | None = None) -> str:
+    if name in KOHYA_ALIASES and name not in field_groups and KOHYA_ALIASES[name] in field_groups:
+        ours = KOHYA_ALIASES[name]
+        if notes is not None:
+            notes.append(f"'{name}' is kohya's name for '{ours}' (in section '{field_groups[ours]}'); read as {ours}")
+        name = ours
     if name in FLAT_ALIASES and FLAT_ALIASES[name] in field_groups:
         name = FLAT_ALIASES[name]
     sections = list(dict.fromkeys(field_groups.values()))

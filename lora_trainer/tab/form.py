@@ -3,9 +3,7 @@ between widget values and a validated config. No gradio here but `field_widget`.
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
 import re
 import types
 import typing
@@ -15,8 +13,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from lora_trainer import config as config_module
 from lora_trainer.config import FIELD_GROUPS, GROUPS, MixedPrecision, TrainConfig, config_from_dict
+from lora_trainer.config_template import config_field_docs
 from lora_trainer.errors import UserError
 from lora_trainer.models.base import ModelFamily
 
@@ -97,21 +95,6 @@ def form_fields() -> tuple[FormField, ...]:
         info = TAB_HELP.get(name) or _in_form_words(docs.get(name, ""), labels, kind in OPTIONAL_KINDS)
         fields.append(FormField(name, kind, labels[name], info, FIELD_GROUPS[name], choices))
     return tuple(fields)
-
-
-def config_field_docs() -> dict[str, str]:
-    """The docstring under each config field, joined into one line."""
-    docs = {}
-    source = ast.parse(inspect.getsource(config_module))
-    group_classes = {group_type.__name__ for group_type in GROUPS.values()}
-    for class_node in source.body:
-        if not (isinstance(class_node, ast.ClassDef) and class_node.name in group_classes):
-            continue
-        for field_node, doc_node in zip(class_node.body, class_node.body[1:]):
-            if isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr) and \
-                    isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str):
-                docs[field_node.target.id] = " ".join(doc_node.value.value.split())
-    return docs
 
 
 def _in_form_words(doc: str, labels: dict[str, str], optional: bool) -> str:
