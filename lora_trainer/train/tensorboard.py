@@ -1,5 +1,5 @@
-"""TensorBoard logging of every run (loss, validation loss, learning rate, speed, sample images), when
-TensorBoard is installed."""
+"""TensorBoard logging of every run (loss, validation loss, learning rates, gradient norm, speed, sample
+images, the config), when TensorBoard is installed."""
 
 from __future__ import annotations
 
@@ -28,13 +28,19 @@ class RunLog:
         self.folder = Path(logging_dir) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self._writer = SummaryWriter(str(self.folder))
 
-    def log_step(self, report: StepReport) -> None:
-        """Write the report's scalars at its step."""
+    def log_step(self, report: StepReport, learning_rates: dict[str, float] | None = None,
+                 gradient_norm: float | None = None) -> None:
+        """Write the report's scalars at its step, with each parameter group's learning rate (`lr/unet`,
+        `lr/text_encoder`, ...) and the gradient norm before clipping when given."""
         if self._writer is None:
             return
         if report.loss is not None:
             self._writer.add_scalar("loss/train", report.loss, report.step)
         self._writer.add_scalar("lr", report.learning_rate, report.step)
+        for group, learning_rate in (learning_rates or {}).items():
+            self._writer.add_scalar(f"lr/{group}", learning_rate, report.step)
+        if gradient_norm is not None:
+            self._writer.add_scalar("gradient_norm", gradient_norm, report.step)
         self._writer.add_scalar("speed/steps_per_second", report.steps_per_second, report.step)
         self._writer.add_scalar("speed/samples_per_second", report.samples_per_second, report.step)
 
@@ -42,6 +48,11 @@ class RunLog:
         """Write a validation loss at its step, beside the training loss."""
         if self._writer is not None:
             self._writer.add_scalar("loss/validation", loss, step)
+
+    def log_text(self, tag: str, text: str) -> None:
+        """Write `text` as preformatted text (TensorBoard's text tab reads Markdown)."""
+        if self._writer is not None:
+            self._writer.add_text(tag, "    " + text.replace("\n", "\n    "), 0)
 
     def log_images(self, tag: str, images: list[Image.Image], step: int) -> None:
         """Write each image as `tag/00`, `tag/01`, ... at `step`."""
