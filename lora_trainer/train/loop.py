@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.config import TrainConfig
+from lora_trainer.config_template import config_template
 from lora_trainer.data.class_images import write_class_images
 from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.latent_cache import LatentDiskCache
@@ -106,14 +107,17 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                 {peft: key for key, peft in network.peft_keys.items()})
             check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
             network.load_kohya_state_dict(initial.state)
-    parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"),
+    parameter_groups = [{"name": "unet", "params": network.parameters_with_prefix("lora_unet"),
                          "lr": config.optimizer.effective_unet_lr},
-                        {"params": network.parameters_with_prefix("lora_te"),
+                        {"name": "text_encoder", "params": network.parameters_with_prefix("lora_te"),
                          "lr": config.optimizer.effective_text_encoder_lr}]
     parameter_groups = [group for group in parameter_groups if group["params"]]
     trainable = [p for group in parameter_groups for p in group["params"]]
 
     accelerator = _accelerator(config, backend.device)
+    if training.mixed_precision != "no" and not accelerator.native_amp:
+        events.on_message(f"Note: mixed_precision {training.mixed_precision} has no effect on {backend.device.type}: "
+                          "this run computes in fp32.")
     optimizer = make_optimizer(config, parameter_groups)
     scheduler = make_scheduler(config, optimizer, total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
@@ -121,6 +125,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                             backend.clip_skip, scan, data, total_steps, started_at)
     run_log = RunLog(config.logging.logging_dir, saving.output_name)
     result.log_folder = run_log.folder
+    run_log.log_text("config", config_template(config))
 
     nan_advice = "Lower the learning rate" + (
         ", or train in bf16/fp32 instead of fp16" if training.mixed_precision == "fp16" else "") + "."
@@ -262,8 +267,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     end_of_epoch = batch_index + 1 == len(batches)
                     if (batch_index + 1) % training.gradient_accumulation_steps and not end_of_epoch:
                         continue
-                    if config.optimizer.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
+                    # With clipping off, an infinite bound still measures the norm for the log.
+                    gradient_norm = accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm or math.inf)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -293,7 +298,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         seconds_left=seconds_per_step * (total_steps - step))
                     events.on_step(report)
                     if report_loss is not None:
-                        run_log.log_step(report)
+                        run_log.log_step(report, {group["name"]: group["lr"] for group in optimizer.param_groups},
+                                         None if gradient_norm is None else float(gradient_norm))
 
                     # --- saves, samples, stop (their time is left out of the speed) ---
                     stopping = events.should_stop()
