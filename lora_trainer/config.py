@@ -24,6 +24,7 @@ from lora_trainer.errors import UserError
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion"]
 Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+SavePrecision = Literal["float", "fp16", "bf16"]
 
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -314,6 +315,8 @@ class SavingConfig:
     ones with their state; the final file always stays. None keeps them all."""
     save_state: bool = False
     """With each save, also write the optimizer/scheduler/RNG state so `resume` can continue."""
+    save_precision: SavePrecision = "float"
+    """Tensor type of the saved files: float (fp32), or fp16/bf16 (half the size, as LoRAs are usually shared)."""
     save_diffusers_format: bool = False
     """Also write the diffusers/peft layout (`name.diffusers.safetensors`)."""
     resume: Path | None = None

@@ -15,23 +15,31 @@ from safetensors.torch import save_file
 
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_new_file
+from lora_trainer.lora.metadata import safetensors_hashes
 from lora_trainer.lora.network import LoraNetwork
 
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The tensor type of each `save_precision`."""
 
-def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` as a new kohya-format file at `path` (or `stem-2`, ... when taken); returns its path."""
-    state = network.kohya_state_dict()
+
+def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str], precision: str = "float") -> Path:
+    """Write `network` as a new kohya-format file at `path` (or `stem-2`, ... when taken) in `precision`
+    (float, fp16, bf16), with kohya's precomputed hashes; returns its path."""
+    state = {key: tensor.to(SAVE_DTYPES[precision]) for key, tensor in network.kohya_state_dict().items()}
+    metadata = {**metadata, **safetensors_hashes(state, metadata)}
     return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
-def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
-    for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its path."""
+def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str], precision: str = "float") -> Path:
+    """Write `network` in the diffusers/peft layout in `precision`, alpha folded into `lora_B` (peft's own
+    convention for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its
+    path."""
     state: dict[str, torch.Tensor] = {}
     for key, module in network.lora_modules.items():
         prefix = network.peft_keys[key]
-        state[f"{prefix}.lora_A.weight"] = module.down.detach().float().cpu().contiguous()
-        state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).cpu().contiguous()
+        state[f"{prefix}.lora_A.weight"] = module.down.detach().to(SAVE_DTYPES[precision]).cpu().contiguous()
+        state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).to(
+            SAVE_DTYPES[precision]).cpu().contiguous()
     return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors.torch
+import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import TrainingData
@@ -43,28 +48,33 @@ def network_shape_metadata(network: LoraNetwork) -> dict[str, str]:
 
 def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily, prediction_type: PredictionType,
                  model_name: str, clip_skip: int | None, scan: DatasetScan, data: TrainingData, total_steps: int,
-                 started_at: float) -> dict[str, str]:
-    """Metadata that stays the same for every file of one run."""
+                 epochs: int, started_at: float) -> dict[str, str]:
+    """Metadata that stays the same for every file of one run. Images in the dataset folder itself are listed
+    under that folder's name, as kohya names a subset by its folder."""
+    root_name = Path(config.dataset.train_data_dir or "").name
     subsets: dict[str, dict[str, int]] = {}
     reg_subsets: dict[str, dict[str, int]] = {}
     for record in [*scan.records, *(example.record for example in data.examples if example.record.is_reg)]:
         folders = reg_subsets if record.is_reg else subsets
-        entry = folders.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
+        folder = record.subset or ("" if record.is_reg else root_name)
+        entry = folders.setdefault(folder, {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
+    tag_frequency = {subset or root_name: counts for subset, counts in scan.tag_frequency().items()}
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
     metadata = {
         "ss_network_module": "networks.lora",
         **network_shape_metadata(network),
         "ss_network_dropout": _number(config.network.lora_dropout),
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_base_model_version": BASE_MODEL_VERSION[family] + (
+            "_v" if prediction_type == "v_prediction" and family != "sdxl" else ""),
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": str(model_name),
         "ss_resolution": f"({config.dataset.resolution}, {config.dataset.resolution})",
         "ss_clip_skip": str(clip_skip),
         "ss_num_train_images": str(data.examples_per_epoch),
-        "ss_tag_frequency": json.dumps(scan.tag_frequency()),
+        "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_dataset_dirs": json.dumps(subsets),
         "ss_reg_dataset_dirs": json.dumps(reg_subsets),
         "ss_num_reg_images": str(sum(entry["img_count"] for entry in reg_subsets.values())),
@@ -75,7 +85,7 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         "ss_output_name": config.saving.output_name,
         "ss_training_started_at": str(int(started_at)),
         "ss_max_train_steps": str(total_steps),
-        "ss_num_epochs": str(config.training.epochs),
+        "ss_num_epochs": str(epochs),
         "ss_learning_rate": _number(config.optimizer.learning_rate),
         "ss_unet_lr": _number(config.optimizer.effective_unet_lr),
         "ss_text_encoder_lr": _number(config.optimizer.effective_text_encoder_lr),
@@ -113,6 +123,17 @@ def file_metadata(run: dict[str, str], step: int, epoch: int) -> dict[str, str]:
     now = time.time()
     return {**run, "ss_steps": str(step), "ss_epoch": str(epoch), "ss_training_finished_at": str(int(now)),
             "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def safetensors_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash`, the hashes kohya stores so that the WebUI's additional-networks
+    extension need not read the file: of the file as written with only its `ss_*` metadata (so that metadata
+    added later leaves them valid), the SHA-256 of its tensor data and the first 8 hex digits of the SHA-256 of
+    the 64 KiB at 1 MiB."""
+    data = safetensors.torch.save(state, {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header_length = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header_length:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def _number(value: float | int | None) -> str:
