@@ -122,7 +122,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     scheduler = make_scheduler(config, optimizer, total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     metadata = run_metadata(config, network, backend.family, backend.prediction_type, backend.model_name,
-                            backend.clip_skip, scan, data, total_steps, started_at)
+                            backend.clip_skip, scan, data, total_steps, epochs, started_at)
     run_log = RunLog(config.logging.logging_dir, saving.output_name)
     result.log_folder = run_log.folder
     run_log.log_text("config", config_template(config))
@@ -155,10 +155,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         with_state = with_state and saving.save_state
 
         def write(folder: Path) -> Path:
-            saved = save_kohya(folder / path.name, network, {**file_metadata(metadata, step, epoch + 1), **per_file})
+            file_data = {**file_metadata(metadata, step, epoch + 1), **per_file}
+            saved = save_kohya(folder / path.name, network, file_data, saving.save_precision)
             if saving.save_diffusers_format:
-                save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network,
-                                      {**file_metadata(metadata, step, epoch + 1), **per_file})
+                save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network, file_data,
+                                      saving.save_precision)
             if with_state:
                 save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
                            epoch, next_batch, noise_generator, data_rng)
