@@ -21,7 +21,9 @@ import yaml
 
 from lora_trainer.errors import UserError
 
-Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadaptation", "adamw_schedulefree"]
+OPTIMIZER_SPELLINGS = {"dadaptadam": "dadaptation", "adamwschedulefree": "adamw_schedulefree"}
+"""kohya's names of our optimizers, lowercased, where they differ from ours (`DAdaptAdam`, `AdamWScheduleFree`)."""
 Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["float", "fp16", "bf16"]
@@ -34,7 +36,7 @@ AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size
 AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
                         "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
-                    "prior_loss_weight", "sample_cfg_scale")
+                    "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
 NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
@@ -224,7 +226,15 @@ class OptimizerConfig:
     """The optimizer, its learning rates and their schedule."""
 
     optimizer_type: Optimizer = "adamw"
-    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch)."""
+    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt), lion (lion-pytorch), adafactor
+    (transformers), dadaptation (DAdaptAdam, from dadaptation) or adamw_schedulefree (schedulefree); kohya's
+    spellings (AdamW8bit, DAdaptAdam, ...) are read too."""
+    optimizer_class: str | None = None
+    """Any optimizer class by import path (`torch.optim.SGD`, `pytorch_optimizer.CAME`), built with the
+    parameter groups and `optimizer_args`; replaces `optimizer_type` (and its weight decay)."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the optimizer (`{betas: [0.9, 0.99], eps: 1.0e-8}`, `{d_coef: 2}`); kohya's list of
+    `key=value` strings is read too. They win over `weight_decay` and the defaults."""
     learning_rate: float = 1e-4
     """Learning rate for every LoRA parameter unless `unet_lr`/`text_encoder_lr` say otherwise."""
     unet_lr: float | None = None
@@ -235,8 +245,13 @@ class OptimizerConfig:
     """Decoupled weight decay."""
     scheduler: Scheduler = "constant"
     """Learning-rate schedule after the warmup."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0."""
+    warmup_steps: int | float = 0
+    """Optimizer steps of linear warmup from 0; a fraction below 1 is that share of the run's steps."""
+    lr_scheduler_min_lr_ratio: float = 0.0
+    """The decaying schedules (linear, cosine, cosine_with_restarts, polynomial) end at this fraction of the
+    learning rate instead of 0."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the up matrices learn this many times faster than the down matrices (16 is the paper's choice)."""
     scheduler_num_cycles: int = 1
     """Restarts for cosine_with_restarts."""
     scheduler_power: float = 1.0
@@ -245,7 +260,27 @@ class OptimizerConfig:
     """Clip the gradient norm to this (None: no clipping)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.optimizer_type, str):
+            lowered = self.optimizer_type.lower()
+            self.optimizer_type = OPTIMIZER_SPELLINGS.get(lowered, lowered)
+            if "." in self.optimizer_type:
+                raise UserError(f"optimizer_type {self.optimizer_type!r} looks like an import path: set "
+                                f"optimizer_class: {self.optimizer_type} for an optimizer class by its path")
+        if isinstance(self.optimizer_args, list):  # kohya: ["betas=0.9,0.99", "weight_decay=0.1"]
+            self.optimizer_args = dict(_key_value(item) for item in self.optimizer_args)
         _check_group(self)
+        if isinstance(self.warmup_steps, float) and not (self.warmup_steps < 1 or self.warmup_steps.is_integer()):
+            raise UserError(f"config key 'warmup_steps' must be a whole number of steps or a fraction below 1, got "
+                            f"{self.warmup_steps}")
+        if not 0.0 <= self.lr_scheduler_min_lr_ratio <= 1.0:
+            raise UserError(f"config key 'lr_scheduler_min_lr_ratio' must be in [0, 1], got "
+                            f"{self.lr_scheduler_min_lr_ratio}")
+
+    def warmup_steps_of(self, total_steps: int) -> int:
+        """The warmup in optimizer steps for a run of `total_steps`."""
+        if isinstance(self.warmup_steps, float) and self.warmup_steps < 1:
+            return round(self.warmup_steps * total_steps)
+        return int(self.warmup_steps)
 
     @property
     def effective_unet_lr(self) -> float:
@@ -626,6 +661,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return _INVALID
     if origin is Literal:
         return value if value in args else _INVALID
+    if origin is dict:
+        return value if isinstance(value, dict) and all(isinstance(key, str) for key in value) else _INVALID
     if origin is list:
         if isinstance(value, str):  # "to_q, to_k" on the command line
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -665,8 +702,23 @@ def _describe(annotation: Any) -> str:
         return f"a list of {_describe(args[0])}"
     if dataclasses.is_dataclass(annotation):
         return "a mapping"
+    if origin is dict:
+        return "a mapping of names to values"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a string",
             Path: "a path"}[annotation]
+
+
+def _key_value(text: Any) -> tuple[str, Any]:
+    """kohya's `key=value` optimizer argument, its value read as a Python literal (`0.9,0.99` is a tuple)."""
+    import ast
+
+    key, equals, value = str(text).partition("=")
+    if not equals or not key.strip():
+        raise UserError(f"optimizer_args item {text!r} should be key=value")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key.strip(), value.strip()
 
 
 def _plain(value: Any) -> Any:
@@ -675,8 +727,10 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if getattr(value, f.name) is not None}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
     return value
 
 

@@ -89,9 +89,9 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         "ss_learning_rate": _number(config.optimizer.learning_rate),
         "ss_unet_lr": _number(config.optimizer.effective_unet_lr),
         "ss_text_encoder_lr": _number(config.optimizer.effective_text_encoder_lr),
-        "ss_optimizer": config.optimizer.optimizer_type,
+        "ss_optimizer": optimizer_description(config),
         "ss_lr_scheduler": config.optimizer.scheduler,
-        "ss_lr_warmup_steps": str(config.optimizer.warmup_steps),
+        "ss_lr_warmup_steps": str(config.optimizer.warmup_steps_of(total_steps)),
         "ss_batch_size_per_device": str(config.training.batch_size),
         "ss_gradient_accumulation_steps": str(config.training.gradient_accumulation_steps),
         "ss_mixed_precision": config.training.mixed_precision,
@@ -113,9 +113,22 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         "modelspec.resolution": f"{config.dataset.resolution}x{config.dataset.resolution}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
+    if config.optimizer.lr_scheduler_min_lr_ratio:
+        metadata["ss_lr_scheduler_min_lr_ratio"] = _number(config.optimizer.lr_scheduler_min_lr_ratio)
+    if config.optimizer.loraplus_lr_ratio:
+        metadata["ss_loraplus_lr_ratio"] = _number(config.optimizer.loraplus_lr_ratio)
     if config.network.init_lora_weights:
         metadata["ss_network_weights"] = str(config.network.init_lora_weights)
     return metadata
+
+
+def optimizer_description(config: TrainConfig) -> str:
+    """`ss_optimizer` as kohya writes it: the optimizer, then its arguments in parentheses when any are given."""
+    settings = config.optimizer
+    name = settings.optimizer_class or settings.optimizer_type
+    if not settings.optimizer_args:
+        return name
+    return f"{name}({','.join(f'{key}={value!r}' for key, value in settings.optimizer_args.items())})"
 
 
 def file_metadata(run: dict[str, str], step: int, epoch: int) -> dict[str, str]:

@@ -41,7 +41,8 @@ TAB_HELP = {
 }
 """Help where the config's own words do not fit the form (the form's defaults differ from the config's)."""
 
-FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines"]
+FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines",
+                    "mapping"]
 OPTIONAL_KINDS = ("optional", "optional_path")
 
 
@@ -71,7 +72,8 @@ class FormField:
     name: str
     kind: FieldKind
     """check, choice (dropdown), int (number box) or a text box: text, number (a float), optional (empty is
-    None, else YAML), optional_path (empty is None), list (comma-separated) or lines (one item per line)."""
+    None, else YAML), optional_path (empty is None), list (comma-separated), lines (one item per line) or
+    mapping (YAML, empty is none)."""
     label: str
     info: str
     group: str
@@ -114,7 +116,11 @@ def _short(label: str) -> str:
 def _kind(name: str, annotation: Any) -> FieldKind:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (typing.Union, types.UnionType):
+        if type(None) not in args:  # int | float: a number either way
+            return "number"
         return "optional_path" if Path in args else "optional"
+    if origin is dict:
+        return "mapping"
     if origin is Literal:
         return "choice"
     if origin is list:
@@ -156,6 +162,8 @@ def _to_widget(field: FormField, value: Any) -> Any:
         return ", ".join(value)
     if field.kind == "lines":
         return "\n".join(value)
+    if field.kind == "mapping":
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip() if value else ""
     return str(value) if field.kind in ("text", "number") else value
 
 
@@ -171,7 +179,9 @@ def _from_widget(field: FormField, value: Any) -> Any:
         return [item.strip() for item in text.split(",") if item.strip()]
     if field.kind == "optional_path" or (field.kind == "optional" and not text):
         return text or None
-    if field.kind == "optional":
+    if field.kind == "mapping" and not text:
+        return {}
+    if field.kind in ("optional", "mapping"):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError:
