@@ -25,7 +25,13 @@ from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
-from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.optim import (
+    evaluation_weights,
+    lora_parameter_groups,
+    make_optimizer,
+    make_scheduler,
+    start_training_weights,
+)
 from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
@@ -107,11 +113,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                 {peft: key for key, peft in network.peft_keys.items()})
             check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
             network.load_kohya_state_dict(initial.state)
-    parameter_groups = [{"name": "unet", "params": network.parameters_with_prefix("lora_unet"),
-                         "lr": config.optimizer.effective_unet_lr},
-                        {"name": "text_encoder", "params": network.parameters_with_prefix("lora_te"),
-                         "lr": config.optimizer.effective_text_encoder_lr}]
-    parameter_groups = [group for group in parameter_groups if group["params"]]
+    parameter_groups = lora_parameter_groups(network, config.optimizer)
     trainable = [p for group in parameter_groups for p in group["params"]]
 
     accelerator = _accelerator(config, backend.device)
@@ -167,7 +169,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
         events.on_busy(f"saving {path.name}")
         what = f"the weights of step {step}" + (" (and their .state folder beside them)" if with_state else "")
-        saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
+        with evaluation_weights(optimizer):
+            saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
         result.saved.append(saved)
         events.on_saved(saved, step, epoch + 1)
         if saving.keep_last_n_saves:
@@ -178,7 +181,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
         network.eval()
-        images = render_samples(backend, prompts)
+        with evaluation_weights(optimizer):
+            images = render_samples(backend, prompts)
         network.train()
         result.samples += save_samples(Path(saving.output_dir) / SAMPLES_FOLDER, saving.output_name, step, prompts,
                                        images)
@@ -245,6 +249,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod, backend.prediction_type,
                                   config.loss.min_snr_gamma, batch.masks, batch.sample_weights)
 
+        start_training_weights(optimizer)  # after a resume, whose state was saved with the evaluation weights
         loss_sum = torch.zeros((), device=backend.device)
         losses_in_sum = 0
         window_start, window_step = time.perf_counter(), step
