@@ -39,7 +39,8 @@ POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm"
                     "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
-NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
+NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images",
+                "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma")
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
@@ -328,6 +329,16 @@ class LossConfig:
     """Add this much per-channel offset noise (helps very dark/bright images)."""
     prior_loss_weight: float = 1.0
     """Weight of the regularisation images' loss against the training images' (kohya's prior loss weight)."""
+    multires_noise_iterations: int = 0
+    """Pyramid noise: add this many levels of coarser noise (6-10 is usual); 0 turns it off."""
+    multires_noise_discount: float = 0.3
+    """Weight of each coarser level of pyramid noise, raised to the power of its level."""
+    ip_noise_gamma: float = 0.0
+    """Input perturbation: noise the latents with this much extra noise that the target leaves out (0.1 is usual)."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so that its last step is pure noise (for v-prediction models)."""
+    debiased_estimation_loss: bool = False
+    """Weight each sample's loss by 1/sqrt(SNR) of its timestep, undoing the schedule's bias to low noise."""
 
     def __post_init__(self) -> None:
         _check_group(self)
