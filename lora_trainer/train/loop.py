@@ -25,6 +25,12 @@ from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
+from lora_trainer.train.noise import (
+    add_multires_noise,
+    debiased_estimation_weights,
+    perturbed_input_noise,
+    zero_terminal_snr,
+)
 from lora_trainer.train.optim import (
     evaluation_weights,
     lora_parameter_groups,
@@ -229,6 +235,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if sampling.sample_at_first and prompts and step == 0:
             sample(0)
 
+        loss_settings = config.loss
+        alphas_cumprod = backend.alphas_cumprod
+        if loss_settings.zero_terminal_snr:
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+
         def training_loss(batch: Batch) -> torch.Tensor:
             if batch.latents is not None:
                 latents = batch.latents.to(backend.device)
@@ -239,15 +250,24 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                               padding=text_cache[""].context)
             else:
                 text = backend.encode_text(batch.captions)
-            noise = sample_noise(latents, config.loss.noise_offset, noise_generator)
-            timesteps = torch.randint(0, len(backend.alphas_cumprod), (latents.shape[0],),
+            noise = sample_noise(latents, loss_settings.noise_offset, noise_generator)
+            if loss_settings.multires_noise_iterations:
+                noise = add_multires_noise(noise, loss_settings.multires_noise_iterations,
+                                           loss_settings.multires_noise_discount, noise_generator).to(latents.dtype)
+            timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],),
                                       generator=noise_generator, device=backend.device)
-            noisy_latents = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
+            input_noise = perturbed_input_noise(noise, loss_settings.ip_noise_gamma, noise_generator) \
+                if loss_settings.ip_noise_gamma else noise
+            noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
             with accelerator.autocast():
                 prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
-            target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod, backend.prediction_type,
-                                  config.loss.min_snr_gamma, batch.masks, batch.sample_weights)
+            target = diffusion_target(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)
+            sample_weights = batch.sample_weights
+            if loss_settings.debiased_estimation_loss:
+                debiased = debiased_estimation_weights(timesteps, alphas_cumprod, backend.prediction_type)
+                sample_weights = debiased if sample_weights is None else sample_weights.to(debiased) * debiased
+            return diffusion_loss(prediction, target, timesteps, alphas_cumprod, backend.prediction_type,
+                                  loss_settings.min_snr_gamma, batch.masks, sample_weights)
 
         start_training_weights(optimizer)  # after a resume, whose state was saved with the evaluation weights
         loss_sum = torch.zeros((), device=backend.device)
