@@ -27,6 +27,8 @@ OPTIMIZER_SPELLINGS = {"dadaptadam": "dadaptation", "adamwschedulefree": "adamw_
 Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["float", "fp16", "bf16"]
+LossType = Literal["l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["snr", "exponential", "constant"]
 
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -339,9 +341,19 @@ class LossConfig:
     """Rescale the noise schedule so that its last step is pure noise (for v-prediction models)."""
     debiased_estimation_loss: bool = False
     """Weight each sample's loss by 1/sqrt(SNR) of its timestep, undoing the schedule's bias to low noise."""
+    loss_type: LossType = "l2"
+    """l2 (squared error), or huber / smooth_l1 (kohya's pseudo-Huber: like l2 below the threshold, like the
+    absolute error above it, so outliers pull less)."""
+    huber_schedule: HuberSchedule = "snr"
+    """How the Huber threshold changes with the timestep: snr (from 1 towards `huber_c` as noise grows),
+    exponential, or constant (`huber_c` throughout)."""
+    huber_c: float = 0.1
+    """The Huber threshold (its value at the noisiest steps under the snr and exponential schedules)."""
 
     def __post_init__(self) -> None:
         _check_group(self)
+        if not 0.0 < self.huber_c <= 1.0:
+            raise UserError(f"config key 'huber_c' must be in (0, 1], got {self.huber_c}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Training-noise options: pyramid noise, input perturbation, zero-terminal SNR, debiased estimation."""
+"""Training-noise and loss options: pyramid noise, input perturbation, zero-terminal SNR, debiased estimation,
+the pseudo-Huber loss and its thresholds."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from lora_trainer.config import config_from_dict
+from lora_trainer.train.loss import elementwise_error, huber_thresholds
 from lora_trainer.train.noise import (
     SMALLEST_ALPHA_CUMPROD,
     add_multires_noise,
@@ -49,7 +51,24 @@ def test_debiased_estimation_weights_are_one_over_root_snr_capped_at_1000():
     assert debiased_estimation_weights(torch.tensor([999]), zero_terminal_snr(ALPHAS_CUMPROD), "epsilon") == 1000
 
 
-def test_a_run_with_every_noise_option_trains_and_records_them(shapes_dataset, tmp_path):
+def test_pseudo_huber_is_squared_error_near_zero_and_linear_far_out():
+    prediction, target, threshold = torch.tensor([[1e-3, 10.0]]), torch.zeros(1, 2), torch.tensor([0.1])
+    huber = elementwise_error(prediction, target, "huber", threshold)
+    assert huber[0, 0] == pytest.approx(1e-6, rel=1e-2) and huber[0, 1] == pytest.approx(2 * 0.1 * (10 - 0.1), rel=1e-3)
+    smooth = elementwise_error(prediction, target, "smooth_l1", threshold)
+    assert smooth[0, 0] == pytest.approx(1e-6 / 0.1, rel=1e-2)
+    assert torch.equal(elementwise_error(prediction, target, "l2", None), prediction**2)
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "snr"])
+def test_huber_thresholds_fall_from_about_1_towards_huber_c_as_noise_grows(schedule):
+    thresholds = huber_thresholds(torch.tensor([0, 999]), ALPHAS_CUMPROD, schedule, 0.1)
+    assert thresholds[0] == pytest.approx(1.0, abs=0.06) and thresholds[1] == pytest.approx(0.1, abs=0.03)
+    constant = huber_thresholds(torch.tensor([0, 999]), ALPHAS_CUMPROD, "constant", 0.1)
+    assert constant.tolist() == pytest.approx([0.1, 0.1])
+
+
+def test_a_run_with_every_noise_and_loss_option_trains_and_records_them(shapes_dataset, tmp_path):
     pytest.importorskip("diffusers")
     from safetensors import safe_open
 
@@ -62,7 +81,7 @@ def test_a_run_with_every_noise_option_trains_and_records_them(shapes_dataset, t
         train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4, max_train_steps=3,
         log_every_n_steps=1, output_dir=tmp_path / "out", logging_dir=None, multires_noise_iterations=6,
         multires_noise_discount=0.3, ip_noise_gamma=0.1, zero_terminal_snr=True, debiased_estimation_loss=True,
-        min_snr_gamma=5))
+        min_snr_gamma=5, loss_type="huber", huber_schedule="exponential"))
     result = train(config, backend)
     assert result.last_loss is not None
     with safe_open(str(result.saved[-1]), "pt") as handle:
@@ -70,3 +89,5 @@ def test_a_run_with_every_noise_option_trains_and_records_them(shapes_dataset, t
     assert (metadata["ss_multires_noise_iterations"], metadata["ss_multires_noise_discount"]) == ("6", "0.3")
     assert (metadata["ss_ip_noise_gamma"], metadata["ss_zero_terminal_snr"]) == ("0.1", "True")
     assert metadata["ss_debiased_estimation"] == "True"
+    assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"]) == (
+        "huber", "exponential", "0.1")
