@@ -24,7 +24,7 @@ from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
-from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
+from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
 from lora_trainer.train.noise import (
     add_multires_noise,
     debiased_estimation_weights,
@@ -266,8 +266,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             if loss_settings.debiased_estimation_loss:
                 debiased = debiased_estimation_weights(timesteps, alphas_cumprod, backend.prediction_type)
                 sample_weights = debiased if sample_weights is None else sample_weights.to(debiased) * debiased
+            huber_c = None if loss_settings.loss_type == "l2" else huber_thresholds(
+                timesteps, alphas_cumprod, loss_settings.huber_schedule, loss_settings.huber_c)
             return diffusion_loss(prediction, target, timesteps, alphas_cumprod, backend.prediction_type,
-                                  loss_settings.min_snr_gamma, batch.masks, sample_weights)
+                                  loss_settings.min_snr_gamma, batch.masks, sample_weights, loss_settings.loss_type,
+                                  huber_c)
 
         start_training_weights(optimizer)  # after a resume, whose state was saved with the evaluation weights
         loss_sum = torch.zeros((), device=backend.device)
