@@ -38,7 +38,7 @@ AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size
 AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
                         "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
-                    "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio")
+                    "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio", "scale_weight_norms")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
 NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images",
@@ -261,6 +261,9 @@ class OptimizerConfig:
     """Power of the polynomial schedule."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (None: no clipping)."""
+    scale_weight_norms: float | None = None
+    """Max-norm regularisation: after each step, scale back every LoRA whose weight change is longer than this
+    (kohya's scale_weight_norms; 1 is usual)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer_type, str):

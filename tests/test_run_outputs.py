@@ -34,15 +34,16 @@ def _config(dataset, tmp_path, **overrides):
     return config_from_dict({**settings, **overrides})
 
 
-def test_tensorboard_has_each_groups_learning_rate_the_gradient_norm_and_the_config(backend, shapes_dataset,
+def test_tensorboard_has_each_groups_learning_rate_the_gradient_and_weight_norms_and_the_config(backend, shapes_dataset,
                                                                                     tmp_path):
     result = train(_config(shapes_dataset, tmp_path, train_text_encoder=True, unet_lr=3e-4, text_encoder_lr=5e-5,
-                           max_grad_norm=None), backend)
+                           max_grad_norm=None, scale_weight_norms=1.0), backend)
     log = event_accumulator.EventAccumulator(str(result.log_folder), size_guidance={"tensors": 0})
     log.Reload()
     assert [event.value for event in log.Scalars("lr/unet")] == pytest.approx([3e-4, 3e-4])
     assert [event.value for event in log.Scalars("lr/text_encoder")] == pytest.approx([5e-5, 5e-5])
     assert all(event.value > 0 for event in log.Scalars("gradient_norm"))
+    assert [event.step for event in log.Scalars("max_norm/largest_norm")] == [1, 2]
     config_text = log.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "text_encoder_lr: 5.0e-05" in config_text
 

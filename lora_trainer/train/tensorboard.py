@@ -28,19 +28,15 @@ class RunLog:
         self.folder = Path(logging_dir) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self._writer = SummaryWriter(str(self.folder))
 
-    def log_step(self, report: StepReport, learning_rates: dict[str, float] | None = None,
-                 gradient_norm: float | None = None) -> None:
-        """Write the report's scalars at its step, with each parameter group's learning rate (`lr/unet`,
-        `lr/text_encoder`, ...) and the gradient norm before clipping when given."""
+    def log_step(self, report: StepReport, scalars: dict[str, float] | None = None) -> None:
+        """Write the report's scalars at its step, and `scalars` by their tags (`lr/unet`, `gradient_norm`, ...)."""
         if self._writer is None:
             return
         if report.loss is not None:
             self._writer.add_scalar("loss/train", report.loss, report.step)
         self._writer.add_scalar("lr", report.learning_rate, report.step)
-        for group, learning_rate in (learning_rates or {}).items():
-            self._writer.add_scalar(f"lr/{group}", learning_rate, report.step)
-        if gradient_norm is not None:
-            self._writer.add_scalar("gradient_norm", gradient_norm, report.step)
+        for tag, value in (scalars or {}).items():
+            self._writer.add_scalar(tag, value, report.step)
         self._writer.add_scalar("speed/steps_per_second", report.steps_per_second, report.step)
         self._writer.add_scalar("speed/samples_per_second", report.samples_per_second, report.step)
 
