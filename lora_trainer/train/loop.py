@@ -25,6 +25,7 @@ from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
+from lora_trainer.train.max_norm import scale_weight_norms
 from lora_trainer.train.noise import (
     add_multires_noise,
     debiased_estimation_weights,
@@ -301,6 +302,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if config.optimizer.scale_weight_norms:
+                        keys_scaled, largest_norm = scale_weight_norms(network, config.optimizer.scale_weight_norms)
                     step += 1
                     in_step, resume_at = False, (epoch, batch_index + 1)
 
@@ -327,8 +330,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         seconds_left=seconds_per_step * (total_steps - step))
                     events.on_step(report)
                     if report_loss is not None:
-                        run_log.log_step(report, {group["name"]: group["lr"] for group in optimizer.param_groups},
-                                         None if gradient_norm is None else float(gradient_norm))
+                        scalars = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
+                        if gradient_norm is not None:
+                            scalars["gradient_norm"] = float(gradient_norm)
+                        if config.optimizer.scale_weight_norms:
+                            scalars.update({"max_norm/keys_scaled": float(keys_scaled),
+                                            "max_norm/largest_norm": float(largest_norm)})
+                        run_log.log_step(report, scalars)
 
                     # --- saves, samples, stop (their time is left out of the speed) ---
                     stopping = events.should_stop()
