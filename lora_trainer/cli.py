@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_trainer.train.loop import TrainingResult
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a LoRA. Any config key can be overridden: --lora_rank 8 --unet_lr 2e-4 ... "
                     "A config with 'task: llm' trains a language model's LoRA (lora_trainer/llm/config.py).")
     train_parser.add_argument("--config", type=Path, help="YAML file with TrainConfig (or LLMTrainConfig) keys")
+    train_parser.add_argument("--print-config", action="store_true",
+                              help="print the config as it would run (every key, with help) and exit")
+
+    init_parser = commands.add_parser("init-config", help="write a config file with every key, its default and help")
+    init_parser.add_argument("path", type=Path, help="the YAML file to write (never overwritten)")
 
     from lora_trainer.caption import cli as caption_cli
 
@@ -50,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
-            return _train(args.config, extra)
+            return _train(args.config, extra, args.print_config)
+        if args.command == "init-config":
+            return _init_config(args.path)
         if args.command == "caption":
             return caption_cli.run(args)
         if args.command == "grid":
@@ -67,7 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(config_path: Path | None, override_words: list[str]) -> int:
+def _init_config(path: Path) -> int:
+    from lora_trainer.config_template import config_template
+
+    if path.exists():
+        raise UserError(f"{path} already exists; choose another name")
+    path.write_text(config_template(), encoding="utf-8")
+    print(f"wrote {path}: every key with its default; then: lora-trainer train --config {path}")
+    return 0
+
+
+def _train(config_path: Path | None, override_words: list[str], print_config: bool = False) -> int:
     import torch
 
     from lora_trainer.config import load_config, parse_overrides, read_config_file
@@ -78,11 +100,20 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
     from lora_trainer.train.loop import train
     from lora_trainer.train.preflight import check_run_paths
 
+    started = time.monotonic()
     overrides = parse_overrides(override_words)
     file_values = read_config_file(config_path)
     if overrides.get("task", file_values.get("task")) == "llm":
         return _train_llm(file_values, overrides)
-    config = load_config(config_path, overrides)
+    notes: list[str] = []
+    config = load_config(config_path, overrides, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if print_config:
+        from lora_trainer.config_template import config_template
+
+        print(config_template(config))
+        return 0
     if config.dataset.train_data_dir is None or config.model.base_model is None:
         raise UserError("train needs train_data_dir and base_model (in the config or as --train_data_dir ...)")
     check_run_paths(config)
@@ -101,8 +132,7 @@ def _train(config_path: Path | None, override_words: list[str]) -> int:
             message, exit_code = signals.outcome()
             print(message, file=sys.stderr)
             return exit_code
-    print(f"done: {result.steps} steps, last loss {result.last_loss}, files: "
-          + ", ".join(str(path) for path in result.saved))
+    print(run_summary(result, time.monotonic() - started))
     return 0
 
 
@@ -125,6 +155,21 @@ def _train_llm(file_values: dict, overrides: dict) -> int:
     print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
           + ", ".join(str(path) for path in result.saved))
     return 0
+
+
+def run_summary(result: TrainingResult, seconds: float) -> str:
+    """What a finished run tells the user: its length, where its files, samples and logs are, the prompt tag."""
+    minutes, seconds = divmod(round(seconds), 60)
+    lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s, last loss {result.last_loss}"]
+    if result.saved:
+        lines.append(f"LoRA files: {', '.join(str(path) for path in result.saved)}")
+    if result.samples:
+        lines.append(f"sample images: {result.samples[0].parent} ({len(result.samples)} images)")
+    if result.log_folder is not None:
+        lines.append(f"TensorBoard logs: {result.log_folder} (tensorboard --logdir {result.log_folder.parent})")
+    if result.saved:
+        lines.append(f"in a prompt: <lora:{result.saved[-1].stem}:0.8>")
+    return "\n".join(lines)
 
 
 def _grid(args: argparse.Namespace) -> int:

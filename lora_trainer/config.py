@@ -21,9 +21,14 @@ import yaml
 
 from lora_trainer.errors import UserError
 
-Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadaptation", "adamw_schedulefree"]
+OPTIMIZER_SPELLINGS = {"dadaptadam": "dadaptation", "adamwschedulefree": "adamw_schedulefree"}
+"""kohya's names of our optimizers, lowercased, where they differ from ours (`DAdaptAdam`, `AdamWScheduleFree`)."""
 Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+SavePrecision = Literal["float", "fp16", "bf16"]
+LossType = Literal["l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["snr", "exponential", "constant"]
 
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -33,13 +38,23 @@ AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size
 AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
                         "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
-                    "prior_loss_weight")
+                    "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio", "scale_weight_norms")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
-NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
+NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images",
+                "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma")
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
+KOHYA_ALIASES = {
+    "pretrained_model_name_or_path": "base_model", "network_dim": "lora_rank", "network_alpha": "lora_alpha",
+    "network_dropout": "lora_dropout", "network_weights": "init_lora_weights", "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs", "lr_scheduler": "scheduler", "lr_warmup_steps": "warmup_steps",
+    "lr_scheduler_num_cycles": "scheduler_num_cycles", "lr_scheduler_power": "scheduler_power",
+    "bucket_reso_steps": "bucket_step", "min_bucket_reso": "min_bucket_side", "max_bucket_reso": "max_bucket_side",
+    "dataset_repeats": "repeats", "save_last_n_epochs": "keep_last_n_saves", "save_last_n_steps": "keep_last_n_saves",
+}
+"""kohya sd-scripts' spellings of keys this config names otherwise: accepted, with a note naming ours."""
 
 
 @dataclass
@@ -189,7 +204,11 @@ class NetworkConfig:
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     """Text-encoder modules to adapt, matched as suffixes of module paths."""
     init_lora_weights: Path | None = None
-    """Start from this LoRA file (kohya or diffusers/peft format); rank and targets must match."""
+    """Start from this LoRA file (kohya's, peft's or diffusers' layout); its layers and ranks must match this
+    run's, unless `dim_from_weights`."""
+    dim_from_weights: bool = False
+    """Take the ranks, alphas and adapted layers from `init_lora_weights` instead of `lora_rank`, `lora_alpha`,
+    `target_modules`, `conv_rank` and `train_text_encoder` (kohya's dim_from_weights)."""
 
     def __post_init__(self) -> None:
         _check_group(self)
@@ -210,7 +229,15 @@ class OptimizerConfig:
     """The optimizer, its learning rates and their schedule."""
 
     optimizer_type: Optimizer = "adamw"
-    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch)."""
+    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt), lion (lion-pytorch), adafactor
+    (transformers), dadaptation (DAdaptAdam, from dadaptation) or adamw_schedulefree (schedulefree); kohya's
+    spellings (AdamW8bit, DAdaptAdam, ...) are read too."""
+    optimizer_class: str | None = None
+    """Any optimizer class by import path (`torch.optim.SGD`, `pytorch_optimizer.CAME`), built with the
+    parameter groups and `optimizer_args`; replaces `optimizer_type` (and its weight decay)."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the optimizer (`{betas: [0.9, 0.99], eps: 1.0e-8}`, `{d_coef: 2}`); kohya's list of
+    `key=value` strings is read too. They win over `weight_decay` and the defaults."""
     learning_rate: float = 1e-4
     """Learning rate for every LoRA parameter unless `unet_lr`/`text_encoder_lr` say otherwise."""
     unet_lr: float | None = None
@@ -221,17 +248,45 @@ class OptimizerConfig:
     """Decoupled weight decay."""
     scheduler: Scheduler = "constant"
     """Learning-rate schedule after the warmup."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0."""
+    warmup_steps: int | float = 0
+    """Optimizer steps of linear warmup from 0; a fraction below 1 is that share of the run's steps."""
+    lr_scheduler_min_lr_ratio: float = 0.0
+    """The decaying schedules (linear, cosine, cosine_with_restarts, polynomial) end at this fraction of the
+    learning rate instead of 0."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the up matrices learn this many times faster than the down matrices (16 is the paper's choice)."""
     scheduler_num_cycles: int = 1
     """Restarts for cosine_with_restarts."""
     scheduler_power: float = 1.0
     """Power of the polynomial schedule."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (None: no clipping)."""
+    scale_weight_norms: float | None = None
+    """Max-norm regularisation: after each step, scale back every LoRA whose weight change is longer than this
+    (kohya's scale_weight_norms; 1 is usual)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.optimizer_type, str):
+            lowered = self.optimizer_type.lower()
+            self.optimizer_type = OPTIMIZER_SPELLINGS.get(lowered, lowered)
+            if "." in self.optimizer_type:
+                raise UserError(f"optimizer_type {self.optimizer_type!r} looks like an import path: set "
+                                f"optimizer_class: {self.optimizer_type} for an optimizer class by its path")
+        if isinstance(self.optimizer_args, list):  # kohya: ["betas=0.9,0.99", "weight_decay=0.1"]
+            self.optimizer_args = dict(_key_value(item) for item in self.optimizer_args)
         _check_group(self)
+        if isinstance(self.warmup_steps, float) and not (self.warmup_steps < 1 or self.warmup_steps.is_integer()):
+            raise UserError(f"config key 'warmup_steps' must be a whole number of steps or a fraction below 1, got "
+                            f"{self.warmup_steps}")
+        if not 0.0 <= self.lr_scheduler_min_lr_ratio <= 1.0:
+            raise UserError(f"config key 'lr_scheduler_min_lr_ratio' must be in [0, 1], got "
+                            f"{self.lr_scheduler_min_lr_ratio}")
+
+    def warmup_steps_of(self, total_steps: int) -> int:
+        """The warmup in optimizer steps for a run of `total_steps`."""
+        if isinstance(self.warmup_steps, float) and self.warmup_steps < 1:
+            return round(self.warmup_steps * total_steps)
+        return int(self.warmup_steps)
 
     @property
     def effective_unet_lr(self) -> float:
@@ -279,9 +334,29 @@ class LossConfig:
     """Add this much per-channel offset noise (helps very dark/bright images)."""
     prior_loss_weight: float = 1.0
     """Weight of the regularisation images' loss against the training images' (kohya's prior loss weight)."""
+    multires_noise_iterations: int = 0
+    """Pyramid noise: add this many levels of coarser noise (6-10 is usual); 0 turns it off."""
+    multires_noise_discount: float = 0.3
+    """Weight of each coarser level of pyramid noise, raised to the power of its level."""
+    ip_noise_gamma: float = 0.0
+    """Input perturbation: noise the latents with this much extra noise that the target leaves out (0.1 is usual)."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so that its last step is pure noise (for v-prediction models)."""
+    debiased_estimation_loss: bool = False
+    """Weight each sample's loss by 1/sqrt(SNR) of its timestep, undoing the schedule's bias to low noise."""
+    loss_type: LossType = "l2"
+    """l2 (squared error), or huber / smooth_l1 (kohya's pseudo-Huber: like l2 below the threshold, like the
+    absolute error above it, so outliers pull less)."""
+    huber_schedule: HuberSchedule = "snr"
+    """How the Huber threshold changes with the timestep: snr (from 1 towards `huber_c` as noise grows),
+    exponential, or constant (`huber_c` throughout)."""
+    huber_c: float = 0.1
+    """The Huber threshold (its value at the noisiest steps under the snr and exponential schedules)."""
 
     def __post_init__(self) -> None:
         _check_group(self)
+        if not 0.0 < self.huber_c <= 1.0:
+            raise UserError(f"config key 'huber_c' must be in (0, 1], got {self.huber_c}")
 
 
 @dataclass
@@ -301,6 +376,8 @@ class SavingConfig:
     ones with their state; the final file always stays. None keeps them all."""
     save_state: bool = False
     """With each save, also write the optimizer/scheduler/RNG state so `resume` can continue."""
+    save_precision: SavePrecision = "float"
+    """Tensor type of the saved files: float (fp32), or fp16/bf16 (half the size, as LoRAs are usually shared)."""
     save_diffusers_format: bool = False
     """Also write the diffusers/peft layout (`name.diffusers.safetensors`)."""
     resume: Path | None = None
@@ -336,13 +413,21 @@ class SamplingConfig:
     """Sample images rendered during training."""
 
     sample_every_n_steps: int | None = None
-    """Render `sample_prompts` with the LoRA as trained so far every N steps (and at the end)."""
+    """Render the sample prompts with the LoRA as trained so far every N steps (and at the end), into
+    `output_dir/samples` and TensorBoard."""
     sample_prompts: list[str] = field(default_factory=list, metadata={"commas_are_text": True})
     """Prompts for the sample images: a list, or one string for one prompt (commas are part of a prompt)."""
+    sample_prompts_file: Path | None = None
+    """A text file of more sample prompts, one a line; a prompt may end in kohya's options: `--n` negative
+    prompt, `--w`/`--h` size, `--s` steps, `--d` seed, `--l` CFG scale (inline prompts take them too)."""
+    sample_at_first: bool = False
+    """Also render the samples before the first step (the base model, or the `init_lora_weights` start)."""
     sample_steps: int = 20
     """Sampler steps for sample images."""
     sample_seed: int = 1
     """Seed of every sample image, so they are comparable across steps."""
+    sample_cfg_scale: float = 7.0
+    """Classifier-free guidance scale of the sample images."""
 
     def __post_init__(self) -> None:
         _check_group(self)
@@ -381,6 +466,9 @@ class TrainConfig:
             raise UserError(f"resolution {dataset.resolution} must be a multiple of bucket_step {dataset.bucket_step}")
         if not network.target_modules and not network.conv_rank and not network.train_text_encoder:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
+        if network.dim_from_weights and network.init_lora_weights is None:
+            raise UserError("dim_from_weights takes the network's shape from init_lora_weights: set that to a "
+                            "LoRA file")
         if dataset.cache_text_encoder_outputs and (network.train_text_encoder or self._shuffles_captions):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
@@ -411,10 +499,12 @@ class TrainConfig:
                         for f in dataclasses.fields(getattr(self, group))} for group in GROUPS}
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from the defaults when `path` is None) and apply `overrides`."""
-    values = flat_config_values(read_config_file(path))
-    values.update(flat_config_values(overrides or {}))
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None,
+                notes: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply `overrides`; a note for each
+    kohya spelling of a key goes to `notes`."""
+    values = flat_config_values(read_config_file(path), notes=notes)
+    values.update(flat_config_values(overrides or {}, notes=notes))
     return config_from_dict(values)
 
 
@@ -455,9 +545,11 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{group: GROUPS[group](**items) for group, items in by_group.items()})
 
 
-def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = None) -> dict[str, Any]:
+def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = None,
+                       notes: list[str] | None = None) -> dict[str, Any]:
     """The same settings keyed by their flat names; a key given twice, or one that no group has, is an error.
-    `groups` (section name -> dataclass) describes the config (default: `TrainConfig`'s)."""
+    `groups` (section name -> dataclass) describes the config (default: `TrainConfig`'s). A note for each kohya
+    spelling (`network_dim`) goes to `notes`."""
     groups = groups or GROUPS
     field_groups = {f.name: group for group, group_type in groups.items() for f in dataclasses.fields(group_type)}
     flat: dict[str, Any] = {}
@@ -465,13 +557,18 @@ def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = 
         group, _, name = str(key).rpartition(".")
         if not group and key in groups and (isinstance(value, dict) or value is None):
             for name, item in (value or {}).items():
-                _put(flat, _known_key(str(name), key, field_groups), item, field_groups)
+                _put(flat, _known_key(str(name), key, field_groups, notes), item, field_groups)
         else:
-            _put(flat, _known_key(name, group or None, field_groups), value, field_groups)
+            _put(flat, _known_key(name, group or None, field_groups, notes), value, field_groups)
     return flat
 
 
-def _known_key(name: str, section: str | None, field_groups: dict[str, str]) -> str:
+def _known_key(name: str, section: str | None, field_groups: dict[str, str], notes: list[str] | None = None) -> str:
+    if name in KOHYA_ALIASES and name not in field_groups and KOHYA_ALIASES[name] in field_groups:
+        ours = KOHYA_ALIASES[name]
+        if notes is not None:
+            notes.append(f"'{name}' is kohya's name for '{ours}' (in section '{field_groups[ours]}'); read as {ours}")
+        name = ours
     if name in FLAT_ALIASES and FLAT_ALIASES[name] in field_groups:
         name = FLAT_ALIASES[name]
     sections = list(dict.fromkeys(field_groups.values()))
@@ -590,6 +687,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return _INVALID
     if origin is Literal:
         return value if value in args else _INVALID
+    if origin is dict:
+        return value if isinstance(value, dict) and all(isinstance(key, str) for key in value) else _INVALID
     if origin is list:
         if isinstance(value, str):  # "to_q, to_k" on the command line
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -629,8 +728,23 @@ def _describe(annotation: Any) -> str:
         return f"a list of {_describe(args[0])}"
     if dataclasses.is_dataclass(annotation):
         return "a mapping"
+    if origin is dict:
+        return "a mapping of names to values"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a string",
             Path: "a path"}[annotation]
+
+
+def _key_value(text: Any) -> tuple[str, Any]:
+    """kohya's `key=value` optimizer argument, its value read as a Python literal (`0.9,0.99` is a tuple)."""
+    import ast
+
+    key, equals, value = str(text).partition("=")
+    if not equals or not key.strip():
+        raise UserError(f"optimizer_args item {text!r} should be key=value")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key.strip(), value.strip()
 
 
 def _plain(value: Any) -> Any:
@@ -639,8 +753,10 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if getattr(value, f.name) is not None}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
     return value
 
 

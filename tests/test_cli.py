@@ -25,7 +25,10 @@ def test_train_from_a_yaml_config_with_a_command_line_override(shapes_dataset, t
                       f"lora_rank: 4\nmax_train_steps: 50\noutput_dir: {tmp_path / 'out'}\nlogging_dir: null\n")
     assert main(["train", "--config", str(config), "--max_train_steps", "2", "--output_name", "cli"]) == 0
     assert (tmp_path / "out" / "cli.safetensors").is_file()
-    assert "done: 2 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done: 2 steps in 0m" in out
+    assert f"LoRA files: {tmp_path / 'out' / 'cli.safetensors'}" in out
+    assert "in a prompt: <lora:cli:0.8>" in out
 
 
 def test_an_unknown_config_key_exits_with_code_2_and_says_why(tmp_path, capsys):

@@ -175,7 +175,9 @@ def test_the_form_has_every_config_key_but_the_hosts_each_with_its_docstring():
     assert kinds["resume"] == "optional_path" and kinds["sample_prompts"] == "lines"
     assert kinds["target_modules"] == "list"
     optimizer = next(field for field in fields if field.name == "optimizer_type")
-    assert optimizer.choices == ("adamw", "adamw8bit", "prodigy", "lion")
+    assert optimizer.choices == ("adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadaptation",
+                                 "adamw_schedulefree")
+    assert kinds["optimizer_args"] == "mapping" and kinds["warmup_steps"] == "number"
 
 
 def test_help_speaks_the_forms_words_not_the_configs():
@@ -206,7 +208,8 @@ def test_form_values_give_back_the_same_config():
     config = config_from_dict(dict(train_data_dir=Path("/data/cats"), resolution=768, lora_alpha=4.0,
                                    learning_rate=1.2345678e-4, optimizer="prodigy", target_modules=["to_q", "to_v"],
                                    max_train_steps=None, v_parameterization=True, min_snr_gamma=5.0,
-                                   sample_prompts=["a cat", "a cat, sks"], logging_dir=None, flip_aug=True))
+                                   sample_prompts=["a cat", "a cat, sks"], logging_dir=None, flip_aug=True,
+                                   optimizer_args={"betas": [0.9, 0.99], "decouple": True}, warmup_steps=0.1))
     assert config_from_form(form_values(config)) == config
 
 

@@ -1,7 +1,10 @@
-"""LoRA files: kohya-format `.safetensors` with metadata, the diffusers/peft layout, and reading both."""
+"""LoRA files: kohya-format `.safetensors` with metadata, the diffusers/peft layout, and reading the layouts
+kohya, peft and diffusers' training scripts write."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,23 +15,31 @@ from safetensors.torch import save_file
 
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_new_file
+from lora_trainer.lora.metadata import safetensors_hashes
 from lora_trainer.lora.network import LoraNetwork
 
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The tensor type of each `save_precision`."""
 
-def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` as a new kohya-format file at `path` (or `stem-2`, ... when taken); returns its path."""
-    state = network.kohya_state_dict()
+
+def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str], precision: str = "float") -> Path:
+    """Write `network` as a new kohya-format file at `path` (or `stem-2`, ... when taken) in `precision`
+    (float, fp16, bf16), with kohya's precomputed hashes; returns its path."""
+    state = {key: tensor.to(SAVE_DTYPES[precision]) for key, tensor in network.kohya_state_dict().items()}
+    metadata = {**metadata, **safetensors_hashes(state, metadata)}
     return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
-def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
-    for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its path."""
+def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str], precision: str = "float") -> Path:
+    """Write `network` in the diffusers/peft layout in `precision`, alpha folded into `lora_B` (peft's own
+    convention for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its
+    path."""
     state: dict[str, torch.Tensor] = {}
     for key, module in network.lora_modules.items():
         prefix = network.peft_keys[key]
-        state[f"{prefix}.lora_A.weight"] = module.down.detach().float().cpu().contiguous()
-        state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).cpu().contiguous()
+        state[f"{prefix}.lora_A.weight"] = module.down.detach().to(SAVE_DTYPES[precision]).cpu().contiguous()
+        state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).to(
+            SAVE_DTYPES[precision]).cpu().contiguous()
     return write_new_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
@@ -50,9 +61,12 @@ class LoraFile:
 
 
 def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
-    """Read a kohya or diffusers/peft LoRA `.safetensors` file into kohya keys.
+    """Read a LoRA `.safetensors` file into kohya keys: kohya's layout, peft's (`lora_A`/`lora_B`, with the
+    alphas diffusers keeps in its metadata), or the layouts of diffusers' training scripts (`.lora.down`,
+    `.lora_linear_layer.down`, `.processor.to_q_lora.down`).
 
-    peft layer names are renamed through `peft_to_kohya`; names it lacks are kept, so mismatches can be reported.
+    Layer names are renamed through `peft_to_kohya` (diffusers/peft module paths to kohya keys); names it lacks
+    are kept, so mismatches can be reported.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,9 +79,11 @@ def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
         raise UserError(f"{path} is not a readable .safetensors file ({error})") from None
     if any(key.endswith(".lora_down.weight") for key in state):
         return LoraFile(state, metadata)
-    if any(key.endswith(".lora_A.weight") for key in state):
-        return LoraFile(_peft_to_kohya(state, peft_to_kohya), metadata)
-    raise UserError(f"{path} has neither kohya (lora_down/lora_up) nor peft (lora_A/lora_B) LoRA weights")
+    converted = _diffusers_to_kohya(state, peft_to_kohya, _adapter_configs(metadata, path))
+    if not converted:
+        raise UserError(f"{path} has no LoRA weights in a layout this trainer reads: kohya (lora_down/lora_up), "
+                        "peft (lora_A/lora_B) or diffusers (lora.down/lora.up)")
+    return LoraFile(converted, metadata)
 
 
 def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> None:
@@ -84,28 +100,104 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> 
     if ranks:
         key, file_rank, run_rank = sorted(ranks)[0]
         problems.append(f"rank differs on {len(ranks)} layers: the file has rank {file_rank}, this run "
-                        f"uses {run_rank} (e.g. {key}); set lora_rank/conv_rank to the file's")
+                        f"uses {run_rank} (e.g. {key}); set lora_rank/conv_rank to the file's, or "
+                        "dim_from_weights: true")
     for key in sorted(have & wanted):
-        file_shape = tuple(lora.state[f"{key}.lora_up.weight"].shape)
-        run_shape = tuple(network.lora_modules[key].up.shape)
-        if file_shape[:2] != run_shape[:2]:
-            problems.append(f"{key} has shape {file_shape} in the file but {run_shape} in this model "
-                            "(a LoRA for another model family?)")
+        # The layer's own sizes (outputs, inputs): the rank is the other dimension and is reported above.
+        file_sizes = (lora.state[f"{key}.lora_up.weight"].shape[0], lora.state[f"{key}.lora_down.weight"].shape[1])
+        module = network.lora_modules[key]
+        run_sizes = (module.up.shape[0], module.down.shape[1])
+        if file_sizes != run_sizes:
+            problems.append(f"{key} maps {file_sizes[1]} to {file_sizes[0]} features in the file but "
+                            f"{run_sizes[1]} to {run_sizes[0]} in this model (a LoRA for another model family?)")
             break
     if problems:
         raise UserError(f"{source} does not match this run: " + "; ".join(problems))
 
 
-def _peft_to_kohya(state: dict[str, torch.Tensor], kohya_keys: dict[str, str]) -> dict[str, torch.Tensor]:
-    converted: dict[str, torch.Tensor] = {}
+_DIFFUSERS_KEY_PATTERNS = [
+    (re.compile(r"(.+)\.lora_(A|B)(?:\.default)?\.weight"), {"A": "down", "B": "up"}),
+    (re.compile(r"(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight"), {"down": "down", "up": "up"}),
+]
+_UNET_PROCESSOR_KEY = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_TEXT_ATTENTION_KEY = re.compile(r"(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _diffusers_module_key(key: str) -> tuple[str, str] | None:
+    """The diffusers module path of a diffusers/peft LoRA key and which matrix it holds ("down", "up", "alpha"),
+    written the way this trainer names layers (`unet.` prefix, `text_model.` in CLIP text encoders)."""
+    key = key.removeprefix("base_model.model.")
+    module, matrix = None, None
+    if match := _UNET_PROCESSOR_KEY.fullmatch(key):
+        module, matrix = f"{match[1]}.{'to_out.0' if match[2] == 'to_out' else match[2]}", match[3]
+    elif match := _TEXT_ATTENTION_KEY.fullmatch(key):
+        module, matrix = f"{match[1]}.{_TEXT_PROJECTIONS[match[2]]}", match[3]
+    elif key.endswith(".alpha"):
+        module, matrix = key.removesuffix(".alpha"), "alpha"
+    else:
+        for pattern, matrices in _DIFFUSERS_KEY_PATTERNS:
+            if match := pattern.fullmatch(key):
+                module, matrix = match[1], matrices[match[2]]
+                break
+    if module is None:
+        return None
+    if module.split(".", 1)[0] not in _COMPONENTS:  # diffusers' attention-processor files name UNet layers bare
+        module = f"unet.{module}"
+    # transformers 5 dropped the `text_model.` level of CLIP text encoders from module paths
+    module = re.sub(r"^(text_encoder(?:_2)?)\.(?=encoder\.|embeddings\.|final_layer_norm)", r"\1.text_model.", module)
+    return module, matrix
+
+
+def _adapter_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
+    """Each component's peft `LoraConfig` values (`lora_alpha`, `alpha_pattern`, `use_rslora`, ...) from the
+    `lora_adapter_metadata` diffusers writes, by component (`unet`, `text_encoder`, ...)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, name = key.partition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def _peft_alpha(module: str, rank: int, configs: dict[str, dict]) -> float:
+    """The kohya alpha (scale x rank) that gives `module` the scale peft gives it: lora_alpha / rank (or
+    / sqrt(rank) with rsLoRA), lora_alpha from the config's alpha_pattern where one matches; without a
+    config, scale 1 (the alpha folded into lora_B, as diffusers saves it)."""
+    component, _, inner = module.partition(".")
+    config = configs.get(component)
+    if config is None or config.get("lora_alpha") is None:
+        return float(rank)
+    alpha = float(config["lora_alpha"])
+    for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", inner):  # peft's own matching: the pattern ends the module path
+            alpha = float(pattern_alpha)
+            break
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return scale * rank
+
+
+def _diffusers_to_kohya(state: dict[str, torch.Tensor], kohya_keys: dict[str, str],
+                        configs: dict[str, dict]) -> dict[str, torch.Tensor]:
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if not match:
+        if parsed := _diffusers_module_key(key):
+            by_module.setdefault(parsed[0], {})[parsed[1]] = tensor
+    converted: dict[str, torch.Tensor] = {}
+    for module, matrices in by_module.items():
+        if "down" not in matrices or "up" not in matrices:
             continue
-        module_key = kohya_keys.get(match[1], match[1])
-        if match[2] == "A":
-            converted[f"{module_key}.lora_down.weight"] = tensor
-        else:  # peft files carry no alpha: the scale is already in lora_B
-            converted[f"{module_key}.lora_up.weight"] = tensor
-            converted[f"{module_key}.alpha"] = torch.tensor(float(tensor.shape[1]))
+        kohya = kohya_keys.get(module, module)
+        rank = int(matrices["down"].shape[0])
+        alpha = float(matrices["alpha"]) if "alpha" in matrices else _peft_alpha(module, rank, configs)
+        converted[f"{kohya}.lora_down.weight"] = matrices["down"]
+        converted[f"{kohya}.lora_up.weight"] = matrices["up"]
+        converted[f"{kohya}.alpha"] = torch.tensor(alpha)
     return converted

@@ -77,8 +77,9 @@ def _matches(path: str, kohya_path: str, suffixes: list[str]) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for name in (path, kohya_path) for suffix in suffixes)
 
 
-def network_from_file(roots: list[LoraRoot], path: Path) -> LoraNetwork:
-    """A `LoraNetwork` on the layers of `roots` that the LoRA file at `path` has weights for, loaded.
+def network_from_file(roots: list[LoraRoot], path: Path, dropout: float = 0.0) -> LoraNetwork:
+    """A `LoraNetwork` on the layers of `roots` that the LoRA file at `path` has weights for, with the file's
+    ranks and alphas and its weights loaded.
 
     Every layer of the file must exist in the model: a file for another model family is an error that
     names the layers it could not place.
@@ -96,6 +97,6 @@ def network_from_file(roots: list[LoraRoot], path: Path) -> LoraNetwork:
     targets = [LoraTarget(key, layers[key][0], layers[key][1], lora.rank_of(key),
                           float(lora.state.get(f"{key}.alpha", lora.rank_of(key))), layers[key][2])
                for key in sorted(lora.module_keys)]
-    network = LoraNetwork(targets)
+    network = LoraNetwork(targets, dropout)
     network.load_kohya_state_dict(lora.state)
     return network

@@ -3,9 +3,7 @@ between widget values and a validated config. No gradio here but `field_widget`.
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
 import re
 import types
 import typing
@@ -15,8 +13,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from lora_trainer import config as config_module
 from lora_trainer.config import FIELD_GROUPS, GROUPS, MixedPrecision, TrainConfig, config_from_dict
+from lora_trainer.config_template import config_field_docs
 from lora_trainer.errors import UserError
 from lora_trainer.models.base import ModelFamily
 
@@ -43,7 +41,8 @@ TAB_HELP = {
 }
 """Help where the config's own words do not fit the form (the form's defaults differ from the config's)."""
 
-FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines"]
+FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines",
+                    "mapping"]
 OPTIONAL_KINDS = ("optional", "optional_path")
 
 
@@ -73,7 +72,8 @@ class FormField:
     name: str
     kind: FieldKind
     """check, choice (dropdown), int (number box) or a text box: text, number (a float), optional (empty is
-    None, else YAML), optional_path (empty is None), list (comma-separated) or lines (one item per line)."""
+    None, else YAML), optional_path (empty is None), list (comma-separated), lines (one item per line) or
+    mapping (YAML, empty is none)."""
     label: str
     info: str
     group: str
@@ -99,21 +99,6 @@ def form_fields() -> tuple[FormField, ...]:
     return tuple(fields)
 
 
-def config_field_docs() -> dict[str, str]:
-    """The docstring under each config field, joined into one line."""
-    docs = {}
-    source = ast.parse(inspect.getsource(config_module))
-    group_classes = {group_type.__name__ for group_type in GROUPS.values()}
-    for class_node in source.body:
-        if not (isinstance(class_node, ast.ClassDef) and class_node.name in group_classes):
-            continue
-        for field_node, doc_node in zip(class_node.body, class_node.body[1:]):
-            if isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr) and \
-                    isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str):
-                docs[field_node.target.id] = " ".join(doc_node.value.value.split())
-    return docs
-
-
 def _in_form_words(doc: str, labels: dict[str, str], optional: bool) -> str:
     """A config docstring as form help: `key` becomes the field's label, code marks go, None is "empty"."""
     text = re.sub(r"`([^`]+)`", lambda match: _short(labels.get(match.group(1), match.group(1))), doc)
@@ -131,7 +116,11 @@ def _short(label: str) -> str:
 def _kind(name: str, annotation: Any) -> FieldKind:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (typing.Union, types.UnionType):
+        if type(None) not in args:  # int | float: a number either way
+            return "number"
         return "optional_path" if Path in args else "optional"
+    if origin is dict:
+        return "mapping"
     if origin is Literal:
         return "choice"
     if origin is list:
@@ -173,6 +162,8 @@ def _to_widget(field: FormField, value: Any) -> Any:
         return ", ".join(value)
     if field.kind == "lines":
         return "\n".join(value)
+    if field.kind == "mapping":
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip() if value else ""
     return str(value) if field.kind in ("text", "number") else value
 
 
@@ -188,7 +179,9 @@ def _from_widget(field: FormField, value: Any) -> Any:
         return [item.strip() for item in text.split(",") if item.strip()]
     if field.kind == "optional_path" or (field.kind == "optional" and not text):
         return text or None
-    if field.kind == "optional":
+    if field.kind == "mapping" and not text:
+        return {}
+    if field.kind in ("optional", "mapping"):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.config import TrainConfig
+from lora_trainer.config_template import config_template
 from lora_trainer.data.class_images import write_class_images
 from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.latent_cache import LatentDiskCache
@@ -20,14 +21,28 @@ from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
-from lora_trainer.lora.targets import find_lora_targets
+from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
-from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, sample_noise
-from lora_trainer.train.optim import make_optimizer, make_scheduler
+from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
+from lora_trainer.train.max_norm import scale_weight_norms
+from lora_trainer.train.noise import (
+    add_multires_noise,
+    debiased_estimation_weights,
+    perturbed_input_noise,
+    zero_terminal_snr,
+)
+from lora_trainer.train.optim import (
+    evaluation_weights,
+    lora_parameter_groups,
+    make_optimizer,
+    make_scheduler,
+    start_training_weights,
+)
 from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
+from lora_trainer.train.samples import SAMPLES_FOLDER, render_samples, sample_prompts, save_samples
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 from lora_trainer.train.validation import DEFAULT_MEASUREMENTS, ValidationSet
@@ -41,6 +56,10 @@ class TrainingResult:
     steps: int = 0
     stopped: bool = False
     last_loss: float | None = None
+    samples: list[Path] = field(default_factory=list)
+    """Every sample image written (in `output_dir/samples`)."""
+    log_folder: Path | None = None
+    """This run's TensorBoard folder (None without logging)."""
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, validation loss) of every measurement, when the run has held-out images."""
 
@@ -84,32 +103,38 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     if final_path.exists() and saving.resume is None:
         raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
 
+    prompts = sample_prompts(config)
     if config.model.clip_skip is not None and config.model.clip_skip != (backend.clip_skip or 1):
         raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
 
     # --- LoRA on the model ---
-    network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network),
-                          config.network.lora_dropout).to(backend.device)
-    if config.network.init_lora_weights:
-        initial = read_lora(config.network.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()})
-        check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
-        network.load_kohya_state_dict(initial.state)
-    parameter_groups = [{"params": network.parameters_with_prefix("lora_unet"),
-                         "lr": config.optimizer.effective_unet_lr}]
-    if config.network.train_text_encoder:
-        parameter_groups.append({"params": network.parameters_with_prefix("lora_te"),
-                                 "lr": config.optimizer.effective_text_encoder_lr})
-    parameter_groups = [group for group in parameter_groups if group["params"]]
+    if config.network.dim_from_weights:
+        network = network_from_file(backend.lora_roots(), config.network.init_lora_weights,
+                                    config.network.lora_dropout).to(backend.device)
+    else:
+        network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network),
+                              config.network.lora_dropout).to(backend.device)
+        if config.network.init_lora_weights:
+            initial = read_lora(config.network.init_lora_weights,
+                                {peft: key for key, peft in network.peft_keys.items()})
+            check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
+            network.load_kohya_state_dict(initial.state)
+    parameter_groups = lora_parameter_groups(network, config.optimizer)
     trainable = [p for group in parameter_groups for p in group["params"]]
 
     accelerator = _accelerator(config, backend.device)
+    if training.mixed_precision != "no" and not accelerator.native_amp:
+        events.on_message(f"Note: mixed_precision {training.mixed_precision} has no effect on {backend.device.type}: "
+                          "this run computes in fp32.")
     optimizer = make_optimizer(config, parameter_groups)
     scheduler = make_scheduler(config, optimizer, total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    metadata = run_metadata(config, backend.family, backend.prediction_type, backend.model_name, backend.clip_skip,
-                            scan, data, total_steps, started_at)
+    metadata = run_metadata(config, network, backend.family, backend.prediction_type, backend.model_name,
+                            backend.clip_skip, scan, data, total_steps, epochs, started_at)
     run_log = RunLog(config.logging.logging_dir, saving.output_name)
+    result.log_folder = run_log.folder
+    run_log.log_text("config", config_template(config))
 
     nan_advice = "Lower the learning rate" + (
         ", or train in bf16/fp32 instead of fp16" if training.mixed_precision == "fp16" else "") + "."
@@ -139,10 +164,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         with_state = with_state and saving.save_state
 
         def write(folder: Path) -> Path:
-            saved = save_kohya(folder / path.name, network, {**file_metadata(metadata, step, epoch + 1), **per_file})
+            file_data = {**file_metadata(metadata, step, epoch + 1), **per_file}
+            saved = save_kohya(folder / path.name, network, file_data, saving.save_precision)
             if saving.save_diffusers_format:
-                save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network,
-                                      {**file_metadata(metadata, step, epoch + 1), **per_file})
+                save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network, file_data,
+                                      saving.save_precision)
             if with_state:
                 save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
                            epoch, next_batch, noise_generator, data_rng)
@@ -150,7 +176,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
         events.on_busy(f"saving {path.name}")
         what = f"the weights of step {step}" + (" (and their .state folder beside them)" if with_state else "")
-        saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
+        with evaluation_weights(optimizer):
+            saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
         result.saved.append(saved)
         events.on_saved(saved, step, epoch + 1)
         if saving.keep_last_n_saves:
@@ -161,10 +188,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
         network.eval()
-        images = [backend.generate(prompt, "", sampling.sample_seed, sampling.sample_steps, dataset.resolution,
-                                   dataset.resolution, 7.0) for prompt in sampling.sample_prompts]
+        with evaluation_weights(optimizer):
+            images = render_samples(backend, prompts)
         network.train()
-        events.on_sample(step, images, list(sampling.sample_prompts))
+        result.samples += save_samples(Path(saving.output_dir) / SAMPLES_FOLDER, saving.output_name, step, prompts,
+                                       images)
+        run_log.log_images("samples", images, step)
+        events.on_sample(step, images, [sample.prompt for sample in prompts])
 
     step, start_epoch, skip_batches = 0, 0, 0
     with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
@@ -203,6 +233,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                        f"parameters; {total_steps} steps over {epochs} epoch(s)")
         events.on_start(plan)
         validate(step)
+        if sampling.sample_at_first and prompts and step == 0:
+            sample(0)
+
+        loss_settings = config.loss
+        alphas_cumprod = backend.alphas_cumprod
+        if loss_settings.zero_terminal_snr:
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
 
         def training_loss(batch: Batch) -> torch.Tensor:
             if batch.latents is not None:
@@ -214,16 +251,29 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                               padding=text_cache[""].context)
             else:
                 text = backend.encode_text(batch.captions)
-            noise = sample_noise(latents, config.loss.noise_offset, noise_generator)
-            timesteps = torch.randint(0, len(backend.alphas_cumprod), (latents.shape[0],),
+            noise = sample_noise(latents, loss_settings.noise_offset, noise_generator)
+            if loss_settings.multires_noise_iterations:
+                noise = add_multires_noise(noise, loss_settings.multires_noise_iterations,
+                                           loss_settings.multires_noise_discount, noise_generator).to(latents.dtype)
+            timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],),
                                       generator=noise_generator, device=backend.device)
-            noisy_latents = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
+            input_noise = perturbed_input_noise(noise, loss_settings.ip_noise_gamma, noise_generator) \
+                if loss_settings.ip_noise_gamma else noise
+            noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
             with accelerator.autocast():
                 prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
-            target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod, backend.prediction_type,
-                                  config.loss.min_snr_gamma, batch.masks, batch.sample_weights)
+            target = diffusion_target(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)
+            sample_weights = batch.sample_weights
+            if loss_settings.debiased_estimation_loss:
+                debiased = debiased_estimation_weights(timesteps, alphas_cumprod, backend.prediction_type)
+                sample_weights = debiased if sample_weights is None else sample_weights.to(debiased) * debiased
+            huber_c = None if loss_settings.loss_type == "l2" else huber_thresholds(
+                timesteps, alphas_cumprod, loss_settings.huber_schedule, loss_settings.huber_c)
+            return diffusion_loss(prediction, target, timesteps, alphas_cumprod, backend.prediction_type,
+                                  loss_settings.min_snr_gamma, batch.masks, sample_weights, loss_settings.loss_type,
+                                  huber_c)
 
+        start_training_weights(optimizer)  # after a resume, whose state was saved with the evaluation weights
         loss_sum = torch.zeros((), device=backend.device)
         losses_in_sum = 0
         window_start, window_step = time.perf_counter(), step
@@ -247,11 +297,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     end_of_epoch = batch_index + 1 == len(batches)
                     if (batch_index + 1) % training.gradient_accumulation_steps and not end_of_epoch:
                         continue
-                    if config.optimizer.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
+                    # With clipping off, an infinite bound still measures the norm for the log.
+                    gradient_norm = accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm or math.inf)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if config.optimizer.scale_weight_norms:
+                        keys_scaled, largest_norm = scale_weight_norms(network, config.optimizer.scale_weight_norms)
                     step += 1
                     in_step, resume_at = False, (epoch, batch_index + 1)
 
@@ -278,7 +330,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         seconds_left=seconds_per_step * (total_steps - step))
                     events.on_step(report)
                     if report_loss is not None:
-                        run_log.log_step(report)
+                        scalars = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
+                        if gradient_norm is not None:
+                            scalars["gradient_norm"] = float(gradient_norm)
+                        if config.optimizer.scale_weight_norms:
+                            scalars.update({"max_norm/keys_scaled": float(keys_scaled),
+                                            "max_norm/largest_norm": float(largest_norm)})
+                        run_log.log_step(report, scalars)
 
                     # --- saves, samples, stop (their time is left out of the speed) ---
                     stopping = events.should_stop()
@@ -292,7 +350,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if saving.save_every_n_epochs and end_of_epoch and (epoch + 1) % saving.save_every_n_epochs == 0:
                         save(Path(saving.output_dir) / f"{saving.output_name}-e{epoch + 1:04d}.safetensors", step,
                              epoch, batch_index + 1)
-                    if sampling.sample_every_n_steps and sampling.sample_prompts and \
+                    if sampling.sample_every_n_steps and prompts and \
                             step % sampling.sample_every_n_steps == 0:
                         sample(step)
                     if step % validate_every == 0:
@@ -322,7 +380,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                  batch_index + 1)
         else:
             save(final_path, step, epoch, batch_index + 1)
-        if sampling.sample_prompts:
+        if prompts:
             sample(step)
     run_log.close()
     return result

@@ -1,11 +1,13 @@
-"""The diffusion training objective: forward noising, eps/v targets, min-SNR weighting, loss masks, per-sample
-weights, offset noise."""
+"""The diffusion training objective: forward noising, eps/v targets, squared or pseudo-Huber error, min-SNR
+weighting, loss masks, per-sample weights, offset noise."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
 
+import torch
+
+from lora_trainer.config import HuberSchedule, LossType
 from lora_trainer.data.masks import mask_on_grid
 from lora_trainer.models.base import PredictionType
 
@@ -39,13 +41,15 @@ def diffusion_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torc
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: PredictionType,
                    min_snr_gamma: float | None, masks: torch.Tensor | None = None,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, loss_type: LossType = "l2",
+                   huber_c: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample, min-SNR-gamma weighted when asked, averaged over the batch.
 
     `masks` (uint8 [B, 1, H, W] at pixel resolution, 255: counts fully) make each sample's error a mean weighted
     by its mask on the latent grid, so that only the masked region is learned; `sample_weights` ([B]) scale
-    whole samples (regularisation images' prior loss weight)."""
-    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    whole samples (regularisation images' prior loss weight). `loss_type` huber or smooth_l1 replaces the squared
+    error by kohya's pseudo-Huber error with each sample's threshold `huber_c` ([B]: `huber_thresholds`)."""
+    squared_error = elementwise_error(prediction, target, loss_type, huber_c)
     if masks is None:
         per_sample = squared_error.mean(dim=(1, 2, 3))
     else:
@@ -60,6 +64,33 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample)
     return per_sample.mean()
+
+
+def elementwise_error(prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType,
+                      huber_c: torch.Tensor | None) -> torch.Tensor:
+    """The error at each element: squared (l2), or pseudo-Huber, 2c(sqrt(d^2 + c^2) - c) (huber) or
+    2(sqrt(d^2 + c^2) - c) (smooth_l1), which grow like |d| past the threshold c."""
+    difference = prediction.float() - target.float()
+    if loss_type == "l2":
+        return difference**2
+    threshold = _per_sample(huber_c, difference)
+    pseudo = (difference**2 + threshold**2).sqrt() - threshold
+    return 2 * threshold * pseudo if loss_type == "huber" else 2 * pseudo
+
+
+def huber_thresholds(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: HuberSchedule,
+                     huber_c: float) -> torch.Tensor:
+    """Each sample's Huber threshold as kohya schedules it: `huber_c` (constant), decaying exponentially from 1
+    at t=0 to `huber_c` at the last step (exponential), or from 1 towards `huber_c` as the noise level grows
+    (snr: (1 - c) / (1 + sigma_t)^2 + c)."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c, device=timesteps.device)
+    if schedule == "exponential":
+        rate = -math.log(huber_c) / len(alphas_cumprod)
+        return torch.exp(-rate * timesteps.float())
+    alpha = alphas_cumprod[timesteps].float()
+    sigma = ((1 - alpha) / alpha).sqrt()
+    return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
