@@ -24,6 +24,9 @@ from lora_trainer.errors import UserError
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion"]
 Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
+CONV_NETWORK_TYPES = ("locon", "loha", "lokr")
+"""Network types that adapt the UNet's 3x3 convolutions by default, as LyCORIS does."""
 
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -35,7 +38,8 @@ AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
 PROBABILITIES = ("lora_dropout", "caption_dropout_rate")
-NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset")
+NOT_NEGATIVE = ("warmup_steps", "keep_tokens", "noise_offset")
+NOT_NEGATIVE_OR_NONE = ("conv_rank",)
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
@@ -105,8 +109,12 @@ class ModelConfig:
 
 @dataclass
 class NetworkConfig:
-    """The LoRA network: its size, the layers it adapts and where it starts."""
+    """The LoRA network: its type, its size, the layers it adapts and where it starts."""
 
+    network_type: NetworkType = "lora"
+    """lora: low-rank up/down matrices (kohya's networks.lora). locon: the same, on the 3x3 convolutions too.
+    loha: a Hadamard product of two low-rank products (LyCORIS). lokr: a Kronecker product of a small and a
+    low-rank (or full) matrix (LyCORIS). dora: LoRA with the weight's column norms as a trained magnitude."""
     lora_rank: int = 16
     """Rank (kohya: network_dim) of each LoRA matrix pair."""
     lora_alpha: float | None = None
@@ -115,19 +123,27 @@ class NetworkConfig:
     """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
     """UNet modules to adapt, matched as suffixes of module paths."""
-    conv_rank: int = 0
-    """Rank of LoRA on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone."""
+    conv_rank: int | None = None
+    """Rank on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone. Default: `lora_rank` for
+    locon, loha and lokr, 0 for lora and dora."""
     conv_alpha: float | None = None
-    """Alpha for the convolution LoRA. Default: equal to `conv_rank`."""
+    """Alpha for the convolution layers. Default: equal to the conv rank."""
+    lokr_factor: int = -1
+    """lokr: split each dimension into two factors, the smaller at most this (-1: as square as possible)."""
+    lokr_full_matrix: bool = False
+    """lokr: train the larger Kronecker factor as a full matrix instead of a rank-`lora_rank` product."""
     train_text_encoder: bool = False
     """Also train LoRA on the text encoder(s)."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     """Text-encoder modules to adapt, matched as suffixes of module paths."""
     init_lora_weights: Path | None = None
-    """Start from this LoRA file (kohya or diffusers/peft format); rank and targets must match."""
+    """Start from this LoRA file (kohya/LyCORIS or diffusers/peft format); type, rank and targets must match."""
 
     def __post_init__(self) -> None:
         _check_group(self)
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise UserError(f"lokr_factor must be -1 (as square as possible) or a positive number, "
+                            f"got {self.lokr_factor}")
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -135,9 +151,16 @@ class NetworkConfig:
         return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
 
     @property
+    def effective_conv_rank(self) -> int:
+        """Rank on the 3x3 convolutions (0: not adapted)."""
+        if self.conv_rank is not None:
+            return self.conv_rank
+        return self.lora_rank if self.network_type in CONV_NETWORK_TYPES else 0
+
+    @property
     def effective_conv_alpha(self) -> float:
-        """Alpha of the convolution LoRA (its rank when not set)."""
-        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+        """Alpha of the convolution layers (their rank when not set)."""
+        return self.conv_alpha if self.conv_alpha is not None else float(self.effective_conv_rank)
 
 
 @dataclass
@@ -309,8 +332,12 @@ class TrainConfig:
         dataset, network = self.dataset, self.network
         if dataset.resolution % dataset.bucket_step:
             raise UserError(f"resolution {dataset.resolution} must be a multiple of bucket_step {dataset.bucket_step}")
-        if not network.target_modules and not network.conv_rank and not network.train_text_encoder:
+        if not network.target_modules and not network.effective_conv_rank and not network.train_text_encoder:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
+        if self.saving.save_diffusers_format and network.network_type in ("loha", "lokr", "dora"):
+            raise UserError(f"save_diffusers_format writes plain LoRA only; a {network.network_type} network is "
+                            "saved in the kohya/LyCORIS layout, which is what the WebUI, ComfyUI and Forge read: "
+                            "turn off save_diffusers_format")
         if dataset.cache_text_encoder_outputs and (network.train_text_encoder or dataset.shuffle_caption):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
@@ -464,6 +491,8 @@ def _check_range(name: str, value: Any) -> None:
     if name in PROBABILITIES and not 0.0 <= value < 1.0:
         raise UserError(f"config key '{name}' must be in [0, 1), got {value}")
     if name in NOT_NEGATIVE and value < 0:
+        raise UserError(f"config key '{name}' cannot be negative, got {value}")
+    if name in NOT_NEGATIVE_OR_NONE and value is not None and value < 0:
         raise UserError(f"config key '{name}' cannot be negative, got {value}")
 
 

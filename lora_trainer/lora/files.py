@@ -1,4 +1,4 @@
-"""LoRA files: kohya-format `.safetensors` with metadata, the diffusers/peft layout, and reading both."""
+"""LoRA files: kohya/LyCORIS-format `.safetensors` with metadata, the diffusers/peft layout, and reading both."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_new_file
 from lora_trainer.lora.network import LoraNetwork
+from lora_trainer.lora.network_types import FILE_KINDS, file_module_kind, tensor_mismatch
 
 
 def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
@@ -22,10 +23,13 @@ def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Pa
 
 
 def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str]) -> Path:
-    """Write `network` in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
+    """Write `network` (lora only) in the diffusers/peft layout, alpha folded into `lora_B` (peft's own convention
     for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its path."""
     state: dict[str, torch.Tensor] = {}
     for key, module in network.lora_modules.items():
+        if module.kind != "lora":
+            raise UserError(f"the diffusers/peft layout holds plain LoRA only, not {module.kind}; turn off "
+                            "save_diffusers_format")
         prefix = network.peft_keys[key]
         state[f"{prefix}.lora_A.weight"] = module.down.detach().float().cpu().contiguous()
         state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).cpu().contiguous()
@@ -42,11 +46,16 @@ class LoraFile:
     @property
     def module_keys(self) -> set[str]:
         """The kohya module keys (`lora_unet_..._to_q`) this file has weights for."""
-        return {key.rsplit(".lora_down.weight", 1)[0] for key in self.state if key.endswith(".lora_down.weight")}
+        return {key.split(".", 1)[0] for key in self.state if _module_suffix(key) in FILE_KINDS}
 
-    def rank_of(self, module_key: str) -> int:
-        """The rank of one module's LoRA."""
-        return int(self.state[f"{module_key}.lora_down.weight"].shape[0])
+    def tensors_of(self, module_key: str) -> dict[str, torch.Tensor]:
+        """One module's tensors by their suffix (`lora_down.weight`, `alpha`, `hada_w1_a`, ...)."""
+        prefix = f"{module_key}."
+        return {key[len(prefix):]: tensor for key, tensor in self.state.items() if key.startswith(prefix)}
+
+    def kind_of(self, module_key: str) -> str:
+        """The network type of one module's tensors: lora, dora, loha or lokr."""
+        return file_module_kind(self.tensors_of(module_key))
 
 
 def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
@@ -63,11 +72,17 @@ def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path} is not a readable .safetensors file ({error})") from None
-    if any(key.endswith(".lora_down.weight") for key in state):
+    if any(_module_suffix(key) in FILE_KINDS for key in state):
         return LoraFile(state, metadata)
     if any(key.endswith(".lora_A.weight") for key in state):
         return LoraFile(_peft_to_kohya(state, peft_to_kohya), metadata)
-    raise UserError(f"{path} has neither kohya (lora_down/lora_up) nor peft (lora_A/lora_B) LoRA weights")
+    raise UserError(f"{path} has neither kohya/LyCORIS (lora_down/lora_up, hada_w1_a/..., lokr_w1/...) nor peft "
+                    "(lora_A/lora_B) LoRA weights")
+
+
+def _module_suffix(key: str) -> str:
+    """`lora_unet_x.lora_down.weight` -> `lora_down.weight`; `lora_unet_x.hada_w1_a` -> `hada_w1_a`."""
+    return key.split(".", 1)[1] if "." in key else ""
 
 
 def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> None:
@@ -79,21 +94,32 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> 
         problems.append(f"{len(missing)} layers this run trains are not in the file (e.g. {missing[0]})")
     if extra := sorted(have - wanted):
         problems.append(f"{len(extra)} layers in the file are not trained by this run (e.g. {extra[0]})")
-    ranks = {(key, lora.rank_of(key), network.lora_modules[key].rank) for key in have & wanted
-             if lora.rank_of(key) != network.lora_modules[key].rank}
+    shared = sorted(have & wanted)
+    kinds = [(key, lora.kind_of(key), network.lora_modules[key].kind) for key in shared
+             if lora.kind_of(key) != network.lora_modules[key].kind]
+    if kinds:
+        key, file_kind, run_kind = kinds[0]
+        problems.append(f"the file is {file_kind} where this run trains {run_kind} (e.g. {key}); set network_type "
+                        f"to the file's")
+    ranks = {(key, _rank(lora.tensors_of(key)), network.lora_modules[key].rank) for key in shared
+             if not kinds and network.lora_modules[key].kind in ("lora", "dora", "loha")
+             and _rank(lora.tensors_of(key)) != network.lora_modules[key].rank}
     if ranks:
         key, file_rank, run_rank = sorted(ranks)[0]
         problems.append(f"rank differs on {len(ranks)} layers: the file has rank {file_rank}, this run "
                         f"uses {run_rank} (e.g. {key}); set lora_rank/conv_rank to the file's")
-    for key in sorted(have & wanted):
-        file_shape = tuple(lora.state[f"{key}.lora_up.weight"].shape)
-        run_shape = tuple(network.lora_modules[key].up.shape)
-        if file_shape[:2] != run_shape[:2]:
-            problems.append(f"{key} has shape {file_shape} in the file but {run_shape} in this model "
-                            "(a LoRA for another model family?)")
+    for key in shared if not kinds and not ranks else []:
+        if mismatch := tensor_mismatch(lora.tensors_of(key), network.lora_modules[key].file_tensors()):
+            problems.append(f"{key}: {mismatch} in this run (a file for another model family, or other "
+                            "lokr_factor/lokr_full_matrix/lora_rank?)")
             break
     if problems:
         raise UserError(f"{source} does not match this run: " + "; ".join(problems))
+
+
+def _rank(tensors: dict[str, torch.Tensor]) -> int:
+    """The rank of one lora, dora or loha module's tensors."""
+    return int((tensors.get("lora_down.weight", tensors.get("hada_w1_b"))).shape[0])
 
 
 def _peft_to_kohya(state: dict[str, torch.Tensor], kohya_keys: dict[str, str]) -> dict[str, torch.Tensor]:

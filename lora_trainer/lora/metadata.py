@@ -6,7 +6,7 @@ import json
 import time
 from datetime import datetime, timezone
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import NetworkConfig, TrainConfig
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import DatasetScan
 from lora_trainer.models.base import ModelFamily, PredictionType
@@ -24,6 +24,22 @@ def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType)
     return "stable-diffusion-v1/lora"
 
 
+def network_module_and_args(network: NetworkConfig) -> tuple[str, dict[str, str]]:
+    """`ss_network_module` and `ss_network_args` as kohya (lora) or LyCORIS (locon, loha, lokr, dora) write
+    them, so the WebUI's card and Civitai show the type."""
+    conv = {"conv_dim": str(network.effective_conv_rank), "conv_alpha": str(network.effective_conv_alpha)} \
+        if network.effective_conv_rank else {}
+    if network.network_type == "lora":
+        return "networks.lora", conv
+    algo = {"dora": "lora"}.get(network.network_type, network.network_type)
+    args = {"algo": algo, **conv}
+    if network.network_type == "dora":
+        args.update(dora_wd="True", wd_on_output="False")
+    if network.network_type == "lokr":
+        args.update(factor=str(network.lokr_factor), full_matrix=str(network.lokr_full_matrix))
+    return "lycoris.kohya", args
+
+
 def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: PredictionType, model_name: str,
                  clip_skip: int | None, scan: DatasetScan, data: TrainingData, total_steps: int,
                  started_at: float) -> dict[str, str]:
@@ -34,10 +50,9 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
         entry["img_count"] += 1
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
-    network_args = {"conv_dim": str(config.network.conv_rank), "conv_alpha": str(config.network.effective_conv_alpha)} \
-        if config.network.conv_rank else {}
+    network_module, network_args = network_module_and_args(config.network)
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(config.network.lora_rank),
         "ss_network_alpha": _number(config.network.effective_lora_alpha),
         "ss_network_dropout": _number(config.network.lora_dropout),
