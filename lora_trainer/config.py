@@ -131,7 +131,7 @@ class NetworkConfig:
     lokr_factor: int = -1
     """lokr: split each dimension into two factors, the smaller at most this (-1: as square as possible)."""
     lokr_full_matrix: bool = False
-    """lokr: train the larger Kronecker factor as a full matrix instead of a rank-`lora_rank` product."""
+    """lokr: train the larger Kronecker factor as a full matrix instead of a low-rank product."""
     train_text_encoder: bool = False
     """Also train LoRA on the text encoder(s)."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
