@@ -89,6 +89,21 @@ def test_a_saved_file_of_each_type_reads_back_as_that_type(kind, tmp_path):
             assert torch.allclose(model(inputs), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_weights_of_each_type_continue_in_a_fresh_network_of_the_same_settings(kind):
+    model = _model()
+    trained = _randomised(_network(model, kind))
+    fresh = _network(model, kind)
+    check_matches_network(LoraFile(trained.kohya_state_dict(), {}), fresh, "the resume state")
+    fresh.load_kohya_state_dict(trained.kohya_state_dict())
+    inputs = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        with trained.applied(0.8):
+            expected = model(inputs)
+        with fresh.applied(0.8):
+            assert torch.equal(model(inputs), expected)
+
+
 def test_a_file_of_another_type_is_refused_naming_both_types():
     model = _model()
     file = LoraFile(_network(model, "loha").kohya_state_dict(), {})
