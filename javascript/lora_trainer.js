@@ -55,7 +55,7 @@
         } catch (error) {
             return; // empty before the first poll
         }
-        drawChart(data.losses || []);
+        drawChart(data.losses || [], data.validation || [], data.best_step);
         // A new file (an older one may have gone with it, keep_last_n_saves): the cards change.
         const saved = data.saved || [];
         if (savedNames !== null && saved.some((name) => !savedNames.includes(name)) && data.refresh_lora_cards) {
@@ -92,7 +92,9 @@
             text + "</text>";
     }
 
-    function drawChart(points) {
+    // The training loss (raw and smoothed) and, when the run holds images out, the validation loss with a mark
+    // at its lowest point.
+    function drawChart(points, validation, bestStep) {
         const box = find("#lora_trainer_chart .lora-trainer-chart");
         if (!box) {
             return;
@@ -104,10 +106,12 @@
         }
         const steps = points.map((point) => Number(point[0]));
         const losses = points.map((point) => Number(point[1]));
-        const firstStep = steps[0];
-        const lastStep = Math.max(steps[steps.length - 1], firstStep + 1);
-        let low = Math.min(...losses);
-        let high = Math.max(...losses);
+        const validationSteps = validation.map((point) => Number(point[0]));
+        const validationLosses = validation.map((point) => Number(point[1]));
+        const firstStep = Math.min(steps[0], ...validationSteps);
+        const lastStep = Math.max(steps[steps.length - 1], ...validationSteps, firstStep + 1);
+        let low = Math.min(...losses, ...validationLosses);
+        let high = Math.max(...losses, ...validationLosses);
         if (high - low < 1e-12) {
             const pad = Math.abs(high) * 0.1 || 0.1;
             low -= pad;
@@ -119,12 +123,22 @@
         const y = (loss) => MARGIN.top + ((high - loss) / (high - low)) * plotHeight;
         const last = points.length - 1;
         const bottom = MARGIN.top + plotHeight;
+        let validationMarks = "";
+        if (validation.length > 0) {
+            const best = validation.find((point) => Number(point[0]) === bestStep) || validation[0];
+            validationMarks = polyline(validationSteps, validationLosses, x, y, "lora-trainer-chart-validation") +
+                '<circle class="lora-trainer-chart-best" r="4" cx="' + x(Number(best[0])).toFixed(1) + '" cy="' +
+                y(Number(best[1])).toFixed(1) + '"><title>lowest validation loss: step ' + best[0] +
+                "</title></circle>" +
+                label("best step " + best[0], WIDTH - MARGIN.right, MARGIN.top - 4, "end");
+        }
         box.innerHTML =
             '<svg viewBox="0 0 ' + WIDTH + " " + HEIGHT + '" role="img" aria-label="training loss">' +
             '<rect class="lora-trainer-chart-frame" x="' + MARGIN.left + '" y="' + MARGIN.top + '" width="' +
             plotWidth + '" height="' + plotHeight + '"/>' +
             polyline(steps, losses, x, y, "lora-trainer-chart-raw") +
             polyline(steps, smoothed(losses), x, y, "lora-trainer-chart-smooth") +
+            validationMarks +
             '<circle class="lora-trainer-chart-last" r="3" cx="' + x(steps[last]).toFixed(1) + '" cy="' +
             y(losses[last]).toFixed(1) + '"/>' +
             label(high.toPrecision(3), MARGIN.left - 6, MARGIN.top + 10, "end") +

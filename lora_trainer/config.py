@@ -34,15 +34,42 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size", "gradient_accumulation_steps",
                 "epochs", "log_every_n_steps", "scheduler_num_cycles", "sample_steps")
 AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
-                        "sample_every_n_steps", "clip_skip")
-POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma")
+                        "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
+POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
+                    "prior_loss_weight")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
-PROBABILITIES = ("lora_dropout", "caption_dropout_rate")
-NOT_NEGATIVE = ("warmup_steps", "keep_tokens", "noise_offset")
+PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
+NOT_NEGATIVE = ("warmup_steps", "keep_tokens", "noise_offset", "num_class_images")
 NOT_NEGATIVE_OR_NONE = ("conv_rank",)
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
 """Flat keys spelled differently from their field (`optimizer: adamw` is the optimizer group's `optimizer_type`
 unless its value is the group's mapping)."""
+
+
+@dataclass
+class SubsetConfig:
+    """One folder of a dataset made of several (kohya's dataset-config subsets), with its own options; an
+    option left out takes the dataset's value."""
+
+    image_dir: Path
+    """The folder of images and captions (kohya-style `N_name` subfolders repeat as usual)."""
+    repeats: int = 1
+    """Repeats per epoch of this folder's images."""
+    caption_extension: str | None = None
+    """Extension of this folder's caption files."""
+    keep_tokens: int | None = None
+    """Leading caption tags kept in place when shuffling."""
+    shuffle_caption: bool | None = None
+    """Shuffle this folder's caption tags."""
+    caption_dropout_rate: float | None = None
+    """Probability of an empty caption for this folder's images."""
+    flip_aug: bool | None = None
+    """Randomly mirror this folder's images."""
+    is_reg: bool = False
+    """The folder holds regularisation (prior-preservation) images."""
+
+    def __post_init__(self) -> None:
+        _check_group(self)
 
 
 @dataclass
@@ -52,6 +79,10 @@ class DatasetConfig:
     train_data_dir: Path | None = None
     """Folder of images. Captions come from `name.txt` beside each image or from `metadata_path`;
     kohya-style subfolders `N_name` repeat their images N times per epoch."""
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    """Several folders, each with its own repeats, caption and flip options (`image_dir`, `repeats`,
+    `caption_extension`, `keep_tokens`, `shuffle_caption`, `caption_dropout_rate`, `flip_aug`, `is_reg`),
+    instead of or beside `train_data_dir`."""
     metadata_path: Path | None = None
     """Optional `metadata.csv` with columns `filename,prompt` (a `.txt` beside an image wins)."""
     caption_extension: str = ".txt"
@@ -80,12 +111,46 @@ class DatasetConfig:
     """Probability of training an image with an empty caption."""
     cache_latents: bool = True
     """Encode every image with the VAE once, before training (not with random_crop)."""
+    cache_latents_to_disk: bool = False
+    """Also keep the cached latents in a `.lora-trainer-latents` folder beside the images, named by the image's
+    content, bucket, flips and the VAE, so that the next run with the same images starts at once."""
     cache_text_encoder_outputs: bool | None = None
     """Encode every caption once (needs a frozen text encoder and no caption shuffling).
     Default: on whenever that holds."""
+    masked_loss: bool = False
+    """Learn only the masked part of each image: its mask is `name.mask.png` beside it (or `name.png` in
+    `mask_dir`), else its alpha channel; white counts, black is ignored. Images without a mask count whole."""
+    mask_dir: Path | None = None
+    """A folder of masks named like their images (`photo.png` for `photo.jpg`), instead of masks beside them."""
+    reg_data_dir: Path | None = None
+    """Regularisation (prior-preservation) images of the class, kohya's layout (`N_class` subfolders repeat N
+    times): each epoch mixes in as many of them as there are training images, their loss weighted by
+    `prior_loss_weight`."""
+    class_prompt: str | None = None
+    """Generate `num_class_images` regularisation images of this prompt ("a photo of a person") with the base
+    model itself, before training, into a `1_<prompt>` subfolder of `reg_data_dir`; kept for the next run."""
+    num_class_images: int = 0
+    """How many class images `reg_data_dir` should hold for `class_prompt` (only the missing ones are drawn)."""
+    validation_split: float = 0.0
+    """Hold out this share of the images (at least one; chosen by the seed) to measure a validation loss."""
+    validation_data_dir: Path | None = None
+    """A folder of held-out images and captions for the validation loss, instead of `validation_split`."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.subsets, list):
+            raise UserError("config key 'subsets' should be a list of folders with their options, "
+                            f"got {self.subsets!r}")
+        self.subsets = [_subset(number, entry) for number, entry in enumerate(self.subsets, start=1)]
         _check_group(self)
+        if self.cache_latents_to_disk and (not self.cache_latents or self.random_crop):
+            raise UserError("cache_latents_to_disk keeps the cached latents: turn on cache_latents (and off "
+                            "random_crop, which encodes every step)")
+        if self.class_prompt and (self.reg_data_dir is None or self.num_class_images < 1):
+            raise UserError("class_prompt generates regularisation images: set reg_data_dir (where they go) and "
+                            "num_class_images (how many)")
+        if self.validation_split and self.validation_data_dir is not None:
+            raise UserError("validation_split and validation_data_dir both choose the validation images: "
+                            "set one of them")
 
 
 @dataclass
@@ -235,6 +300,8 @@ class LossConfig:
     """Min-SNR loss weighting (5 is the paper's choice); None: plain MSE."""
     noise_offset: float = 0.0
     """Add this much per-channel offset noise (helps very dark/bright images)."""
+    prior_loss_weight: float = 1.0
+    """Weight of the regularisation images' loss against the training images' (kohya's prior loss weight)."""
 
     def __post_init__(self) -> None:
         _check_group(self)
@@ -279,6 +346,9 @@ class LoggingConfig:
     """TensorBoard logs go to a subfolder per run; None turns logging off."""
     log_every_n_steps: int = 10
     """How often the loss is read back from the device and logged."""
+    validate_every_n_steps: int | None = None
+    """With held-out images: measure the validation loss every N steps (default: 20 times a run), before the
+    first step and at every save, with fixed noise and timesteps so that the values compare."""
 
     def __post_init__(self) -> None:
         _check_group(self)
@@ -338,7 +408,7 @@ class TrainConfig:
             raise UserError(f"save_diffusers_format writes plain LoRA only; a {network.network_type} network is "
                             "saved in the kohya/LyCORIS layout, which is what the WebUI, ComfyUI and Forge read: "
                             "turn off save_diffusers_format")
-        if dataset.cache_text_encoder_outputs and (network.train_text_encoder or dataset.shuffle_caption):
+        if dataset.cache_text_encoder_outputs and (network.train_text_encoder or self._shuffles_captions):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
 
@@ -347,7 +417,11 @@ class TrainConfig:
         """Whether caption encodings are computed once up front."""
         if self.dataset.cache_text_encoder_outputs is not None:
             return self.dataset.cache_text_encoder_outputs
-        return not self.network.train_text_encoder and not self.dataset.shuffle_caption
+        return not self.network.train_text_encoder and not self._shuffles_captions
+
+    @property
+    def _shuffles_captions(self) -> bool:
+        return self.dataset.shuffle_caption or any(subset.shuffle_caption for subset in self.dataset.subsets)
 
     def flat(self) -> dict[str, Any]:
         """Every key's value by its flat name."""
@@ -465,6 +539,28 @@ def parse_overrides(arguments: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _subset(number: int, entry: Any) -> SubsetConfig:
+    """Subset `number` (counted from 1) of `subsets` as a `SubsetConfig`; errors name the subset and the key."""
+    if isinstance(entry, SubsetConfig):
+        return entry
+    if not isinstance(entry, dict):
+        raise UserError(f"dataset subset {number} must be a mapping of its keys (image_dir, repeats, ...), "
+                        f"got {entry!r}")
+    known = {f.name for f in dataclasses.fields(SubsetConfig)}
+    for key in entry:
+        if key not in known:
+            hint = _closest(str(key), known)
+            raise UserError(f"dataset subset {number}: unknown key '{key}'"
+                            + (f" (did you mean '{hint}'?)" if hint else "")
+                            + f"; its keys: {', '.join(sorted(known))}")
+    if "image_dir" not in entry:
+        raise UserError(f"dataset subset {number} has no image_dir: say which folder it is")
+    try:
+        return SubsetConfig(**entry)
+    except UserError as error:
+        raise UserError(f"dataset subset {number} ({entry['image_dir']}): {error}") from None
+
+
 def _check_group(group: Any) -> None:
     """Coerce a group's values to their declared types and check each value's range."""
     hints = typing.get_type_hints(type(group))
@@ -480,13 +576,15 @@ def _check_group(group: Any) -> None:
 
 
 def _check_range(name: str, value: Any) -> None:
+    if value is None:
+        return
     if name in AT_LEAST_ONE and value < 1:
         raise UserError(f"config key '{name}' must be at least 1, got {value}")
-    if name in AT_LEAST_ONE_OR_NONE and value is not None and value < 1:
+    if name in AT_LEAST_ONE_OR_NONE and value < 1:
         raise UserError(f"config key '{name}' must be at least 1 (or left out), got {value}")
-    if name in POSITIVE_OR_NONE and value is not None and value <= 0:
+    if name in POSITIVE_OR_NONE and value <= 0:
         raise UserError(f"config key '{name}' must be positive, got {value}")
-    if name in ZERO_LEAVES_UNTRAINED and value is not None and value < 0:
+    if name in ZERO_LEAVES_UNTRAINED and value < 0:
         raise UserError(f"config key '{name}' must be positive, or 0 to leave that part untrained; got {value}")
     if name in PROBABILITIES and not 0.0 <= value < 1.0:
         raise UserError(f"config key '{name}' must be in [0, 1), got {value}")
@@ -533,6 +631,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return _INVALID
     if annotation is str:
         return value if isinstance(value, str) else _INVALID
+    if dataclasses.is_dataclass(annotation):
+        return value if isinstance(value, annotation) else _INVALID
     if annotation is Path:
         return Path(value).expanduser() if isinstance(value, (str, Path)) else _INVALID
     raise TypeError(f"unsupported config annotation {annotation}")
@@ -546,6 +646,8 @@ def _describe(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a string",
             Path: "a path"}[annotation]
 
@@ -553,6 +655,9 @@ def _describe(annotation: Any) -> str:
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None}
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value

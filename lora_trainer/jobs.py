@@ -43,6 +43,10 @@ class JobStatus:
     total_steps: int = 0
     epoch: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of each validation measurement, when the run holds images out."""
+    saved_validation_losses: dict[Path, float] = field(default_factory=dict)
+    """The validation loss of each saved file's weights, where it was measured."""
     steps_per_second: float = 0.0
     samples_per_second: float = 0.0
     seconds_left: float = 0.0
@@ -64,6 +68,12 @@ class JobStatus:
     def running(self) -> bool:
         """Whether a job is in progress."""
         return self.state == "running"
+
+    @property
+    def best_saved(self) -> Path | None:
+        """The saved file (still there) with the lowest validation loss, when validation losses were measured."""
+        measured = [path for path in self.saved if path in self.saved_validation_losses]
+        return min(measured, key=self.saved_validation_losses.__getitem__) if measured else None
 
 
 _process_runner: JobRunner | None = None
@@ -100,7 +110,8 @@ class JobRunner:
         """A copy of the current status."""
         with self._lock:
             return replace(self._status, losses=list(self._status.losses), samples=list(self._status.samples),
-                           saved=list(self._status.saved))
+                           saved=list(self._status.saved), validation_losses=list(self._status.validation_losses),
+                           saved_validation_losses=dict(self._status.saved_validation_losses))
 
     def start_training(self, config: TrainConfig, trigger_word: str = "", preview_prompt: str = "") -> None:
         """Train `config` on the host's loaded model, saving into the host's LoRA folder.
@@ -218,6 +229,9 @@ class JobRunner:
         with self._lock:
             self._status.saved.append(path)
             self._status.message = f"Saved {path.name} at step {step}"
+            measured = dict(self._status.validation_losses)
+            if step in measured:
+                self._status.saved_validation_losses[path] = measured[step]
 
     def _on_removed(self, path: Path) -> None:
         for companion in (path.with_name(f"{path.stem}.preview.png"), path.with_suffix(".json")):
@@ -258,6 +272,10 @@ class _JobEvents(TrainingEvents):
 
     def on_busy(self, activity: str) -> None:
         self.runner._update(activity=activity)
+
+    def on_validation(self, step: int, loss: float) -> None:
+        with self.runner._lock:
+            self.runner._status.validation_losses.append((step, loss))
 
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
         self.runner._on_saved(path, step, self.trigger_word, self.preview, self.family)

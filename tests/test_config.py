@@ -108,3 +108,35 @@ def test_a_config_in_a_legacy_encoding_says_to_save_it_as_utf8(tmp_path):
 def test_an_output_name_a_prompt_tag_cannot_hold_is_refused_with_the_reason(name):
     with pytest.raises(UserError, match="a <lora:name:weight> prompt tag could not name the LoRA"):
         config_from_dict(dict(output_name=name))
+
+
+def test_a_grouped_config_and_a_flat_one_are_the_same_config(tmp_path):
+    grouped, flat = tmp_path / "grouped.yaml", tmp_path / "flat.yaml"
+    grouped.write_text("network:\n  lora_rank: 8\n  train_text_encoder: true\noptimizer:\n  optimizer_type: lion\n"
+                       "  unet_lr: 2.0e-4\ntraining:\n  batch_size: 2\n")
+    flat.write_text("lora_rank: 8\ntrain_text_encoder: true\noptimizer: lion\nunet_lr: 2.0e-4\nbatch_size: 2\n")
+    config = load_config(grouped)
+    assert config == load_config(flat)
+    assert (config.network.lora_rank, config.optimizer.optimizer_type, config.training.batch_size) == (8, "lion", 2)
+
+
+def test_a_saved_config_is_written_in_groups(tmp_path):
+    save_config(config_from_dict({"lora_rank": 8}), tmp_path / "saved.yaml")
+    text = (tmp_path / "saved.yaml").read_text()
+    assert text.startswith("dataset:\n") and "\nnetwork:\n  lora_rank: 8\n" in text
+
+
+def test_an_override_may_name_the_group_or_not(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("network:\n  lora_rank: 8\n")
+    assert load_config(path, parse_overrides(["--network.lora_rank", "4"])).network.lora_rank == 4
+    assert load_config(path, parse_overrides(["--lora_rank", "2"])).network.lora_rank == 2
+
+
+def test_a_key_given_twice_or_in_the_wrong_group_says_where_it_belongs():
+    with pytest.raises(UserError, match="'lora_rank' is given twice"):
+        config_from_dict({"lora_rank": 4, "network": {"lora_rank": 8}})
+    with pytest.raises(UserError, match="'resolution' belongs in section 'dataset', not 'network'"):
+        config_from_dict({"network": {"resolution": 256}})
+    with pytest.raises(UserError, match="unknown config section 'netwrk'"):
+        config_from_dict({"netwrk.lora_rank": 4})

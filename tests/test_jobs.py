@@ -209,3 +209,14 @@ def test_the_process_keeps_one_runner_across_ui_reloads(host, model, tmp_path):
     reloaded_host = FakeHost(model, tmp_path / "Lora")
     assert process_runner(reloaded_host) is first
     assert first.host is reloaded_host
+
+
+def test_class_images_are_drawn_through_the_hosts_pipeline_before_training(host, shapes_dataset, tmp_path):
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, class_prompt="a shape", num_class_images=2,
+                                  reg_data_dir=tmp_path / "reg"))
+    status = runner.wait(120)
+    assert status.state == "finished", status.message
+    assert [request.prompt for request in host.renders[:2]] == ["a shape", "a shape"]
+    assert sorted(path.name for path in (tmp_path / "reg" / "1_a_shape").iterdir()) == \
+        ["class-00000.png", "class-00000.txt", "class-00001.png", "class-00001.txt"]

@@ -45,6 +45,9 @@ class ChunkingBackend(DiffusionBackend):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.inner.encode_images(pixels)
 
+    def vae_fingerprint(self) -> str:
+        return self.inner.vae_fingerprint()
+
     def encode_text(self, captions: list[str]) -> TextConditioning:
         tokens = [self.tokenizer(caption, add_special_tokens=False).input_ids for caption in captions]
         chunks = [[ids[start:start + 75] for start in range(0, len(ids), 75)] or [[]] for ids in tokens]

@@ -23,6 +23,7 @@ from lora_trainer.tab.dataset import dataset_contents, prepare_default_folder, s
 from lora_trainer.tab.form import (
     HOST_OWNED_KEYS,
     MAIN_KEYS,
+    YAML_ONLY_KEYS,
     config_from_form,
     default_config,
     form_fields,
@@ -159,7 +160,7 @@ def test_mixed_precision_default_depends_on_the_gpu(monkeypatch, cuda, bf16, exp
 def test_the_form_has_every_config_key_but_the_hosts_each_with_its_docstring():
     fields = form_fields()
     names = [field.name for field in fields]
-    assert names == [name for name in TrainConfig().flat() if name not in HOST_OWNED_KEYS]
+    assert names == [name for name in TrainConfig().flat() if name not in (*HOST_OWNED_KEYS, *YAML_ONLY_KEYS)]
     assert all(field.info for field in fields), [field.name for field in fields if not field.info]
     kinds = {field.name: field.kind for field in fields}
     assert kinds["cache_latents"] == "check" and kinds["epochs"] == "int" and kinds["learning_rate"] == "number"
@@ -276,9 +277,52 @@ def test_chart_points_average_long_runs_down_to_the_limit():
 
 def test_chart_json_carries_losses_saved_names_state_and_whether_to_refresh_the_lora_cards():
     status = JobStatus(kind="training", state="running", losses=[(1, 0.5), (2, 0.25)], saved=[Path("/l/x.safetensors")])
-    assert json.loads(chart_json(status, True)) == {"losses": [[1, 0.5], [2, 0.25]], "saved": ["x.safetensors"],
+    assert json.loads(chart_json(status, True)) == {"losses": [[1, 0.5], [2, 0.25]], "validation": [],
+                                                   "best_step": None, "saved": ["x.safetensors"],
                                                    "state": "running", "refresh_lora_cards": True}
     assert json.loads(chart_json(status, False))["refresh_lora_cards"] is False
+
+
+def _validated_run(folder: Path) -> JobStatus:
+    """A run that measured its validation loss at steps 0, 10 and 20 and saved after steps 10 and 20."""
+    early, late = folder / "v-s000010.safetensors", folder / "v-s000020.safetensors"
+    return JobStatus(kind="training", state="finished", step=20, total_steps=20, losses=[(10, 0.3), (20, 0.2)],
+                     validation_losses=[(0, 0.5), (10, 0.25), (20, 0.4)], saved=[early, late],
+                     saved_validation_losses={early: 0.25, late: 0.4})
+
+
+def test_the_chart_gets_the_validation_loss_and_its_best_step(tmp_path):
+    data = json.loads(chart_json(_validated_run(tmp_path), False))
+    assert data["validation"] == [[0, 0.5], [10, 0.25], [20, 0.4]] and data["best_step"] == 10
+
+
+def test_the_file_with_the_lowest_validation_loss_is_marked_and_named_in_the_status(tmp_path):
+    status = _validated_run(tmp_path)
+    assert status.best_saved == tmp_path / "v-s000010.safetensors"
+    saved = saved_html(status, True)
+    assert saved.index("lowest validation loss (0.2500)") < saved.index("v-s000020")
+    assert "validation loss 0.4000 (lowest 0.2500 at step 10)" in status_html(status)
+
+
+def test_the_test_panel_preselects_the_file_with_the_lowest_validation_loss(tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.host import RenderDefaults
+    from lora_trainer.tab.grids import GridPanel
+
+    class _Host(_LoraFolder):
+        def render_defaults(self) -> RenderDefaults:
+            return RenderDefaults(width=512, height=512)
+
+    class _Runner:
+        def status(self) -> JobStatus:
+            return status
+
+    status = _validated_run(tmp_path)
+    for path in status.saved:
+        _lora_file(path, 100)
+    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
+    files = GridPanel(_Runner(), _Host(tmp_path), *components).defaults("sks", "")["files"]
+    assert files["value"] == ["v-s000010.safetensors"]
 
 
 def test_status_of_a_running_training_shows_progress_speed_eta_and_memory():

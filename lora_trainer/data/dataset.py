@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import DatasetConfig, SubsetConfig, TrainConfig
 from lora_trainer.data.buckets import make_buckets, nearest_bucket, square_bucket
 from lora_trainer.data.images import load_rgb_image
+from lora_trainer.data.latent_cache import LatentDiskCache
+from lora_trainer.data.masks import load_mask, mask_file_for, mask_tensor
 from lora_trainer.data.scan import DatasetScan, ImageRecord
-from lora_trainer.data.transforms import crop_to_bucket, process_caption, to_tensor
+from lora_trainer.data.transforms import crop_like, crop_to_bucket, process_caption, to_tensor
 from lora_trainer.errors import UserError
 
 
@@ -29,6 +31,10 @@ class Batch:
     """[B, 3, H, W] in [-1, 1], when latents are not cached."""
     latents: torch.Tensor | None = None
     """[B, 4, H/8, W/8] scaled latents, when cached."""
+    masks: torch.Tensor | None = None
+    """[B, 1, H, W] uint8 loss masks (255: counts fully), with `masked_loss`."""
+    sample_weights: torch.Tensor | None = None
+    """[B] loss weight of each example (the prior loss weight for regularisation images), when the run has any."""
 
 
 @dataclass
@@ -38,9 +44,13 @@ class _Example:
 
 
 class TrainingData:
-    """The dataset as the loop sees it: a fixed number of batches per epoch, each from one bucket."""
+    """The dataset as the loop sees it: a fixed number of batches per epoch, each from one bucket.
 
-    def __init__(self, scan: DatasetScan, config: TrainConfig, latent_scale: int):
+    Regularisation images (`reg_records`) fill each epoch up to as many examples as the training images give
+    (repeats counted), cycling through them from where the last epoch stopped, as kohya mixes them in."""
+
+    def __init__(self, scan: DatasetScan, config: TrainConfig, latent_scale: int,
+                 reg_records: list[ImageRecord] | None = None):
         self.config = config
         dataset = config.dataset
         if dataset.enable_bucket:
@@ -55,8 +65,9 @@ class TrainingData:
                 raise UserError(f"bucket {width}x{height} is not a multiple of {latent_scale} pixels, which this "
                                 "model needs: use a bucket_step and resolution that are multiples of it")
         self.examples = [_Example(record, nearest_bucket(record.width, record.height, buckets))
-                         for record in scan.records]
+                         for record in [*scan.records, *(reg_records or [])]]
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] | None = None
+        self.mask_cache: dict[tuple[int, bool], torch.Tensor] = {}
         self._cached_sizes: dict[int, torch.Tensor] = {}
         """Each cached example's size conditioning, on the latents' device: no host-to-device copy per step."""
 
@@ -72,8 +83,14 @@ class TrainingData:
 
     @property
     def examples_per_epoch(self) -> int:
-        """Images seen per epoch, repeats included."""
-        return sum(example.record.repeats for example in self.examples)
+        """Images seen per epoch, repeats included (regularisation images as many again, when there are any)."""
+        training = sum(example.record.repeats for example in self.examples if not example.record.is_reg)
+        return training * 2 if self.has_reg_images else training
+
+    @property
+    def has_reg_images(self) -> bool:
+        """Whether regularisation images are mixed in."""
+        return any(example.record.is_reg for example in self.examples)
 
     def batches_per_epoch(self) -> int:
         """Forward passes per epoch (the last batch of a bucket may be smaller)."""
@@ -83,8 +100,8 @@ class TrainingData:
         """Example indices of each batch of `epoch`, in the order they are trained (deterministic per seed)."""
         rng = random.Random(f"{self.config.training.seed}-epoch-{epoch}")
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, example in enumerate(self.examples):
-            by_bucket.setdefault(example.bucket, []).extend([index] * example.record.repeats)
+        for index in self._epoch_indices(epoch):
+            by_bucket.setdefault(self.examples[index].bucket, []).append(index)
         batches = []
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
@@ -94,58 +111,109 @@ class TrainingData:
         rng.shuffle(batches)
         return batches
 
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        """Every example index seen in `epoch`, repeats included: all training images, then as many
+        regularisation images, taken in turn from where the previous epoch's ended."""
+        training, regularisation = [], []
+        for index, example in enumerate(self.examples):
+            (regularisation if example.record.is_reg else training).extend([index] * example.record.repeats)
+        if not regularisation:
+            return training
+        start = epoch * len(training)
+        return training + [regularisation[(start + offset) % len(regularisation)] for offset in range(len(training))]
+
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
-                      progress: Callable[[int, int], None] | None = None) -> None:
+                      progress: Callable[[int, int], None] | None = None,
+                      disk: LatentDiskCache | None = None) -> int:
         """Encode every image (and its mirror image with flip_aug) once and keep the latents; `progress(done,
-        total)` is called after each chunk of images.
+        total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are
+        read instead of encoded, and new ones are kept there. Returns how many images were encoded.
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
-        flips = (False, True) if self.config.dataset.flip_aug else (False,)
         self.latent_cache = {}
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, example in enumerate(self.examples):
             by_bucket.setdefault(example.bucket, []).append(index)
-        encoded = 0
+        done = encoded = 0
         for indices in by_bucket.values():
             for start in range(0, len(indices), chunk_size):
                 chunk = indices[start:start + chunk_size]
-                pixels = []
-                sizes = []
+                pixels, sizes, keys, new_entries = [], [], [], []
                 for index in chunk:
                     example = self.examples[index]
                     image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
                                                  random.Random(0))
-                    pixels += [to_tensor(image, flip) for flip in flips]
+                    flips = (False, True) if self._options(example).flip_aug else (False,)
+                    entry = disk.path_for(example.record.path, example.bucket, flips) if disk else None
+                    kept = disk.load(entry) if disk else None
+                    if kept is not None:
+                        self.latent_cache.update(((index, flip), latents) for flip, latents in zip(flips, kept))
+                    else:
+                        pixels += [to_tensor(image, flip) for flip in flips]
+                        keys += [(index, flip) for flip in flips]
+                        new_entries.append((entry, len(flips)))
                     sizes.append(_size_conditioning(example, crop))
-                latents = encode_images(torch.stack(pixels))
-                for position, key in enumerate(itertools.product(chunk, flips)):
-                    self.latent_cache[key] = latents[position]
-                self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=latents.device).unbind()))
-                encoded += len(chunk)
+                    if self.config.dataset.masked_loss:
+                        self.mask_cache.update(((index, flip), self._mask(example, crop, flip)) for flip in flips)
+                device = None
+                if pixels:
+                    latents = encode_images(torch.stack(pixels))
+                    self.latent_cache.update(zip(keys, latents))
+                    device, position = latents.device, 0
+                    for entry, flip_count in new_entries:
+                        if disk is not None:
+                            disk.store(entry, latents[position:position + flip_count])
+                        position += flip_count
+                    encoded += len(new_entries)
+                device = device or self.latent_cache[(chunk[0], False)].device
+                self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=device).unbind()))
+                done += len(chunk)
                 if progress is not None:
-                    progress(encoded, len(self.examples))
+                    progress(done, len(self.examples))
+        return encoded
 
     def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch."""
         dataset = self.config.dataset
-        captions, sizes, pixels, latents = [], [], [], []
+        captions, sizes, pixels, latents, masks = [], [], [], [], []
         for index in indices:
             example = self.examples[index]
-            flip = dataset.flip_aug and rng.random() < 0.5
-            captions.append(process_caption(example.record.caption, dataset.shuffle_caption, dataset.keep_tokens,
-                                            dataset.caption_dropout_rate, rng))
+            options = self._options(example)
+            flip = options.flip_aug and rng.random() < 0.5
+            captions.append(process_caption(example.record.caption, options.shuffle_caption, options.keep_tokens,
+                                            options.caption_dropout_rate, rng))
             if self.latent_cache is not None:
                 latents.append(self.latent_cache[(index, flip)])
                 sizes.append(self._cached_sizes[index])
+                if dataset.masked_loss:
+                    masks.append(self.mask_cache[(index, flip)])
             else:
                 image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
                                              dataset.random_crop, rng)
                 pixels.append(to_tensor(image, flip))
                 sizes.append(torch.tensor(_size_conditioning(example, crop)))
+                if dataset.masked_loss:
+                    masks.append(self._mask(example, crop, flip))
+        weights = [self.config.loss.prior_loss_weight if self.examples[index].record.is_reg else 1.0
+                   for index in indices]
         return Batch(captions=captions, size_conditioning=torch.stack(sizes),
                      pixels=torch.stack(pixels) if pixels else None,
-                     latents=torch.stack(latents) if latents else None)
+                     latents=torch.stack(latents) if latents else None,
+                     masks=torch.stack(masks) if masks else None,
+                     sample_weights=torch.tensor(weights) if self.has_reg_images else None)
+
+    def _options(self, example: _Example) -> SubsetConfig | DatasetConfig:
+        """The caption and flip options of `example`: its subset's, else the dataset's."""
+        return example.record.subset_options or self.config.dataset
+
+    def _mask(self, example: _Example, crop: tuple[int, int], flip: bool) -> torch.Tensor:
+        """The example's loss mask fitted to its bucket (all 255 when it has none)."""
+        mask = load_mask(example.record.path, mask_file_for(example.record.path, self.config.dataset.mask_dir))
+        width, height = example.bucket
+        if mask is None:
+            return torch.full((1, height, width), 255, dtype=torch.uint8)
+        return mask_tensor(crop_like(mask, example.bucket, crop, Image.BILINEAR), flip)
 
     def summary(self) -> str:
         """Buckets and per-epoch counts, for the start-of-run report."""

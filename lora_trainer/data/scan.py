@@ -9,7 +9,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_trainer.config import SubsetConfig
 from lora_trainer.data.images import UnreadableImage, is_image_file, load_rgb_image
+from lora_trainer.data.masks import is_mask_file
 from lora_trainer.errors import UserError
 from lora_trainer.files import atomic_write_text
 
@@ -36,6 +38,10 @@ class ImageRecord:
     """Width after EXIF rotation."""
     height: int
     """Height after EXIF rotation."""
+    is_reg: bool = False
+    """A regularisation image (from `reg_data_dir` or an `is_reg` subset), not a training image."""
+    subset_options: SubsetConfig | None = None
+    """The options of the dataset subset the image is in (every one set), or None outside subsets."""
 
 
 @dataclass
@@ -131,7 +137,8 @@ def _checked_dataset_dir(train_data_dir: Path) -> Path:
 
 
 def image_files(dataset_dir: Path) -> list[Path]:
-    """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders. Symlinked
+    """Image files below `dataset_dir`, in sorted order, leaving out hidden files and folders and loss masks
+    (`name.mask.png`). Symlinked
     folders are followed, each real folder once (a link back up the tree is not followed)."""
     found: list[Path] = []
     seen: set[str] = set()
@@ -142,7 +149,8 @@ def image_files(dataset_dir: Path) -> list[Path]:
             continue
         seen.add(real_folder)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        found.extend(Path(folder, name) for name in sorted(filenames) if is_image_file(Path(name)))
+        found.extend(Path(folder, name) for name in sorted(filenames)
+                     if is_image_file(Path(name)) and not is_mask_file(Path(name)))
     return found
 
 

@@ -21,20 +21,31 @@ def crop_to_bucket(
     (crop_top, crop_left) in the resized image's pixels, as SDXL's crop conditioning expects.
     """
     bucket_width, bucket_height = bucket
-    scale = max(bucket_width / image.width, bucket_height / image.height)
-    resized_size = (
-        max(bucket_width, round(image.width * scale)),
-        max(bucket_height, round(image.height * scale)),
-    )
-    if resized_size != image.size:
-        image = image.resize(resized_size, _LANCZOS)
-    spare_width, spare_height = image.width - bucket_width, image.height - bucket_height
+    resized_size = _covering_size(image.size, bucket)
+    spare_width, spare_height = resized_size[0] - bucket_width, resized_size[1] - bucket_height
     if random_crop:
         crop_left, crop_top = rng.randint(0, spare_width), rng.randint(0, spare_height)
     else:
         crop_left, crop_top = spare_width // 2, spare_height // 2
-    cropped = image.crop((crop_left, crop_top, crop_left + bucket_width, crop_top + bucket_height))
-    return cropped, (crop_top, crop_left)
+    return crop_like(image, bucket, (crop_top, crop_left), _LANCZOS), (crop_top, crop_left)
+
+
+def crop_like(image: Image.Image, bucket: tuple[int, int], crop: tuple[int, int], resample: int = _LANCZOS
+              ) -> Image.Image:
+    """Resize and crop `image` as `crop_to_bucket` did to an image of the same size (its mask, say), given the
+    (crop_top, crop_left) it returned."""
+    resized_size = _covering_size(image.size, bucket)
+    if resized_size != image.size:
+        image = image.resize(resized_size, resample)
+    crop_top, crop_left = crop
+    return image.crop((crop_left, crop_top, crop_left + bucket[0], crop_top + bucket[1]))
+
+
+def _covering_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """The size of `size` scaled (aspect kept) to cover `bucket`."""
+    bucket_width, bucket_height = bucket
+    scale = max(bucket_width / size[0], bucket_height / size[1])
+    return max(bucket_width, round(size[0] * scale)), max(bucket_height, round(size[1] * scale))
 
 
 def to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:

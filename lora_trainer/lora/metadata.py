@@ -45,8 +45,10 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
                  started_at: float) -> dict[str, str]:
     """Metadata that stays the same for every file of one run."""
     subsets: dict[str, dict[str, int]] = {}
-    for record in scan.records:
-        entry = subsets.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
+    reg_subsets: dict[str, dict[str, int]] = {}
+    for record in [*scan.records, *(example.record for example in data.examples if example.record.is_reg)]:
+        folders = reg_subsets if record.is_reg else subsets
+        entry = folders.setdefault(record.subset, {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
@@ -67,6 +69,10 @@ def run_metadata(config: TrainConfig, family: ModelFamily, prediction_type: Pred
         "ss_num_train_images": str(data.examples_per_epoch),
         "ss_tag_frequency": json.dumps(scan.tag_frequency()),
         "ss_dataset_dirs": json.dumps(subsets),
+        "ss_reg_dataset_dirs": json.dumps(reg_subsets),
+        "ss_num_reg_images": str(sum(entry["img_count"] for entry in reg_subsets.values())),
+        "ss_prior_loss_weight": _number(config.loss.prior_loss_weight),
+        "ss_masked_loss": str(config.dataset.masked_loss),
         "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0}),
         "ss_enable_bucket": str(config.dataset.enable_bucket),
         "ss_output_name": config.saving.output_name,

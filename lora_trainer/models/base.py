@@ -7,6 +7,7 @@ are written once against this interface.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,6 +108,11 @@ class DiffusionBackend(ABC):
         """Scaled latents for pixels in [-1, 1], NCHW (no gradient)."""
 
     @abstractmethod
+    def vae_fingerprint(self) -> str:
+        """A digest of the VAE's weights and the latents' dtype: latents cached on disk are reused only with
+        the same one (`module_fingerprint`)."""
+
+    @abstractmethod
     def encode_text(self, captions: list[str]) -> TextConditioning:
         """Text conditioning for `captions`; differentiable through text-encoder LoRA."""
 
@@ -127,6 +133,15 @@ class DiffusionBackend(ABC):
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
                  guidance_scale: float) -> Image.Image:
         """One image from the model as it is now (with any attached LoRA)."""
+
+
+def module_fingerprint(module: torch.nn.Module, *extra: object) -> str:
+    """A sha256 digest of a module's weights (names, dtypes, shapes, values) and `extra`."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -13,7 +13,13 @@ from PIL import Image
 
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_diffusers_to_compvis
-from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning, frozen_parameters
+from lora_trainer.models.base import (
+    DiffusionBackend,
+    LoraRoot,
+    TextConditioning,
+    frozen_parameters,
+    module_fingerprint,
+)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -137,6 +143,9 @@ class DiffusersBackend(DiffusionBackend):
         vae = self.pipeline.vae
         distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         return (distribution.sample() * self._vae_scale_factor).to(self.weight_dtype)
+
+    def vae_fingerprint(self) -> str:
+        return module_fingerprint(self.pipeline.vae, self.weight_dtype, self._vae_scale_factor)
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
         hidden_states, pooled = [], None

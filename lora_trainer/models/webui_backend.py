@@ -23,7 +23,13 @@ from torch import nn
 
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_compvis_to_diffusers
-from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning, frozen_parameters
+from lora_trainer.models.base import (
+    DiffusionBackend,
+    LoraRoot,
+    TextConditioning,
+    frozen_parameters,
+    module_fingerprint,
+)
 
 GenerateImage = Callable[[str, str, int, int, int, int, float], Image.Image]
 """(prompt, negative_prompt, seed, steps, width, height, guidance_scale) -> image, rendered by the host."""
@@ -116,6 +122,9 @@ class WebUIBackend(DiffusionBackend):
         vae_dtype = next(self.model.first_stage_model.parameters()).dtype
         encoded = self.model.encode_first_stage(pixels.to(self.device, vae_dtype))
         return self.model.get_first_stage_encoding(encoded).to(self.weight_dtype)
+
+    def vae_fingerprint(self) -> str:
+        return module_fingerprint(self.model.first_stage_model, self.weight_dtype, self.model.scale_factor)
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
         if self.family != "sdxl":

@@ -25,6 +25,9 @@ FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDX
 HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "clip_skip")
 """Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
 setting): not in the form."""
+YAML_ONLY_KEYS = ("subsets",)
+"""Config keys the form has no widget for yet: a dataset of several folders with their own options is set in a
+preset's YAML (the form trains the one dataset folder, whose `N_name` subfolders repeat as usual)."""
 MAIN_KEYS = ("output_name", "network_type", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs",
              "batch_size", "max_train_steps", "save_every_n_epochs", "keep_last_n_saves", "mixed_precision",
              "cache_latents", "sample_prompts", "sample_every_n_steps")
@@ -88,7 +91,7 @@ def form_fields() -> tuple[FormField, ...]:
     hints = {name: typing.get_type_hints(group_type)[name] for group_type in GROUPS.values()
              for name in typing.get_type_hints(group_type)}
     docs = config_field_docs()
-    names = [name for name in FIELD_GROUPS if name not in HOST_OWNED_KEYS]
+    names = [name for name in FIELD_GROUPS if name not in (*HOST_OWNED_KEYS, *YAML_ONLY_KEYS)]
     labels = {name: LABELS.get(name, name.replace("_", " ").capitalize()) for name in names}
     fields = []
     for name in names:

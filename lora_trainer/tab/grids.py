@@ -146,7 +146,8 @@ class GridPanel:
                     with gr.Row():
                         files = gr.Dropdown(choices=lora_choices(host), value=[], multiselect=True,
                                             label="LoRA files: one row each", scale=5,
-                                            info="Default: every file saved by the last run",
+                                            info="Default: every file saved by the last run (the one with "
+                                                 "the lowest validation loss, when it was measured)",
                                             elem_id="lora_trainer_grid_files")
                         refresh_button = gr.Button("Refresh", size="sm", scale=0, min_width=80,
                                                    elem_id="lora_trainer_grid_refresh")
@@ -190,6 +191,8 @@ class GridPanel:
         txt2img = self.host.render_defaults()
         status = self.runner.status()
         last_run = last_run_choices(self.host, status.saved)
+        if status.best_saved is not None:  # the file with the lowest validation loss, when the run measured it
+            last_run = last_run_choices(self.host, [status.best_saved]) or last_run
         # Without a last run (or after another job), the files picked so far stay picked.
         files = gr.update(choices=lora_choices(self.host), value=last_run) if last_run else \
             gr.update(choices=lora_choices(self.host))

@@ -27,9 +27,11 @@ def chart_points(losses: list[tuple[int, float]], limit: int = CHART_POINTS) -> 
 
 
 def chart_json(status: JobStatus, refresh_lora_cards: bool) -> str:
-    """What the page's script needs: the loss points, the saved file names, the job state, and whether it may
-    refresh the host's Lora cards when a file is saved."""
-    return json.dumps({"losses": chart_points(status.losses), "saved": [path.name for path in status.saved],
+    """What the page's script needs: the loss points (training, and validation with its best step), the saved
+    file names, the job state, and whether it may refresh the host's Lora cards when a file is saved."""
+    best = min(status.validation_losses, key=lambda point: point[1])[0] if status.validation_losses else None
+    return json.dumps({"losses": chart_points(status.losses), "validation": status.validation_losses,
+                       "best_step": best, "saved": [path.name for path in status.saved],
                        "state": status.state, "refresh_lora_cards": refresh_lora_cards})
 
 
@@ -59,6 +61,9 @@ def _progress_details(status: JobStatus) -> list[str]:
     details = [f"Step {status.step}/{status.total_steps}", f"epoch {status.epoch}"]
     if status.losses:
         details.append(f"loss {status.losses[-1][1]:.4f}")
+    if status.validation_losses:
+        step, loss = min(status.validation_losses, key=lambda point: point[1])
+        details.append(f"validation loss {status.validation_losses[-1][1]:.4f} (lowest {loss:.4f} at step {step})")
     if status.steps_per_second:
         details.append(f"{status.steps_per_second:.2f} it/s, {status.samples_per_second:.1f} samples/s")
     if status.running and status.seconds_left and not status.activity:
@@ -79,7 +84,10 @@ def saved_html(status: JobStatus, cards_refreshed: bool) -> str:
     """The files the job saved, newest last; when the page cannot refresh the Lora cards, how to see them."""
     if not status.saved:
         return '<div class="lora-trainer-saved">No file saved yet.</div>'
-    items = "".join(f'<li><code>{html.escape(path.name)}</code> <span>{html.escape(str(path.parent))}</span></li>'
+    best = status.best_saved
+    items = "".join(f'<li><code>{html.escape(path.name)}</code> <span>{html.escape(str(path.parent))}</span>'
+                    + (f' <strong>lowest validation loss ({status.saved_validation_losses[path]:.4f})</strong>'
+                       if path == best else "") + "</li>"
                     for path in status.saved)
     note = "" if cards_refreshed else (
         "<p>They work in prompts now. Their cards appear after the Lora tab's Refresh, which also selects the "

@@ -63,6 +63,9 @@ class TrainingEvents:
     def on_sample(self, step: int, images: list[Image.Image], prompts: list[str]) -> None:
         """Sample images were rendered with the LoRA as trained so far."""
 
+    def on_validation(self, step: int, loss: float) -> None:
+        """The validation loss was measured after `step` (0: before the first)."""
+
     def should_stop(self) -> bool:
         """Checked after every step: True ends the run (the weights so far are saved)."""
         return False

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from lora_trainer.config import TrainConfig
+from lora_trainer.data.class_images import write_class_images
 from lora_trainer.data.dataset import Batch, TrainingData
-from lora_trainer.data.scan import scan_dataset
+from lora_trainer.data.latent_cache import LatentDiskCache
+from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
@@ -28,6 +30,7 @@ from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
+from lora_trainer.train.validation import DEFAULT_MEASUREMENTS, ValidationSet
 
 
 @dataclass
@@ -38,6 +41,13 @@ class TrainingResult:
     steps: int = 0
     stopped: bool = False
     last_loss: float | None = None
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation loss) of every measurement, when the run has held-out images."""
+
+    @property
+    def best_validation_step(self) -> int | None:
+        """The step with the lowest validation loss."""
+        return min(self.validation_losses, key=lambda measured: measured[1])[0] if self.validation_losses else None
 
 
 def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents | None = None) -> TrainingResult:
@@ -56,11 +66,20 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
     # --- data and plan ---
     dataset = config.dataset
-    scan = scan_dataset(dataset.train_data_dir, dataset.metadata_path, dataset.repeats, dataset.caption_extension)
-    data = TrainingData(scan, config, backend.latent_scale)
+    if dataset.class_prompt:
+        events.on_message(f"Drawing the missing class images of {dataset.class_prompt!r} with the base model...")
+        write_class_images(dataset.reg_data_dir, dataset.class_prompt, dataset.num_class_images,
+                           lambda prompt, seed: backend.generate(prompt, "", seed, sampling.sample_steps,
+                                                                 dataset.resolution, dataset.resolution, 7.0),
+                           progress=lambda done, total: events.on_message(f"Drew class image {done}/{total}."))
+    sources = gather_images(dataset, training.seed)
+    scan, reg_records, held_out = sources.scan, sources.reg_records, sources.held_out
+    data = TrainingData(scan, config, backend.latent_scale, reg_records)
+    validation = ValidationSet(held_out, config, backend.latent_scale) if held_out else None
     steps_per_epoch = math.ceil(data.batches_per_epoch() / training.gradient_accumulation_steps)
     total_steps = training.max_train_steps or steps_per_epoch * training.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
+    validate_every = config.logging.validate_every_n_steps or max(1, total_steps // DEFAULT_MEASUREMENTS)
     final_path = Path(saving.output_dir) / f"{saving.output_name}.safetensors"
     if final_path.exists() and saving.resume is None:
         raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
@@ -95,17 +114,35 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     nan_advice = "Lower the learning rate" + (
         ", or train in bf16/fp32 instead of fp16" if training.mixed_precision == "fp16" else "") + "."
 
+    def validate(step: int) -> None:
+        """Measure the validation loss after `step` (once per step), when the run has held-out images."""
+        if validation is None or (result.validation_losses and result.validation_losses[-1][0] == step):
+            return
+        events.on_busy("measuring the validation loss")
+        network.eval()
+        loss = validation.loss(backend, accelerator.autocast)
+        network.train()
+        result.validation_losses.append((step, loss))
+        events.on_validation(step, loss)
+        run_log.log_validation(step, loss)
+
     def save(path: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
-        """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
+        """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`.
+        The file records the validation loss of its weights, measured now unless `with_state` is off (an
+        interrupted save does not wait for it)."""
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. {nan_advice}")
+        if with_state:
+            validate(step)
+        measured = dict(result.validation_losses)
+        per_file = {"lora_trainer_validation_loss": repr(measured[step])} if step in measured else {}
         with_state = with_state and saving.save_state
 
         def write(folder: Path) -> Path:
-            saved = save_kohya(folder / path.name, network, file_metadata(metadata, step, epoch + 1))
+            saved = save_kohya(folder / path.name, network, {**file_metadata(metadata, step, epoch + 1), **per_file})
             if saving.save_diffusers_format:
                 save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network,
-                                      file_metadata(metadata, step, epoch + 1))
+                                      {**file_metadata(metadata, step, epoch + 1), **per_file})
             if with_state:
                 save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
                            epoch, next_batch, noise_generator, data_rng)
@@ -135,7 +172,14 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
-            data.cache_latents(backend.encode_images, progress=events.on_caching)
+            disk = LatentDiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
+                else None
+            encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+            if disk is not None:
+                events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
+                                  f"{encoded} encoded.")
+        if validation is not None:
+            validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
             text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
@@ -151,10 +195,14 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if scan.skipped:
             skipped_list = scan.write_skipped_list(
                 Path(config.logging.logging_dir or saving.output_dir) / f"{saving.output_name}-skipped.txt")
-        plan = RunPlan(total_steps, epochs, steps_per_epoch, f"{scan.summary(skipped_list)}\n{data.summary()}\n"
+        held_out_line = f"; {len(validation)} held out for the validation loss" if validation else ""
+        reg_line = f"; {len(reg_records)} regularisation images" if reg_records else ""
+        plan = RunPlan(total_steps, epochs, steps_per_epoch,
+                       f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
                        f"parameters; {total_steps} steps over {epochs} epoch(s)")
         events.on_start(plan)
+        validate(step)
 
         def training_loss(batch: Batch) -> torch.Tensor:
             if batch.latents is not None:
@@ -173,8 +221,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             with accelerator.autocast():
                 prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
             target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
-                                  backend.prediction_type, config.loss.min_snr_gamma)
+            return diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod, backend.prediction_type,
+                                  config.loss.min_snr_gamma, batch.masks, batch.sample_weights)
 
         loss_sum = torch.zeros((), device=backend.device)
         losses_in_sum = 0
@@ -247,6 +295,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if sampling.sample_every_n_steps and sampling.sample_prompts and \
                             step % sampling.sample_every_n_steps == 0:
                         sample(step)
+                    if step % validate_every == 0:
+                        validate(step)
                     window_start += time.perf_counter() - paused_at
                     if events.interrupt_requested():
                         raise KeyboardInterrupt

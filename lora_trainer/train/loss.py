@@ -1,10 +1,12 @@
-"""The diffusion training objective: forward noising, eps/v targets, min-SNR weighting, offset noise."""
+"""The diffusion training objective: forward noising, eps/v targets, min-SNR weighting, loss masks, per-sample
+weights, offset noise."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from lora_trainer.data.masks import mask_on_grid
 from lora_trainer.models.base import PredictionType
 
 
@@ -36,15 +38,27 @@ def diffusion_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torc
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: PredictionType,
-                   min_snr_gamma: float | None) -> torch.Tensor:
-    """Mean squared error per sample, min-SNR-gamma weighted when asked, averaged over the batch."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                   min_snr_gamma: float | None, masks: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, min-SNR-gamma weighted when asked, averaged over the batch.
+
+    `masks` (uint8 [B, 1, H, W] at pixel resolution, 255: counts fully) make each sample's error a mean weighted
+    by its mask on the latent grid, so that only the masked region is learned; `sample_weights` ([B]) scale
+    whole samples (regularisation images' prior loss weight)."""
+    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if masks is None:
+        per_sample = squared_error.mean(dim=(1, 2, 3))
+    else:
+        weights = mask_on_grid(masks, squared_error.shape[-2:]).to(squared_error).expand_as(squared_error)
+        per_sample = (squared_error * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp(min=1e-6)
     if min_snr_gamma is not None:
         alpha = alphas_cumprod[timesteps]
         snr = alpha / (1 - alpha)
         clipped = torch.clamp(snr, max=min_snr_gamma)
         weight = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
         per_sample = per_sample * weight
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample)
     return per_sample.mean()
 
 

@@ -15,13 +15,18 @@ def check_run_paths(config: TrainConfig) -> None:
     """Raise a `UserError` naming the config key and what to do for the first path the run could not use.
     Nothing is created."""
     inputs = (("train_data_dir", Path.is_dir, "folder"), ("metadata_path", Path.is_file, "file"),
-              ("init_lora_weights", Path.is_file, "file"), ("resume", Path.is_dir, "state folder"))
+              ("init_lora_weights", Path.is_file, "file"), ("resume", Path.is_dir, "state folder"),
+              ("mask_dir", Path.is_dir, "folder"), ("reg_data_dir", Path.is_dir, "folder"),
+              ("validation_data_dir", Path.is_dir, "folder"))
     values = config.flat()
+    generates_reg_images = bool(values["class_prompt"])
     for key, exists, kind in inputs:
         path = values[key]
+        if key == "reg_data_dir" and generates_reg_images:
+            continue  # the class images are written there: checked as an output folder below
         if path is not None and not exists(path):
             raise UserError(f"{key} {path} does not exist or is not a {kind}: fix the path")
-    for key in ("output_dir", "logging_dir"):
+    for key in ("output_dir", "logging_dir", *(("reg_data_dir",) if generates_reg_images else ())):
         folder = values[key]
         if folder is not None:
             check_writable_folder(folder, key)

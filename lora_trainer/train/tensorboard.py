@@ -1,4 +1,4 @@
-"""TensorBoard logging of every run (loss, learning rate, speed), when TensorBoard is installed."""
+"""TensorBoard logging of every run (loss, validation loss, learning rate, speed), when TensorBoard is installed."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ class RunLog:
         self._writer.add_scalar("lr", report.learning_rate, report.step)
         self._writer.add_scalar("speed/steps_per_second", report.steps_per_second, report.step)
         self._writer.add_scalar("speed/samples_per_second", report.samples_per_second, report.step)
+
+    def log_validation(self, step: int, loss: float) -> None:
+        """Write a validation loss at its step, beside the training loss."""
+        if self._writer is not None:
+            self._writer.add_scalar("loss/validation", loss, step)
 
     def close(self) -> None:
         """Flush and close the event file."""
