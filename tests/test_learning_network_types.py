@@ -42,4 +42,4 @@ def test_each_network_type_teaches_the_base_a_colour_it_never_drew(network_type,
     with network.applied(1.0):
         rate = drawn_colour_rate(generate, f"a {trigger} circle", colour)
     print(f"{network_type}: {colour} in {rate:.0%} with the LoRA")
-    assert rate >= 0.625  # most of the 8 seeds (measured: locon 100%, loha 75%; plain lora 88%)
+    assert rate >= 0.625  # most of the 8 seeds (measured: locon 100%, loha 75%, lokr 88%, dora 88%; lora 88%)
