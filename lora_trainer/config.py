@@ -29,6 +29,9 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["float", "fp16", "bf16"]
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["snr", "exponential", "constant"]
+NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
+CONV_NETWORK_TYPES = ("locon", "loha", "lokr")
+"""Network types that adapt the UNet's 3x3 convolutions by default, as LyCORIS does."""
 
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -185,8 +188,12 @@ class ModelConfig:
 
 @dataclass
 class NetworkConfig:
-    """The LoRA network: its size, the layers it adapts and where it starts."""
+    """The LoRA network: its type, its size, the layers it adapts and where it starts."""
 
+    network_type: NetworkType = "lora"
+    """lora: low-rank up/down matrices (kohya's networks.lora). locon: the same, on the 3x3 convolutions too.
+    loha: a Hadamard product of two low-rank products (LyCORIS). lokr: a Kronecker product of a small and a
+    low-rank (or full) matrix (LyCORIS). dora: LoRA with the weight's column norms as a trained magnitude."""
     lora_rank: int = 16
     """Rank (kohya: network_dim) of each LoRA matrix pair."""
     lora_alpha: float | None = None
@@ -195,23 +202,31 @@ class NetworkConfig:
     """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
     """UNet modules to adapt, matched as suffixes of module paths."""
-    conv_rank: int = 0
-    """Rank of LoRA on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone."""
+    conv_rank: int | None = None
+    """Rank on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone. Default: `lora_rank` for
+    locon, loha and lokr, 0 for lora and dora."""
     conv_alpha: float | None = None
-    """Alpha for the convolution LoRA. Default: equal to `conv_rank`."""
+    """Alpha for the convolution layers. Default: equal to the conv rank."""
+    lokr_factor: int = -1
+    """lokr: split each dimension into two factors, the smaller at most this (-1: as square as possible)."""
+    lokr_full_matrix: bool = False
+    """lokr: train the larger Kronecker factor as a full matrix instead of a low-rank product."""
     train_text_encoder: bool = False
     """Also train LoRA on the text encoder(s)."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     """Text-encoder modules to adapt, matched as suffixes of module paths."""
     init_lora_weights: Path | None = None
-    """Start from this LoRA file (kohya's, peft's or diffusers' layout); its layers and ranks must match this
-    run's, unless `dim_from_weights`."""
+    """Start from this LoRA file (kohya/LyCORIS, peft or diffusers layout); its type, layers and ranks must match
+    this run's, unless `dim_from_weights`."""
     dim_from_weights: bool = False
     """Take the ranks, alphas and adapted layers from `init_lora_weights` instead of `lora_rank`, `lora_alpha`,
     `target_modules`, `conv_rank` and `train_text_encoder` (kohya's dim_from_weights)."""
 
     def __post_init__(self) -> None:
         _check_group(self)
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise UserError(f"lokr_factor must be -1 (as square as possible) or a positive number, "
+                            f"got {self.lokr_factor}")
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -219,9 +234,16 @@ class NetworkConfig:
         return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
 
     @property
+    def effective_conv_rank(self) -> int:
+        """Rank on the 3x3 convolutions (0: not adapted)."""
+        if self.conv_rank is not None:
+            return self.conv_rank
+        return self.lora_rank if self.network_type in CONV_NETWORK_TYPES else 0
+
+    @property
     def effective_conv_alpha(self) -> float:
-        """Alpha of the convolution LoRA (its rank when not set)."""
-        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+        """Alpha of the convolution layers (their rank when not set)."""
+        return self.conv_alpha if self.conv_alpha is not None else float(self.effective_conv_rank)
 
 
 @dataclass
@@ -464,11 +486,22 @@ class TrainConfig:
         dataset, network = self.dataset, self.network
         if dataset.resolution % dataset.bucket_step:
             raise UserError(f"resolution {dataset.resolution} must be a multiple of bucket_step {dataset.bucket_step}")
-        if not network.target_modules and not network.conv_rank and not network.train_text_encoder:
+        if not network.target_modules and not network.effective_conv_rank and not network.train_text_encoder:
             raise UserError("nothing to train: target_modules is empty, conv_rank is 0 and train_text_encoder is off")
+        if network.network_type in ("loha", "lokr") and (self.optimizer.loraplus_lr_ratio or
+                                                         self.optimizer.scale_weight_norms):
+            raise UserError(f"loraplus_lr_ratio and scale_weight_norms work on up/down matrices, which a "
+                            f"{network.network_type} network does not have: use them with lora, locon or dora")
+        if network.network_type == "dora" and self.optimizer.scale_weight_norms:
+            raise UserError("scale_weight_norms scales the LoRA's up/down matrices, which under dora does not scale "
+                            "its weight change: use it with lora or locon")
         if network.dim_from_weights and network.init_lora_weights is None:
             raise UserError("dim_from_weights takes the network's shape from init_lora_weights: set that to a "
                             "LoRA file")
+        if self.saving.save_diffusers_format and network.network_type in ("loha", "lokr", "dora"):
+            raise UserError(f"save_diffusers_format writes plain LoRA only; a {network.network_type} network is "
+                            "saved in the kohya/LyCORIS layout, which is what the WebUI, ComfyUI and Forge read: "
+                            "turn off save_diffusers_format")
         if dataset.cache_text_encoder_outputs and (network.train_text_encoder or self._shuffles_captions):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")

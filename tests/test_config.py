@@ -123,7 +123,7 @@ def test_a_grouped_config_and_a_flat_one_are_the_same_config(tmp_path):
 def test_a_saved_config_is_written_in_groups(tmp_path):
     save_config(config_from_dict({"lora_rank": 8}), tmp_path / "saved.yaml")
     text = (tmp_path / "saved.yaml").read_text()
-    assert text.startswith("dataset:\n") and "\nnetwork:\n  lora_rank: 8\n" in text
+    assert text.startswith("dataset:\n") and "\nnetwork:\n  network_type: lora\n  lora_rank: 8\n" in text
 
 
 def test_an_override_may_name_the_group_or_not(tmp_path):

@@ -24,6 +24,7 @@ from lora_trainer.train.events import TrainingEvents  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
 from lora_trainer.train.loss import add_noise  # noqa: E402
 from tests.ldm_models import tiny_sd1, tiny_sd2, tiny_sdxl  # noqa: E402
+from tests.webui_lora import webui_apply, webui_layer_mapping, webui_module_for, webui_patched_tensors  # noqa: E402
 
 BUILDERS = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
 
@@ -139,13 +140,13 @@ def test_a_lora_merged_by_the_webui_is_undone_before_training(family, models, sh
     clean = _state_hashes(model)
     generator = torch.Generator().manual_seed(0)
     # The extension patches these layer types among the layers it names (an attention's out_proj goes with it).
-    layers = [module for module in _webui_layer_mapping(model).values()
+    layers = [module for module in webui_layer_mapping(model).values()
               if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention))
               and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)]
-    deltas = {layer: [torch.randn(p.shape, generator=generator) * 0.01 for p in _webui_patched_tensors(layer)]
+    deltas = {layer: [torch.randn(p.shape, generator=generator) * 0.01 for p in webui_patched_tensors(layer)]
               for layer in layers}
     for layer in layers:
-        _webui_apply(layer, deltas[layer], ("merged", 1.0, 1.0, None))
+        webui_apply(layer, deltas[layer], ("merged", 1.0, 1.0, None))
     merged = _state_hashes(model)
     assert merged != clean
     if family == "sd2":
@@ -162,7 +163,7 @@ def test_a_lora_merged_by_the_webui_is_undone_before_training(family, models, sh
     assert all(layer.network_current_names == () for layer in layers)
     # The extension kept its backups, so its next generation with the same LoRA merges it exactly as before.
     for layer in layers:
-        _webui_apply(layer, deltas[layer], ("merged", 1.0, 1.0, None))
+        webui_apply(layer, deltas[layer], ("merged", 1.0, 1.0, None))
     assert _state_hashes(model) == merged
 
 
@@ -184,11 +185,11 @@ def test_exported_keys_name_the_trained_layers_as_the_webui_maps_them(family, mo
     with safe_open(str(path), "pt") as handle:
         file_keys = {key.partition(".")[0] for key in handle.keys()}
 
-    mapping = _webui_layer_mapping(model)
-    unmatched = sorted(key for key in file_keys if _webui_module_for(key, mapping) is None)
+    mapping = webui_layer_mapping(model)
+    unmatched = sorted(key for key in file_keys if webui_module_for(key, mapping) is None)
     assert unmatched == []
     assert file_keys == trained_layers.keys()
-    assert all(_webui_module_for(key, mapping) is trained_layers[key] for key in file_keys)
+    assert all(webui_module_for(key, mapping) is trained_layers[key] for key in file_keys)
     unet_style = "lora_unet_input_blocks_" if family == "sdxl" else "lora_unet_down_blocks_"
     assert any(key.startswith(unet_style) for key in file_keys)
     assert any(key.startswith("lora_te1_" if family == "sdxl" else "lora_te_") for key in file_keys)
@@ -246,23 +247,23 @@ def test_openclip_text_encoder_lora_acts_as_the_webui_merges_it(family, models, 
 
     # The extension's way: each layer's up @ down * alpha / rank * strength, added to its weights in place;
     # an attention's q/k/v deltas stacked into in_proj_weight.
-    state, mapping = load_file(str(path)), _webui_layer_mapping(model)
+    state, mapping = load_file(str(path)), webui_layer_mapping(model)
     deltas: dict[nn.Module, dict[str, torch.Tensor]] = {}
     for key in {name.partition(".")[0] for name in state if name.startswith("lora_te")}:
         delta = state[f"{key}.lora_up.weight"] @ state[f"{key}.lora_down.weight"]
         delta = delta * float(state[f"{key}.alpha"]) / state[f"{key}.lora_down.weight"].shape[0] * 0.7
-        module = _webui_module_for(key, mapping)
+        module = webui_module_for(key, mapping)
         part = re.search(r"_([qkv])_proj$", key)[1] if isinstance(module, nn.MultiheadAttention) else "weight"
         deltas.setdefault(module, {})[part] = delta
     attentions = [module for module in deltas if isinstance(module, nn.MultiheadAttention)]
     assert attentions
     for attention in attentions:
         parts, out_proj = deltas.pop(attention), deltas.pop(attention.out_proj)
-        _webui_apply(attention, [torch.cat([parts["q"], parts["k"], parts["v"]]), out_proj["weight"],
+        webui_apply(attention, [torch.cat([parts["q"], parts["k"], parts["v"]]), out_proj["weight"],
                                  torch.zeros_like(attention.out_proj.bias)], ("trained", 0.7, 1.0, None))
     for module, parts in deltas.items():
         bias = [torch.zeros_like(module.bias)] if module.bias is not None else []
-        _webui_apply(module, [parts["weight"], *bias], ("trained", 0.7, 1.0, None))
+        webui_apply(module, [parts["weight"], *bias], ("trained", 0.7, 1.0, None))
     with torch.no_grad():
         merged = backend.encode_text(captions)
 
@@ -311,104 +312,6 @@ def test_model_name_comes_from_the_loaded_checkpoint(models, monkeypatch):
     monkeypatch.setattr(model, "sd_checkpoint_info", type("CheckpointInfo", (), {"model_name": "tiny-sd1"})(),
                         raising=False)
     assert WebUIBackend(model, model_name="fallback").model_name == "tiny-sd1"
-
-
-# --- the WebUI's Lora extension, rewritten from its behaviour (extensions-builtin/Lora/networks.py, v1.10.1) ---
-
-def _webui_patched_tensors(layer: nn.Module) -> list[torch.Tensor]:
-    if isinstance(layer, nn.MultiheadAttention):
-        return [layer.in_proj_weight, layer.out_proj.weight, layer.out_proj.bias]
-    return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-
-
-def _webui_apply(layer: nn.Module, deltas: list[torch.Tensor], name: tuple) -> None:
-    """What the extension's patched forward does with a wanted LoRA: back the weights up once (to the CPU),
-    restore them when the wanted set changed, and add the LoRA's delta in place."""
-    is_attention = isinstance(layer, nn.MultiheadAttention)
-    with torch.no_grad():
-        if getattr(layer, "network_weights_backup", None) is None:
-            bias = layer.out_proj.bias if is_attention else layer.bias
-            layer.network_weights_backup = (layer.in_proj_weight.to("cpu", copy=True),
-                                            layer.out_proj.weight.to("cpu", copy=True)) if is_attention \
-                else layer.weight.to("cpu", copy=True)
-            layer.network_bias_backup = None if bias is None else bias.to("cpu", copy=True)
-        if getattr(layer, "network_current_names", ()) == (name,):
-            return
-        backups = list(layer.network_weights_backup) if is_attention else [layer.network_weights_backup]
-        if layer.network_bias_backup is not None:
-            backups.append(layer.network_bias_backup)
-        for tensor, backup, delta in zip(_webui_patched_tensors(layer), backups, deltas, strict=True):
-            tensor.copy_(backup)
-            tensor.add_(delta)
-        layer.network_current_names = (name,)
-
-
-def _webui_layer_mapping(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module the extension can patch, under its name with `.` as `_`: the UNet as
-    `diffusion_model_...`, text encoders as named under their `.wrapped` (SDXL: `0_...`, `1_...`)."""
-    mapping: dict[str, nn.Module] = {}
-    if model.is_sdxl:
-        for index, embedder in enumerate(model.conditioner.embedders):
-            if hasattr(embedder, "wrapped"):
-                mapping.update({f"{index}_{name}".replace(".", "_"): module
-                                for name, module in embedder.wrapped.named_modules()})
-    else:
-        text_encoder = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
-        mapping.update({name.replace(".", "_"): module for name, module in text_encoder.named_modules()})
-    mapping.update({name.replace(".", "_"): module for name, module in model.model.named_modules()})
-    return mapping
-
-
-_RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-                 "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
-
-
-def _webui_compvis_name(key: str, is_sd2: bool) -> str:
-    """The extension's translation of diffusers-style kohya names (SD1/SD2 files) to its layer names; it
-    assumes two resnets per level, as every SD UNet has."""
-    if match := re.fullmatch(r"lora_unet_conv_in(.*)", key):
-        return f"diffusion_model_input_blocks_0_0{match[1]}"
-    if match := re.fullmatch(r"lora_unet_conv_out(.*)", key):
-        return f"diffusion_model_out_2{match[1]}"
-    if match := re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)(.*)", key):
-        return f"diffusion_model_time_embed_{2 * int(match[1]) - 2}{match[2]}"
-    if match := re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
-        level, index, part = int(match[2]), int(match[4]), match[5]
-        position = 1 if match[3] == "attentions" else 0
-        part = _RESNET_PARTS.get(part, part) if match[3] == "resnets" else part
-        block = 1 + 3 * level + index if match[1] == "down" else 3 * level + index
-        side = "input" if match[1] == "down" else "output"
-        return f"diffusion_model_{side}_blocks_{block}_{position}_{part}"
-    if match := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
-        part = _RESNET_PARTS.get(match[3], match[3]) if match[1] == "resnets" else match[3]
-        block = 1 if match[1] == "attentions" else 2 * int(match[2])
-        return f"diffusion_model_middle_block_{block}_{part}"
-    if match := re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key):
-        return f"diffusion_model_input_blocks_{3 * int(match[1]) + 3}_0_op"
-    if match := re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key):
-        level = int(match[1])
-        return f"diffusion_model_output_blocks_{3 * level + 2}_{1 if level == 0 else 2}_conv"
-    if match := re.fullmatch(r"lora_te(2?)_text_model_encoder_layers_(\d+)_(.+)", key):
-        if not (match[1] or is_sd2):
-            return f"transformer_text_model_encoder_layers_{match[2]}_{match[3]}"
-        part = match[3].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
-        return f"{'1_' if match[1] else ''}model_transformer_resblocks_{match[2]}_{part}"
-    return key
-
-
-def _webui_module_for(key: str, mapping: dict[str, nn.Module]) -> nn.Module | None:
-    """The layer the extension patches with the file's weights under `key`, or None (an unmatched key)."""
-    name = _webui_compvis_name(key, is_sd2="model_transformer_resblocks" in mapping)
-    module = mapping.get(name)
-    if module is None and (match := re.fullmatch(r"(.*)_[qkv]_proj", name)):
-        module = mapping.get(match[1])
-    if module is None and "lora_unet" in key:
-        module = mapping.get(key.replace("lora_unet", "diffusion_model"))
-    elif module is None and "lora_te1_text_model" in key:
-        module = mapping.get(key.replace("lora_te1_text_model", "0_transformer_text_model"))
-        if module is None:
-            module = mapping.get(key.replace("lora_te1_text_model", "transformer_text_model"))
-    return module
 
 
 def test_the_hosts_clip_skip_is_recorded_in_the_file(models, shapes_dataset, tmp_path):

@@ -1,5 +1,5 @@
-"""LoRA files: kohya-format `.safetensors` with metadata, the diffusers/peft layout, and reading the layouts
-kohya, peft and diffusers' training scripts write."""
+"""LoRA files: kohya/LyCORIS-format `.safetensors` with metadata, the diffusers/peft layout, and reading the
+layouts kohya, LyCORIS, peft and diffusers' training scripts write."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.files import write_new_file
 from lora_trainer.lora.metadata import safetensors_hashes
 from lora_trainer.lora.network import LoraNetwork
+from lora_trainer.lora.network_types import FILE_KINDS, file_module_kind, tensor_mismatch
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """The tensor type of each `save_precision`."""
@@ -31,11 +32,14 @@ def save_kohya(path: Path, network: LoraNetwork, metadata: dict[str, str], preci
 
 
 def save_diffusers_layout(path: Path, network: LoraNetwork, metadata: dict[str, str], precision: str = "float") -> Path:
-    """Write `network` in the diffusers/peft layout in `precision`, alpha folded into `lora_B` (peft's own
-    convention for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its
+    """Write `network` (lora only) in the diffusers/peft layout in `precision`, alpha folded into `lora_B` (peft's
+    own convention for a file with no alphas), as a new file at `path` (or `stem-2`, ... when taken); returns its
     path."""
     state: dict[str, torch.Tensor] = {}
     for key, module in network.lora_modules.items():
+        if module.kind != "lora":
+            raise UserError(f"the diffusers/peft layout holds plain LoRA only, not {module.kind}; turn off "
+                            "save_diffusers_format")
         prefix = network.peft_keys[key]
         state[f"{prefix}.lora_A.weight"] = module.down.detach().to(SAVE_DTYPES[precision]).cpu().contiguous()
         state[f"{prefix}.lora_B.weight"] = (module.up.detach().float() * module.scale).to(
@@ -53,11 +57,16 @@ class LoraFile:
     @property
     def module_keys(self) -> set[str]:
         """The kohya module keys (`lora_unet_..._to_q`) this file has weights for."""
-        return {key.rsplit(".lora_down.weight", 1)[0] for key in self.state if key.endswith(".lora_down.weight")}
+        return {key.split(".", 1)[0] for key in self.state if _module_suffix(key) in FILE_KINDS}
 
-    def rank_of(self, module_key: str) -> int:
-        """The rank of one module's LoRA."""
-        return int(self.state[f"{module_key}.lora_down.weight"].shape[0])
+    def tensors_of(self, module_key: str) -> dict[str, torch.Tensor]:
+        """One module's tensors by their suffix (`lora_down.weight`, `alpha`, `hada_w1_a`, ...)."""
+        prefix = f"{module_key}."
+        return {key[len(prefix):]: tensor for key, tensor in self.state.items() if key.startswith(prefix)}
+
+    def kind_of(self, module_key: str) -> str:
+        """The network type of one module's tensors: lora, dora, loha or lokr."""
+        return file_module_kind(self.tensors_of(module_key))
 
 
 def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
@@ -77,13 +86,18 @@ def read_lora(path: Path, peft_to_kohya: dict[str, str]) -> LoraFile:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path} is not a readable .safetensors file ({error})") from None
-    if any(key.endswith(".lora_down.weight") for key in state):
+    if any(_module_suffix(key) in FILE_KINDS for key in state):
         return LoraFile(state, metadata)
     converted = _diffusers_to_kohya(state, peft_to_kohya, _adapter_configs(metadata, path))
     if not converted:
-        raise UserError(f"{path} has no LoRA weights in a layout this trainer reads: kohya (lora_down/lora_up), "
-                        "peft (lora_A/lora_B) or diffusers (lora.down/lora.up)")
+        raise UserError(f"{path} has no LoRA weights in a layout this trainer reads: kohya/LyCORIS (lora_down/"
+                        "lora_up, hada_w1_a/..., lokr_w1/...), peft (lora_A/lora_B) or diffusers (lora.down/lora.up)")
     return LoraFile(converted, metadata)
+
+
+def _module_suffix(key: str) -> str:
+    """`lora_unet_x.lora_down.weight` -> `lora_down.weight`; `lora_unet_x.hada_w1_a` -> `hada_w1_a`."""
+    return key.split(".", 1)[1] if "." in key else ""
 
 
 def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> None:
@@ -95,24 +109,33 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> 
         problems.append(f"{len(missing)} layers this run trains are not in the file (e.g. {missing[0]})")
     if extra := sorted(have - wanted):
         problems.append(f"{len(extra)} layers in the file are not trained by this run (e.g. {extra[0]})")
-    ranks = {(key, lora.rank_of(key), network.lora_modules[key].rank) for key in have & wanted
-             if lora.rank_of(key) != network.lora_modules[key].rank}
+    shared = sorted(have & wanted)
+    kinds = [(key, lora.kind_of(key), network.lora_modules[key].kind) for key in shared
+             if lora.kind_of(key) != network.lora_modules[key].kind]
+    if kinds:
+        key, file_kind, run_kind = kinds[0]
+        problems.append(f"the file is {file_kind} where this run trains {run_kind} (e.g. {key}); set network_type "
+                        f"to the file's")
+    ranks = {(key, _rank(lora.tensors_of(key)), network.lora_modules[key].rank) for key in shared
+             if not kinds and network.lora_modules[key].kind in ("lora", "dora", "loha")
+             and _rank(lora.tensors_of(key)) != network.lora_modules[key].rank}
     if ranks:
         key, file_rank, run_rank = sorted(ranks)[0]
         problems.append(f"rank differs on {len(ranks)} layers: the file has rank {file_rank}, this run "
                         f"uses {run_rank} (e.g. {key}); set lora_rank/conv_rank to the file's, or "
                         "dim_from_weights: true")
-    for key in sorted(have & wanted):
-        # The layer's own sizes (outputs, inputs): the rank is the other dimension and is reported above.
-        file_sizes = (lora.state[f"{key}.lora_up.weight"].shape[0], lora.state[f"{key}.lora_down.weight"].shape[1])
-        module = network.lora_modules[key]
-        run_sizes = (module.up.shape[0], module.down.shape[1])
-        if file_sizes != run_sizes:
-            problems.append(f"{key} maps {file_sizes[1]} to {file_sizes[0]} features in the file but "
-                            f"{run_sizes[1]} to {run_sizes[0]} in this model (a LoRA for another model family?)")
+    for key in shared if not kinds and not ranks else []:
+        if mismatch := tensor_mismatch(lora.tensors_of(key), network.lora_modules[key].file_tensors()):
+            problems.append(f"{key}: {mismatch} in this run (a file for another model family, or other "
+                            "lokr_factor/lokr_full_matrix/lora_rank?)")
             break
     if problems:
         raise UserError(f"{source} does not match this run: " + "; ".join(problems))
+
+
+def _rank(tensors: dict[str, torch.Tensor]) -> int:
+    """The rank of one lora, dora or loha module's tensors."""
+    return int((tensors.get("lora_down.weight", tensors.get("hada_w1_b"))).shape[0])
 
 
 _DIFFUSERS_KEY_PATTERNS = [

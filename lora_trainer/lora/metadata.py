@@ -12,7 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import NetworkConfig, TrainConfig
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import DatasetScan
 from lora_trainer.lora.network import LoraNetwork
@@ -31,18 +31,32 @@ def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType)
     return "stable-diffusion-v1/lora"
 
 
-def network_shape_metadata(network: LoraNetwork) -> dict[str, str]:
-    """`ss_network_dim`, `ss_network_alpha` and the conv part of `ss_network_args` as the network has them (the
-    most common rank and alpha of its linear and of its 3x3 layers): the file's, when it came from one."""
-    linear = Counter((m.rank, m.alpha) for m in network.lora_modules.values() if m.down.shape[2:] in ((), (1, 1)))
-    conv = Counter((m.rank, m.alpha) for m in network.lora_modules.values() if m.down.shape[2:] not in ((), (1, 1)))
+def network_metadata(settings: NetworkConfig, network: LoraNetwork) -> dict[str, str]:
+    """`ss_network_module`, `_dim`, `_alpha`, `_args` and `_train_unet_only` as kohya (lora) and LyCORIS (locon,
+    loha, lokr, dora) write them, so the WebUI's card and Civitai show the type. The sizes are the network's own
+    (the most common rank and alpha of its linear and of its 3x3 layers): the file's, when it came from one."""
+    modules = list(network.lora_modules.values())
+    linear = Counter((m.rank, m.alpha) for m in modules if m.weight_shape[2:] in ((), (1, 1)))
+    conv = Counter((m.rank, m.alpha) for m in modules if m.weight_shape[2:] not in ((), (1, 1)))
     rank, alpha = linear.most_common(1)[0][0] if linear else (0, 0.0)
-    network_args = {}
+    args: dict[str, str] = {}
     if conv:
         conv_rank, conv_alpha = conv.most_common(1)[0][0]
-        network_args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
-    return {"ss_network_dim": str(rank), "ss_network_alpha": _number(alpha),
-            "ss_network_args": json.dumps(network_args),
+        args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
+    network_type = settings.network_type
+    kinds = {module.kind for module in modules}
+    if kinds and {"locon": "lora"}.get(network_type, network_type) not in kinds:  # dim_from_weights: the file's
+        network_type = sorted(kinds)[0]
+    module = "networks.lora"
+    if network_type != "lora":
+        module = "lycoris.kohya"
+        args = {"algo": {"dora": "lora"}.get(network_type, network_type), **args}
+        if network_type == "dora":
+            args.update(dora_wd="True", wd_on_output="False")
+        if network_type == "lokr":
+            args.update(factor=str(settings.lokr_factor), full_matrix=str(settings.lokr_full_matrix))
+    return {"ss_network_module": module, "ss_network_dim": str(rank), "ss_network_alpha": _number(alpha),
+            "ss_network_args": json.dumps(args),
             "ss_network_train_unet_only": str(not network.parameters_with_prefix("lora_te"))}
 
 
@@ -63,8 +77,7 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
     metadata = {
-        "ss_network_module": "networks.lora",
-        **network_shape_metadata(network),
+        **network_metadata(config.network, network),
         "ss_network_dropout": _number(config.network.lora_dropout),
         "ss_base_model_version": BASE_MODEL_VERSION[family] + (
             "_v" if prediction_type == "v_prediction" and family != "sdxl" else ""),

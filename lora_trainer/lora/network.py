@@ -1,4 +1,5 @@
-"""The one LoRA mechanism: forward hooks that add `scale * up(down(x))` to a frozen layer's output.
+"""The one LoRA mechanism: forward hooks that add each network type's output delta (for lora,
+`scale * up(down(x))`) to a frozen layer's output.
 
 The adapted model's module tree is never changed: no wrapper modules, no renamed parameters. The LoRA
 weights live in a separate `LoraNetwork`, which attaches hooks to the target layers and removes them
@@ -7,14 +8,13 @@ recognised by its weight's shape (2-D: linear, 4-D: convolution), not by its cla
 
 One layer type cannot be reached by a hook: `nn.MultiheadAttention` (OpenCLIP's text encoders in SD2 and
 SDXL) projects q, k and v with one fused `in_proj_weight` and never calls its `out_proj` module. Its four
-LoRA parts are applied the way the WebUI applies them, as weight deltas (`up @ down * scale`), through an
+LoRA parts are applied the way the WebUI applies them, as weight deltas (lora: `up @ down * scale`), through an
 instance `forward` that runs `F.multi_head_attention_forward` on the base weights plus the deltas; detaching
 deletes that instance attribute again, so the class's forward shows through as before.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,16 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_trainer.errors import UserError
-
-ATTENTION_PARTS = ("q", "k", "v", "out")
-"""The parts of an `nn.MultiheadAttention` LoRA adapts: the q/k/v thirds of `in_proj_weight`, and `out_proj`."""
+from lora_trainer.lora.network_types import ATTENTION_PARTS, AdapterModule, new_module
 
 
 @dataclass(frozen=True)
 class LoraTarget:
     """A layer to adapt: its kohya key (`lora_unet_..._to_q`), its diffusers/peft key
-    (`unet.down_blocks.0....to_q`), the layer, and the LoRA rank and alpha. For an `nn.MultiheadAttention`,
-    `part` says which of its projections (one of `ATTENTION_PARTS`)."""
+    (`unet.down_blocks.0....to_q`), the layer, and the rank and alpha. For an `nn.MultiheadAttention`, `part`
+    says which of its projections (one of `ATTENTION_PARTS`). `kind` is the network type of its module (lora,
+    loha, lokr, dora; locon is lora), with LoKr's factor and full-matrix option."""
 
     key: str
     peft_key: str
@@ -42,72 +41,28 @@ class LoraTarget:
     rank: int
     alpha: float
     part: str | None = None
-
-
-class LoraModule(nn.Module):
-    """The down/up matrices for one layer. `down` sees the layer's input; `up` starts at zero."""
-
-    def __init__(self, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, part: str | None = None):
-        super().__init__()
-        weight = layer.weight if part is None else attention_part_weight(layer, part)
-        if weight.dim() == 2:
-            out_features, in_features = weight.shape
-            self.conv: dict[str, object] | None = None
-            down_shape: tuple[int, ...] = (rank, in_features)
-            up_shape: tuple[int, ...] = (out_features, rank)
-        elif weight.dim() == 4:
-            out_channels, in_channels, kernel_h, kernel_w = weight.shape
-            self.conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
-            down_shape = (rank, in_channels, kernel_h, kernel_w)
-            up_shape = (out_channels, rank, 1, 1)
-        else:
-            raise ValueError(f"cannot attach LoRA to a layer whose weight has shape {tuple(weight.shape)}")
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.down = nn.Parameter(torch.empty(down_shape, dtype=torch.float32, device=weight.device))
-        self.up = nn.Parameter(torch.zeros(up_shape, dtype=torch.float32, device=weight.device))
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor kohya and the WebUI apply to `up @ down`."""
-        return self.alpha / self.rank
-
-    def delta(self, inputs: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
-        """The LoRA's contribution to the layer's output for `inputs` at strength `multiplier`."""
-        # fp32 LoRA weights; under autocast the functional ops below recast to the autocast dtype.
-        if inputs.dtype != self.down.dtype:
-            inputs = inputs.to(self.down.dtype)
-        inputs = self.dropout(inputs)
-        # The scale goes on the rank-r hidden state, which is far smaller than the layer's output, and is
-        # skipped at 1 (alpha = rank, full strength): a full-size multiply per layer costs about 4% of a step.
-        factor = self.scale * multiplier
-        if self.conv is None:
-            hidden = F.linear(inputs, self.down)
-            return F.linear(hidden if factor == 1.0 else hidden * factor, self.up)
-        hidden = F.conv2d(inputs, self.down, **self.conv)
-        return F.conv2d(hidden if factor == 1.0 else hidden * factor, self.up)
-
-    def weight_delta(self, multiplier: float = 1.0) -> torch.Tensor:
-        """The change this LoRA makes to a linear layer's weight at strength `multiplier`: up @ down * scale."""
-        return (self.up @ self.down) * (self.scale * multiplier)
+    kind: str = "lora"
+    lokr_factor: int = -1
+    lokr_full_matrix: bool = False
 
 
 class LoraNetwork(nn.Module):
-    """All LoRA modules of one run, keyed by kohya key, plus the hooks that apply them."""
+    """All LoRA modules of one run, keyed by kohya key, plus the hooks that apply them. `modules` gives ready
+    modules by key (read from a file) instead of new ones made from the targets."""
 
-    def __init__(self, targets: list[LoraTarget], dropout: float = 0.0):
+    def __init__(self, targets: list[LoraTarget], dropout: float = 0.0,
+                 modules: dict[str, AdapterModule] | None = None):
         super().__init__()
         if dropout and any(target.part for target in targets):
             raise UserError("lora_dropout cannot be used on OpenCLIP attention (the text encoder of SD2, the second "
                             "one of SDXL), whose LoRA is applied to the weights; set lora_dropout to 0 or turn off "
                             "train_text_encoder")
-        self.lora_modules = nn.ModuleDict({target.key: LoraModule(target.layer, target.rank, target.alpha, dropout,
-                                                                  target.part) for target in targets})
+        self.lora_modules = nn.ModuleDict(modules or {
+            target.key: new_module(target.kind, target.layer, target.part, target.rank, target.alpha, dropout,
+                                   target.lokr_factor, target.lokr_full_matrix) for target in targets})
         # Plain dicts on purpose: the target layers must not become submodules of the network.
         self._layers = {target.key: target.layer for target in targets if target.part is None}
-        self._attentions: dict[nn.Module, dict[str, LoraModule]] = {}
+        self._attentions: dict[nn.Module, dict[str, AdapterModule]] = {}
         for target in targets:
             if target.part is not None:
                 self._attentions.setdefault(target.layer, {})[target.part] = self.lora_modules[target.key]
@@ -169,24 +124,19 @@ class LoraNetwork(nn.Module):
                 for p in module.parameters()]
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights in kohya layout: `key.lora_down.weight`, `key.lora_up.weight`, `key.alpha`."""
-        state: dict[str, torch.Tensor] = {}
-        for key, module in self.lora_modules.items():
-            state[f"{key}.lora_down.weight"] = module.down.detach().float().cpu().contiguous()
-            state[f"{key}.lora_up.weight"] = module.up.detach().float().cpu().contiguous()
-            state[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
-        return state
+        """Weights in kohya/LyCORIS layout: `key.lora_down.weight`, `key.lora_up.weight`, `key.alpha` for lora,
+        plus `key.dora_scale` for dora, `key.hada_w1_a`, ... for loha, `key.lokr_w1`, ... for lokr."""
+        return {f"{key}.{suffix}": tensor for key, module in self.lora_modules.items()
+                for suffix, tensor in module.file_tensors().items()}
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy weights from a kohya-layout dict whose keys and shapes match this network exactly."""
-        with torch.no_grad():
-            for key, module in self.lora_modules.items():
-                module.down.copy_(state[f"{key}.lora_down.weight"].reshape(module.down.shape))
-                module.up.copy_(state[f"{key}.lora_up.weight"].reshape(module.up.shape))
-                if f"{key}.alpha" in state:
-                    module.alpha = float(state[f"{key}.alpha"])
+        """Copy weights from a kohya/LyCORIS-layout dict whose keys and sizes match this network exactly."""
+        for key, module in self.lora_modules.items():
+            prefix = f"{key}."
+            module.load_file_tensors({name[len(prefix):]: tensor for name, tensor in state.items()
+                                      if name.startswith(prefix)})
 
-    def _make_hook(self, module: LoraModule):
+    def _make_hook(self, module: AdapterModule):
         def add_lora_output(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if self.multiplier == 0.0:
                 return output
@@ -196,14 +146,7 @@ class LoraNetwork(nn.Module):
         return add_lora_output
 
 
-def attention_part_weight(attention: nn.Module, part: str) -> torch.Tensor:
-    """The weight of one projection of an `nn.MultiheadAttention`: a third of `in_proj_weight`, or `out_proj`'s."""
-    if part == "out":
-        return attention.out_proj.weight
-    return attention.in_proj_weight.chunk(3)[ATTENTION_PARTS.index(part)]
-
-
-def _attention_with_lora(attention: nn.MultiheadAttention, parts: dict[str, LoraModule], network: LoraNetwork,
+def _attention_with_lora(attention: nn.MultiheadAttention, parts: dict[str, AdapterModule], network: LoraNetwork,
                          query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                          attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,

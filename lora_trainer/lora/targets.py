@@ -12,16 +12,17 @@ from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import UserError
 from lora_trainer.lora.files import read_lora
 from lora_trainer.lora.naming import STEM_CONVS, kohya_key
-from lora_trainer.lora.network import ATTENTION_PARTS, LoraNetwork, LoraTarget, attention_part_weight
+from lora_trainer.lora.network import LoraNetwork, LoraTarget
+from lora_trainer.lora.network_types import ATTENTION_PARTS, attention_part_weight, module_from_file
 from lora_trainer.models.base import LoraRoot
 
 
 def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[LoraTarget]:
-    """Every layer of `roots` that the network config asks to adapt, with its kohya key, rank and alpha.
+    """Every layer of `roots` that the network config asks to adapt, with its kohya key, rank, alpha and type.
 
     A layer matches a name in `target_modules` (or `text_encoder_target_modules`) when its path, or its
-    path as kohya files name it, ends with it. With `conv_rank > 0`, the UNet's 3x3 convolutions (except
-    the stem's) are adapted too.
+    path as kohya files name it, ends with it. With a conv rank (by default for locon, loha and lokr), the
+    UNet's 3x3 convolutions (except the stem's) are adapted too.
     """
     targets: list[LoraTarget] = []
     for root in roots:
@@ -33,10 +34,12 @@ def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[Lor
             if weight.dim() == 2:
                 linear_paths.append(path)
             if _matches(path, root.kohya_path(path), suffixes) and (weight.dim() == 2 or weight.shape[-2:] == (1, 1)):
-                found.append(_target(root, path, layer, part, network.lora_rank, network.effective_lora_alpha))
-            elif (not root.is_text_encoder and network.conv_rank and weight.dim() == 4
+                found.append(_target(root, path, layer, part, network, network.lora_rank,
+                                     network.effective_lora_alpha))
+            elif (not root.is_text_encoder and network.effective_conv_rank and weight.dim() == 4
                   and weight.shape[-2:] == (3, 3) and path not in STEM_CONVS):
-                found.append(_target(root, path, layer, part, network.conv_rank, network.effective_conv_alpha))
+                found.append(_target(root, path, layer, part, network, network.effective_conv_rank,
+                                     network.effective_conv_alpha))
         if not found and suffixes:
             raise UserError(f"no layer of {root.prefix} matches {suffixes}; layer names look like: "
                             + ", ".join(linear_paths[:8]))
@@ -63,8 +66,11 @@ def _adaptable_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module, str |
             yield path, layer, None, weight
 
 
-def _target(root: LoraRoot, path: str, layer: nn.Module, part: str | None, rank: int, alpha: float) -> LoraTarget:
-    return LoraTarget(*_keys(root, path), layer, rank, alpha, part)
+def _target(root: LoraRoot, path: str, layer: nn.Module, part: str | None, network: NetworkConfig, rank: int,
+            alpha: float) -> LoraTarget:
+    kind = "lora" if network.network_type == "locon" else network.network_type
+    return LoraTarget(*_keys(root, path), layer, rank, alpha, part, kind, network.lokr_factor,
+                      network.lokr_full_matrix)
 
 
 def _keys(root: LoraRoot, path: str) -> tuple[str, str]:
@@ -78,8 +84,8 @@ def _matches(path: str, kohya_path: str, suffixes: list[str]) -> bool:
 
 
 def network_from_file(roots: list[LoraRoot], path: Path, dropout: float = 0.0) -> LoraNetwork:
-    """A `LoraNetwork` on the layers of `roots` that the LoRA file at `path` has weights for, with the file's
-    ranks and alphas and its weights loaded.
+    """A `LoraNetwork` on the layers of `roots` that the LoRA file at `path` has weights for, loaded, with the
+    file's ranks and alphas; each layer's module is of the type its tensors show (lora, dora, loha, lokr).
 
     Every layer of the file must exist in the model: a file for another model family is an error that
     names the layers it could not place.
@@ -94,9 +100,8 @@ def network_from_file(roots: list[LoraRoot], path: Path, dropout: float = 0.0) -
     if unplaced:
         raise UserError(f"{path}: {len(unplaced)} of its {len(lora.module_keys)} layers do not exist in this model "
                         f"(e.g. {unplaced[0]}); is it a LoRA for another model family?")
-    targets = [LoraTarget(key, layers[key][0], layers[key][1], lora.rank_of(key),
-                          float(lora.state.get(f"{key}.alpha", lora.rank_of(key))), layers[key][2])
-               for key in sorted(lora.module_keys)]
-    network = LoraNetwork(targets, dropout)
-    network.load_kohya_state_dict(lora.state)
-    return network
+    keys = sorted(lora.module_keys)
+    modules = {key: module_from_file(layers[key][1], layers[key][2], lora.tensors_of(key), f"{path}: {key}",
+                                     dropout) for key in keys}
+    return LoraNetwork([LoraTarget(key, layers[key][0], layers[key][1], modules[key].rank, modules[key].alpha,
+                                   layers[key][2], modules[key].kind) for key in keys], dropout, modules=modules)

@@ -26,18 +26,21 @@ setting): not in the form."""
 YAML_ONLY_KEYS = ("subsets",)
 """Config keys the form has no widget for yet: a dataset of several folders with their own options is set in a
 preset's YAML (the form trains the one dataset folder, whose `N_name` subfolders repeat as usual)."""
-MAIN_KEYS = ("output_name", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs", "batch_size",
-             "max_train_steps", "save_every_n_epochs", "keep_last_n_saves", "mixed_precision", "cache_latents",
-             "sample_prompts", "sample_every_n_steps")
+MAIN_KEYS = ("output_name", "network_type", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs",
+             "batch_size", "max_train_steps", "save_every_n_epochs", "keep_last_n_saves", "mixed_precision",
+             "cache_latents", "sample_prompts", "sample_every_n_steps")
 """Settings shown outside the Advanced accordion (besides the dataset folder)."""
-LABELS = {"train_data_dir": "Dataset folder", "resolution": "Resolution (px)", "lora_rank": "Rank",
-          "lora_alpha": "Alpha", "unet_lr": "UNet learning rate", "max_train_steps": "Max steps",
+LABELS = {"train_data_dir": "Dataset folder", "network_type": "Network type", "lokr_factor": "LoKr factor",
+          "lokr_full_matrix": "LoKr full matrix", "resolution": "Resolution (px)",
+          "lora_rank": "Rank", "lora_alpha": "Alpha", "unet_lr": "UNet learning rate", "max_train_steps": "Max steps",
           "save_every_n_epochs": "Save every N epochs", "keep_last_n_saves": "Keep the last N saves",
           "sample_prompts": "Sample prompts (one per line)",
           "sample_every_n_steps": "Sample every N steps"}
 TAB_HELP = {
     "lora_alpha": "Scale: the LoRA's output is multiplied by Alpha / Rank (8 / 16 = 0.5). Empty: equal to the Rank.",
-    "conv_alpha": "Alpha for the convolution LoRA. Empty: equal to the Conv rank.",
+    "conv_rank": "Rank on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone. Empty: the Rank "
+                 "for locon, loha and lokr, 0 for lora and dora.",
+    "conv_alpha": "Alpha for the convolution layers. Empty: equal to the Conv rank.",
 }
 """Help where the config's own words do not fit the form (the form's defaults differ from the config's)."""
 

@@ -25,7 +25,7 @@ from lora_trainer.tab.form import (
 from lora_trainer.tab.notices import notice
 from lora_trainer.tab.presets import load_preset, preset_names, save_preset
 
-MAIN_ROWS = (("resolution", "lora_rank", "lora_alpha"), ("unet_lr", "epochs", "batch_size"),
+MAIN_ROWS = (("network_type",), ("resolution", "lora_rank", "lora_alpha"), ("unet_lr", "epochs", "batch_size"),
              ("max_train_steps", "save_every_n_epochs", "keep_last_n_saves"), ("sample_prompts",),
              ("sample_every_n_steps", "mixed_precision", "cache_latents"))
 

@@ -19,13 +19,15 @@ from lora_trainer.lora.network import LoraNetwork
 def lora_parameter_groups(network: LoraNetwork, settings: OptimizerConfig) -> list[dict]:
     """The network's parameters in named groups (`unet`, `text_encoder`), each with its learning rate. With
     LoRA+ (`loraplus_lr_ratio`), each group's up matrices form their own group (`unet_up`, ...) at that many
-    times its rate."""
+    times its rate (DoRA's magnitudes stay with the down matrices)."""
     groups = []
     for name, prefix, learning_rate in (("unet", "lora_unet", settings.effective_unet_lr),
                                         ("text_encoder", "lora_te", settings.effective_text_encoder_lr)):
         modules = [module for key, module in network.lora_modules.items() if key.startswith(prefix)]
         if settings.loraplus_lr_ratio:
-            groups.append({"name": name, "params": [module.down for module in modules], "lr": learning_rate})
+            ups = {id(module.up) for module in modules}
+            groups.append({"name": name, "params": [p for module in modules for p in module.parameters()
+                                                    if id(p) not in ups], "lr": learning_rate})
             groups.append({"name": f"{name}_up", "params": [module.up for module in modules],
                            "lr": learning_rate * settings.loraplus_lr_ratio})
         else:
