@@ -304,12 +304,6 @@ class OptimizerConfig:
             raise UserError(f"config key 'lr_scheduler_min_lr_ratio' must be in [0, 1], got "
                             f"{self.lr_scheduler_min_lr_ratio}")
 
-    def warmup_steps_of(self, total_steps: int) -> int:
-        """The warmup in optimizer steps for a run of `total_steps`."""
-        if isinstance(self.warmup_steps, float) and self.warmup_steps < 1:
-            return round(self.warmup_steps * total_steps)
-        return int(self.warmup_steps)
-
     @property
     def effective_unet_lr(self) -> float:
         """The UNet LoRA learning rate."""
@@ -530,6 +524,14 @@ class TrainConfig:
         """Plain YAML-ready values, one section per group (paths as strings)."""
         return {group: {f.name: _plain(getattr(getattr(self, group), f.name))
                         for f in dataclasses.fields(getattr(self, group))} for group in GROUPS}
+
+
+def warmup_steps_for(warmup_steps: int | float, total_steps: int) -> int:
+    """The warmup in optimizer steps for a run of `total_steps`: `warmup_steps` itself, or below 1 that share of
+    the run."""
+    if isinstance(warmup_steps, float) and warmup_steps < 1:
+        return round(warmup_steps * total_steps)
+    return int(warmup_steps)
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None,

@@ -116,16 +116,22 @@ class OptimizerConfig:
     """Optimizer and learning-rate schedule (the names `lora_trainer.train.optim` reads)."""
 
     optimizer_type: Optimizer = "adamw"
-    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt) or lion (lion-pytorch); flat key
-    `optimizer`."""
+    """adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt), lion (lion-pytorch), adafactor, dadaptation
+    or adamw_schedulefree; flat key `optimizer`."""
+    optimizer_class: str | None = None
+    """Any optimizer class by its import path (`torch.optim.SGD`), instead of `optimizer_type`."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the optimizer, over the defaults (betas, eps, ...)."""
     learning_rate: float = 2e-4
     """Learning rate of every LoRA parameter."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     scheduler: Scheduler = "constant"
     """Learning-rate schedule after the warmup."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0."""
+    warmup_steps: int | float = 0
+    """Optimizer steps of linear warmup from 0 (below 1: a share of the run)."""
+    lr_scheduler_min_lr_ratio: float = 0.0
+    """The decaying schedules end at this fraction of the learning rate."""
     scheduler_num_cycles: int = 1
     """Restarts for cosine_with_restarts."""
     scheduler_power: float = 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from lora_trainer.config import NetworkConfig, TrainConfig
+from lora_trainer.config import NetworkConfig, TrainConfig, warmup_steps_for
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import DatasetScan
 from lora_trainer.lora.network import LoraNetwork
@@ -104,7 +104,7 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         "ss_text_encoder_lr": _number(config.optimizer.effective_text_encoder_lr),
         "ss_optimizer": optimizer_description(config),
         "ss_lr_scheduler": config.optimizer.scheduler,
-        "ss_lr_warmup_steps": str(config.optimizer.warmup_steps_of(total_steps)),
+        "ss_lr_warmup_steps": str(warmup_steps_for(config.optimizer.warmup_steps, total_steps)),
         "ss_batch_size_per_device": str(config.training.batch_size),
         "ss_gradient_accumulation_steps": str(config.training.gradient_accumulation_steps),
         "ss_mixed_precision": config.training.mixed_precision,

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lora_trainer.config import OptimizerConfig, TrainConfig
+from lora_trainer.config import OptimizerConfig, TrainConfig, warmup_steps_for
 from lora_trainer.errors import UserError
 from lora_trainer.lora.network import LoraNetwork
 
@@ -93,7 +93,7 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_
     """A schedule with `warmup_steps` of linear warmup, then `config.optimizer.scheduler` over the remaining steps,
     decaying to `lr_scheduler_min_lr_ratio` of the learning rate."""
     settings = config.optimizer
-    warmup = settings.warmup_steps_of(total_steps)
+    warmup = warmup_steps_for(settings.warmup_steps, total_steps)
     decay_steps = max(1, total_steps - warmup)
     floor = settings.lr_scheduler_min_lr_ratio
 
