@@ -59,12 +59,11 @@ def test_validation_loss_falls_then_rises_when_two_images_are_overtrained(tmp_pa
     assert losses[best] < losses[0] and losses[150] > losses[best] * 1.2
 
 
-def test_regularisation_images_keep_the_class_prompt_closer_to_the_base(tmp_path, tokenizer_folder):
+def test_regularisation_images_keep_the_class_prompt_closer_to_the_base(tmp_path, tokenizer_folder, concept_dataset,
+                                                                        concept_lora):
     """A LoRA teaching "a sks circle" (magenta) leaks magenta into "a red circle"; class images of circles in the
     colours the base knows, mixed in as regularisation images, hold the class prompt near the base's pictures."""
     colour, trigger = CONCEPT
-    concept = tmp_path / "concept"
-    write_concept_dataset(concept, colour, trigger)
     reg = tmp_path / "reg" / "1_circle"
     reg.mkdir(parents=True)
     for index, scene in enumerate(scenes(99, 24, shapes=("circle",))):
@@ -75,9 +74,10 @@ def test_regularisation_images_keep_the_class_prompt_closer_to_the_base(tmp_path
     base = {(prompt, seed): np.asarray(_draw(backend, prompt, seed), dtype=np.float32)
             for prompt in class_prompts for seed in range(4)}
     measured = {}
-    for name, extra in (("without", {}), ("with", {"reg_data_dir": tmp_path / "reg"})):
+    for name in ("without", "with"):
         backend = _backend(tokenizer_folder)
-        path = train(concept_config(concept, tmp_path / name, **extra), backend).saved[-1]
+        path = concept_lora("sd1") if name == "without" else \
+            train(concept_config(concept_dataset, tmp_path / name, reg_data_dir=tmp_path / "reg"), backend).saved[-1]
         with network_from_file(backend.lora_roots(), path).applied(1.0):
             drawn = {key: _draw(backend, *key) for key in base}
             distance = np.mean([np.abs(np.asarray(image, dtype=np.float32) - base[key]).mean()

@@ -37,21 +37,14 @@ def _drawer(backend: DiffusersBackend):
 
 
 @pytest.fixture(scope="module")
-def concept_dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept_dataset(folder, *CONCEPT)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer_folder, concept_dataset):
-    """One UNet LoRA per family on the concept, trained once for the tests that only look at it."""
+def trained(tokenizer_folder, concept_lora):
+    """The concept's UNet LoRA of each family (shared with other learning tests), on a backend of that family."""
     cache = {}
 
     def get(family: str):
         if family not in cache:
             backend = _backend(family, tokenizer_folder)
-            path = train(concept_config(concept_dataset, tmp_path_factory.mktemp(family)), backend).saved[-1]
+            path = concept_lora(family)
             cache[family] = backend, network_from_file(backend.lora_roots(), path), path
         return cache[family]
     return get
