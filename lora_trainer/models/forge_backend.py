@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from lora_trainer.errors import UserError
-from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_compvis_to_diffusers
+from lora_trainer.lora.naming import hf_clip_path
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
@@ -41,6 +41,7 @@ from lora_trainer.models.webui_backend import (
     GenerateImage,
     checkpointed_forward,
     temporary_attributes,
+    unet_lora_root,
 )
 
 TRAINABLE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -88,11 +89,7 @@ class ForgeBackend(DiffusionBackend):
         return self._alphas_cumprod
 
     def lora_roots(self) -> list[LoraRoot]:
-        to_diffusers = partial(unet_compvis_to_diffusers, layers_per_block=self._layers_per_block)
-        # kohya names SD1/SD2 UNet layers with diffusers block names and SDXL layers with the original ones.
-        unet_kohya_path = str if self.family == "sdxl" else to_diffusers
-        roots = [LoraRoot(UNET_PREFIX, "unet", self.unet, is_text_encoder=False, kohya_path=unet_kohya_path,
-                          peft_path=to_diffusers)]
+        roots = [unet_lora_root(self.unet, self.family, self._layers_per_block)]
         encoders = self._patchers.clip.cond_stage_model
         for name, prefix, component in TEXT_ENCODERS[self.family]:
             roots.append(LoraRoot(prefix, component, getattr(encoders, name).transformer, is_text_encoder=True,

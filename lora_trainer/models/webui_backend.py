@@ -48,6 +48,14 @@ _FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e
 _ABSENT = object()
 
 
+def unet_lora_root(unet: torch.nn.Module, family: str, layers_per_block: int) -> LoraRoot:
+    """An original-layout (ldm/sgm) UNet as a LoRA attachment point: kohya names SD1/SD2 UNet layers with
+    diffusers block names and SDXL layers with the original ones; peft always with diffusers'."""
+    to_diffusers = partial(unet_compvis_to_diffusers, layers_per_block=layers_per_block)
+    return LoraRoot(UNET_PREFIX, "unet", unet, is_text_encoder=False,
+                    kohya_path=str if family == "sdxl" else to_diffusers, peft_path=to_diffusers)
+
+
 class WebUIBackend(DiffusionBackend):
     """The WebUI's loaded `LatentDiffusion` (SD1/SD2) or `DiffusionEngine` (SDXL) as a training backend.
 
@@ -95,11 +103,7 @@ class WebUIBackend(DiffusionBackend):
         return self._alphas_cumprod
 
     def lora_roots(self) -> list[LoraRoot]:
-        to_diffusers = partial(unet_compvis_to_diffusers, layers_per_block=self._layers_per_block)
-        # kohya names SD1/SD2 UNet layers with diffusers block names and SDXL layers with the original ones.
-        unet_kohya_path = str if self.family == "sdxl" else to_diffusers
-        roots = [LoraRoot(UNET_PREFIX, "unet", self.unet, is_text_encoder=False, kohya_path=unet_kohya_path,
-                          peft_path=to_diffusers)]
+        roots = [unet_lora_root(self.unet, self.family, self._layers_per_block)]
         if self.family == "sd1":
             clip = _unwrapped(self.model.cond_stage_model).transformer
             roots.append(LoraRoot("lora_te", "text_encoder", clip, is_text_encoder=True, kohya_path=hf_clip_path,
