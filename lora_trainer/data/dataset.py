@@ -16,7 +16,7 @@ from lora_trainer.data.images import load_rgb_image
 from lora_trainer.data.latent_cache import LatentDiskCache
 from lora_trainer.data.masks import load_mask, mask_file_for, mask_tensor
 from lora_trainer.data.scan import DatasetScan, ImageRecord
-from lora_trainer.data.transforms import crop_like, crop_to_bucket, process_caption, to_tensor
+from lora_trainer.data.transforms import crop_like, crop_position, crop_to_bucket, process_caption, to_tensor
 from lora_trainer.errors import UserError
 
 
@@ -142,14 +142,16 @@ class TrainingData:
                 pixels, sizes, keys, new_entries = [], [], [], []
                 for index in chunk:
                     example = self.examples[index]
-                    image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
-                                                 random.Random(0))
+                    crop = crop_position((example.record.width, example.record.height), example.bucket, False,
+                                         random.Random(0))
                     flips = (False, True) if self._options(example).flip_aug else (False,)
                     entry = disk.path_for(example.record.path, example.bucket, flips) if disk else None
                     kept = disk.load(entry) if disk else None
-                    if kept is not None:
+                    if kept is not None:  # no need to decode the image at all
                         self.latent_cache.update(((index, flip), latents) for flip, latents in zip(flips, kept))
                     else:
+                        image, _ = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
+                                                  random.Random(0))
                         pixels += [to_tensor(image, flip) for flip in flips]
                         keys += [(index, flip) for flip in flips]
                         new_entries.append((entry, len(flips)))

@@ -20,14 +20,21 @@ def crop_to_bucket(
     The crop is centred, or placed at random when `random_crop`. Returns the crop and its
     (crop_top, crop_left) in the resized image's pixels, as SDXL's crop conditioning expects.
     """
-    bucket_width, bucket_height = bucket
-    resized_size = _covering_size(image.size, bucket)
-    spare_width, spare_height = resized_size[0] - bucket_width, resized_size[1] - bucket_height
+    crop = crop_position(image.size, bucket, random_crop, rng)
+    return crop_like(image, bucket, crop, _LANCZOS), crop
+
+
+def crop_position(size: tuple[int, int], bucket: tuple[int, int], random_crop: bool, rng: random.Random
+                  ) -> tuple[int, int]:
+    """(crop_top, crop_left) of `crop_to_bucket` for an image of `size` (width, height), known without
+    decoding it."""
+    resized_size = _covering_size(size, bucket)
+    spare_width, spare_height = resized_size[0] - bucket[0], resized_size[1] - bucket[1]
     if random_crop:
         crop_left, crop_top = rng.randint(0, spare_width), rng.randint(0, spare_height)
     else:
         crop_left, crop_top = spare_width // 2, spare_height // 2
-    return crop_like(image, bucket, (crop_top, crop_left), _LANCZOS), (crop_top, crop_left)
+    return crop_top, crop_left
 
 
 def crop_like(image: Image.Image, bucket: tuple[int, int], crop: tuple[int, int], resample: int = _LANCZOS
