@@ -33,8 +33,16 @@ NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 CONV_NETWORK_TYPES = ("locon", "loha", "lokr")
 """Network types that adapt the UNet's 3x3 convolutions by default, as LyCORIS does."""
 
-UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_TARGET_SETS = {
+    "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+"""Named UNet layer sets: kohya's default (every linear layer of the transformer blocks) and attention only."""
+TEXT_ENCODER_TARGET_SETS = {
+    "kohya": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+"""Named text-encoder layer sets: kohya's default (attention and MLP) and attention only."""
 
 AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size", "gradient_accumulation_steps",
                 "epochs", "log_every_n_steps", "scheduler_num_cycles", "sample_steps")
@@ -43,7 +51,7 @@ AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
                     "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio", "scale_weight_norms")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
-PROBABILITIES = ("lora_dropout", "caption_dropout_rate", "validation_split")
+PROBABILITIES = ("lora_dropout", "rank_dropout", "module_dropout", "caption_dropout_rate", "validation_split")
 NOT_NEGATIVE = ("conv_rank", "warmup_steps", "keep_tokens", "noise_offset", "num_class_images",
                 "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma")
 FLAT_ALIASES = {"optimizer": "optimizer_type"}
@@ -199,9 +207,16 @@ class NetworkConfig:
     lora_alpha: float | None = None
     """Scale numerator: the LoRA output is multiplied by alpha/rank. Default: equal to the rank."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input during training."""
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
-    """UNet modules to adapt, matched as suffixes of module paths."""
+    """Dropout on the LoRA input during training (kohya: network_dropout)."""
+    rank_dropout: float = 0.0
+    """During training, drop each rank of each LoRA's output with this probability, per sample (kohya's
+    rank_dropout; the kept ranks are scaled up to keep the mean)."""
+    module_dropout: float = 0.0
+    """During training, skip each adapted layer's LoRA for a whole step with this probability (kohya's
+    module_dropout)."""
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGET_SETS["kohya"]))
+    """UNet modules to adapt, matched as suffixes of module paths, or a named set: `kohya` (the default: every
+    linear layer of the transformer blocks) or `attention` (to_q, to_k, to_v, to_out.0)."""
     conv_rank: int | None = None
     """Rank on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone. Default: `lora_rank` for
     locon, loha and lokr, 0 for lora and dora."""
@@ -213,8 +228,10 @@ class NetworkConfig:
     """lokr: train the larger Kronecker factor as a full matrix instead of a low-rank product."""
     train_text_encoder: bool = False
     """Also train LoRA on the text encoder(s)."""
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
-    """Text-encoder modules to adapt, matched as suffixes of module paths."""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGET_SETS["kohya"]))
+    """Text-encoder modules to adapt, matched as suffixes of module paths, or a named set: `kohya` (the
+    default: attention and MLP) or `attention`. Layers the model never runs (after the one it conditions on:
+    Clip skip, SD2, SDXL's first encoder) are left out."""
     init_lora_weights: Path | None = None
     """Start from this LoRA file (kohya/LyCORIS, peft or diffusers layout); its type, layers and ranks must match
     this run's, unless `dim_from_weights`."""
@@ -224,6 +241,8 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         _check_group(self)
+        self.target_modules = _named_set(self.target_modules, UNET_TARGET_SETS)
+        self.text_encoder_target_modules = _named_set(self.text_encoder_target_modules, TEXT_ENCODER_TARGET_SETS)
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise UserError(f"lokr_factor must be -1 (as square as possible) or a positive number, "
                             f"got {self.lokr_factor}")
@@ -688,6 +707,11 @@ def _check_group(group: Any) -> None:
             raise UserError(f"config key '{f.name}' should be {_describe(hints[f.name])}, got {value!r}")
         setattr(group, f.name, coerced)
         _check_range(f.name, coerced)
+
+
+def _named_set(names: list[str], sets: dict[str, list[str]]) -> list[str]:
+    """`names`, or the layer set it names when it is one set's name."""
+    return list(sets[names[0]]) if len(names) == 1 and names[0] in sets else names
 
 
 def _check_range(name: str, value: Any) -> None:

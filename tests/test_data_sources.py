@@ -14,7 +14,7 @@ from PIL import Image
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.class_images import class_image_folder, write_class_images
 from lora_trainer.data.dataset import TrainingData
-from lora_trainer.data.masks import mask_on_grid
+from lora_trainer.data.masks import mask_on_grid, mask_overlay
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
@@ -140,6 +140,20 @@ def test_a_mask_folder_holds_masks_named_like_their_images(tmp_path):
     Image.new("L", (32, 32), 0).save(masks / "photo.png")
     data = _data(train_data_dir=str(folder), masked_loss=True, mask_dir=str(masks))
     assert data.load_batch([0], random.Random(0)).masks.sum() == 0
+
+
+def test_the_caption_editors_mask_view_tints_only_what_the_mask_leaves_out(tmp_path):
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:] = (0, 200, 0)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    Image.fromarray(image).save(tmp_path / "plain.png")
+    mask = np.full((32, 32), 255, dtype=np.uint8)
+    mask[:, :16] = 0
+    Image.fromarray(mask, "L").save(tmp_path / "photo.mask.png")
+    overlay = np.asarray(mask_overlay(tmp_path / "photo.png", None))
+    assert overlay[:, 20:].tolist() == image[:, 20:].tolist()
+    assert (overlay[:, :12, 0] > 50).all() and (overlay[:, :12, 1] < 100).all()
+    assert mask_overlay(tmp_path / "plain.png", None) is None
 
 
 def test_the_masked_loss_counts_only_the_masked_region():

@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lora_trainer.config import config_from_dict  # noqa: E402
+from lora_trainer.config import TEXT_ENCODER_TARGET_SETS, UNET_TARGET_SETS, config_from_dict  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.lora.files import read_lora  # noqa: E402
 from lora_trainer.models.diffusers_backend import DiffusersBackend  # noqa: E402
@@ -23,8 +23,8 @@ from lora_trainer.tiny import tiny_sd_pipeline  # noqa: E402
 from lora_trainer.train.events import TrainingEvents  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_TARGETS = UNET_TARGET_SETS["kohya"]
+TEXT_TARGETS = TEXT_ENCODER_TARGET_SETS["kohya"]
 LATENTS = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 TIMESTEPS = torch.tensor([500])
 CAPTION = ["sks, a red shape"]

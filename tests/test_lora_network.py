@@ -150,3 +150,43 @@ def test_fused_attention_lora_needs_all_four_parts():
     attention = nn.MultiheadAttention(8, 2)
     with pytest.raises(UserError, match="q_proj, k_proj, v_proj and out_proj together"):
         LoraNetwork([LoraTarget("lora_te_q_proj", "text_encoder.q_proj", attention, 2, 2.0, "q")])
+
+
+def test_rank_dropout_drops_whole_ranks_per_sample_and_keeps_the_mean():
+    torch.manual_seed(1)
+    layer = nn.Linear(8, 8)
+    network = LoraNetwork([LoraTarget("lora_unet_a", "unet.a", layer, 4, 4.0)])
+    with torch.no_grad():
+        network.lora_modules["lora_unet_a"].up.normal_()
+    network.use_dropouts(rank_dropout=0.5, module_dropout=0.0)
+    module = network.lora_modules["lora_unet_a"]
+    inputs = torch.randn(1, 3, 8).expand(4000, 3, 8)
+    network.train()
+    dropped = module.delta(inputs)
+    network.eval()
+    full = module.delta(inputs[:1])
+    # One mask per sample, shared by its tokens: each sample's delta is a sum over a subset of the 4 ranks.
+    assert len({tuple(sample.flatten().round(decimals=4).tolist()) for sample in dropped}) <= 16
+    assert torch.allclose(dropped.mean(0), full[0], atol=0.15 * full.abs().max().item())
+    assert not torch.allclose(dropped[0], full[0])
+
+
+def test_module_dropout_skips_a_layers_lora_only_in_training():
+    model = _model()
+    inputs = torch.randn(2, 3, 4, 4)
+    base_output = model(inputs)
+    network = _network(model)
+    network.use_dropouts(rank_dropout=0.0, module_dropout=0.5)
+    with network.applied(1.0):
+        network.train()
+        torch.manual_seed(0)
+        skipped_both = sum(torch.equal(model(inputs), base_output) for _ in range(400)) / 400
+        network.eval()
+        assert not torch.equal(model(inputs), base_output)
+    assert 0.18 < skipped_both < 0.32  # both layers skipped: 0.5 * 0.5
+
+
+def test_rank_dropout_is_refused_where_there_are_no_ranks_to_drop():
+    network = LoraNetwork([LoraTarget("lora_unet_a", "unet.a", nn.Linear(8, 8), 4, 4.0, kind="loha")])
+    with pytest.raises(UserError, match="rank_dropout applies to lora/locon"):
+        network.use_dropouts(rank_dropout=0.1, module_dropout=0.0)

@@ -128,8 +128,13 @@ def test_gallery_caption_edits_and_the_caption_button_write_the_txt_files(served
     # The gallery shows cached JPEG previews, not the dataset's own (PNG) files; the editor names the image.
     assert page.locator("#lora_trainer_dataset_gallery .thumbnail-item img").first.get_attribute("src").endswith(".jpg")
 
+    thumbnails.nth(1).click()
+    _wait_in_page(page, f"{_value('selected_image')}.endsWith('01.png')", "the clicked image in the caption editor")
+    assert page.locator("#lora_trainer_mask_view").is_hidden()  # no mask
+    Image.new("L", (32, 32), 0).save(dataset / "00.mask.png")
     thumbnails.first.click()
     _wait_in_page(page, f"{_value('selected_image')}.endsWith('00.png')", "the clicked image in the caption editor")
+    page.locator("#lora_trainer_mask_view img").wait_for()  # its loss mask over it
     _fill(page, "caption", "sks, my own words")
     page.click("#lora_trainer_save_caption")
     _wait_for(lambda: (dataset / "00.txt").is_file(), "the edited caption to be saved")

@@ -341,3 +341,29 @@ def test_clip_skip_is_recorded_and_a_mismatch_with_the_model_is_refused(pipeline
         DiffusersBackend(pipelines["sdxl"], "cpu", clip_skip=2)
     with pytest.raises(UserError, match="clip_skip"):
         config_from_dict(dict(clip_skip=0))
+
+
+def test_text_encoder_layers_after_the_conditioning_layer_are_neither_trained_nor_saved(pipelines, shapes_dataset,
+                                                                                         tmp_path):
+    from safetensors import safe_open
+
+    def text_layers(path) -> set[str]:
+        with safe_open(str(path), "pt") as handle:
+            return {key.split("_layers_")[0] + "_layers_" + key.split("_layers_")[1].split("_")[0]
+                    for key in handle.keys() if key.startswith("lora_te")}
+
+    def trained(family: str, name: str, clip_skip: int | None = None, **overrides):
+        config = _config(shapes_dataset, tmp_path / "out", max_train_steps=1, train_text_encoder=True,
+                         output_name=name, clip_skip=clip_skip, **overrides)
+        return train(config, DiffusersBackend(pipelines[family], "cpu", clip_skip=clip_skip)).saved[-1]
+
+    last = pipelines["sd1"].text_encoder.config.num_hidden_layers - 1
+    full = trained("sd1", "full")
+    assert f"lora_te_text_model_encoder_layers_{last}" in text_layers(full)
+    assert text_layers(trained("sd1", "skip2", clip_skip=2)) == text_layers(full) - {
+        f"lora_te_text_model_encoder_layers_{last}"}
+    # A file that adapts the skipped layer still starts a clip-skip-2 run (that layer is left out).
+    trained("sd1", "from-full", clip_skip=2, init_lora_weights=str(full))
+    sdxl_layers = text_layers(trained("sdxl", "xl"))
+    assert f"lora_te1_text_model_encoder_layers_{last}" not in sdxl_layers
+    assert f"lora_te2_text_model_encoder_layers_{last}" in sdxl_layers

@@ -15,10 +15,10 @@ pytest.importorskip("ldm")
 
 from measures import TINY_SIZES, fixed_noise_loss  # noqa: E402
 
-from lora_trainer.config import TrainConfig, config_from_dict  # noqa: E402
+from lora_trainer.config import NetworkConfig, TrainConfig, config_from_dict  # noqa: E402
 from lora_trainer.errors import UserError  # noqa: E402
 from lora_trainer.lora.network import LoraNetwork  # noqa: E402
-from lora_trainer.lora.targets import find_lora_targets, network_from_file  # noqa: E402
+from lora_trainer.lora.targets import find_lora_targets, network_from_file, never_run_keys  # noqa: E402
 from lora_trainer.models.webui_backend import WebUIBackend  # noqa: E402
 from lora_trainer.train.events import TrainingEvents  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
@@ -121,13 +121,7 @@ def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes
                 if parameter.grad is not None}
 
     plain, checkpointed = lora_gradients(False), lora_gradients(True)
-    # SD2 and SDXL's first encoder are read at the penultimate layer, so LoRA on their last layer gets no
-    # gradient (SDXL's second encoder's last layer feeds its pooled output).
-    unreached = {name for name, _ in network.named_parameters()} - plain.keys()
-    last_layer = {"sd1": None, "sd2": "lora_te_text_model_encoder_layers_1_",
-                  "sdxl": "lora_te1_text_model_encoder_layers_1_"}[family]
-    assert bool(unreached) == bool(last_layer)
-    assert all(last_layer in name for name in unreached)
+    assert {name for name, _ in network.named_parameters()} == plain.keys()
     assert any("lora_te" in name for name in plain)
     assert all(gradient.abs().sum() > 0 for gradient in plain.values())
     assert plain.keys() == checkpointed.keys()
@@ -312,6 +306,22 @@ def test_model_name_comes_from_the_loaded_checkpoint(models, monkeypatch):
     monkeypatch.setattr(model, "sd_checkpoint_info", type("CheckpointInfo", (), {"model_name": "tiny-sd1"})(),
                         raising=False)
     assert WebUIBackend(model, model_name="fallback").model_name == "tiny-sd1"
+
+
+@pytest.mark.parametrize("family,clip_skip,never_run", [
+    ("sd1", None, None), ("sd1", 2, "lora_te_text_model_encoder_layers_1_"),
+    ("sd2", None, "lora_te_text_model_encoder_layers_1_"), ("sdxl", None, "lora_te1_text_model_encoder_layers_1_")])
+def test_text_encoder_layers_the_model_never_runs_are_not_adapted(family, clip_skip, never_run, models):
+    # SD2 and SDXL's first encoder are read at the penultimate layer, SD1 at the one Clip skip names: their
+    # later layers run for nothing (SDXL's second encoder's last layer makes its pooled output).
+    backend = WebUIBackend(models[family], clip_skip=clip_skip)
+    adapted = {target.key for target in find_lora_targets(backend.lora_roots(),
+                                                          NetworkConfig(train_text_encoder=True))}
+    never = never_run_keys(backend.lora_roots())
+    assert len(never) == (6 if never_run else 0)  # q, k, v, out, fc1, fc2 of one layer
+    assert all(key.startswith(never_run) for key in never)
+    assert not adapted & never
+    assert any(key.startswith(("lora_te_", "lora_te1_")) for key in adapted)
 
 
 def test_the_hosts_clip_skip_is_recorded_in_the_file(models, shapes_dataset, tmp_path):

@@ -65,3 +65,16 @@ def mask_on_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """uint8 masks ([B, 1, H, W]) as weights in [0, 1] on a coarser grid (the latents'): each cell holds the mean
     of the pixels it covers."""
     return F.adaptive_avg_pool2d(masks.float() / 255.0, grid)
+
+
+def mask_overlay(image_path: Path, mask_dir: Path | None, max_side: int = 512) -> Image.Image | None:
+    """The image (at most `max_side` pixels a side) with what its mask leaves out tinted dark red, for the
+    caption editor; None when the image has no mask."""
+    mask = load_mask(image_path, mask_file_for(image_path, mask_dir))
+    if mask is None:
+        return None
+    with Image.open(image_path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    image.thumbnail((max_side, max_side))
+    ignored = Image.new("RGB", image.size, (96, 0, 0))
+    return Image.composite(image, Image.blend(image, ignored, 0.7), mask.resize(image.size, Image.BILINEAR))

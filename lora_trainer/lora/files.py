@@ -64,6 +64,11 @@ class LoraFile:
         prefix = f"{module_key}."
         return {key[len(prefix):]: tensor for key, tensor in self.state.items() if key.startswith(prefix)}
 
+    def without_modules(self, module_keys: set[str]) -> LoraFile:
+        """This file without the tensors of `module_keys`."""
+        return LoraFile({key: tensor for key, tensor in self.state.items() if key.split(".", 1)[0] not in module_keys},
+                        self.metadata)
+
     def kind_of(self, module_key: str) -> str:
         """The network type of one module's tensors: lora, dora, loha or lokr."""
         return file_module_kind(self.tensors_of(module_key))
@@ -106,7 +111,9 @@ def check_matches_network(lora: LoraFile, network: LoraNetwork, source: str) -> 
     have = lora.module_keys
     problems = []
     if missing := sorted(wanted - have):
-        problems.append(f"{len(missing)} layers this run trains are not in the file (e.g. {missing[0]})")
+        problems.append(f"{len(missing)} layers this run trains are not in the file (e.g. {missing[0]}): set "
+                        "target_modules/text_encoder_target_modules to the file's (`attention` for attention only), "
+                        "or dim_from_weights: true")
     if extra := sorted(have - wanted):
         problems.append(f"{len(extra)} layers in the file are not trained by this run (e.g. {extra[0]})")
     shared = sorted(have & wanted)

@@ -55,6 +55,9 @@ def network_metadata(settings: NetworkConfig, network: LoraNetwork) -> dict[str,
             args.update(dora_wd="True", wd_on_output="False")
         if network_type == "lokr":
             args.update(factor=str(settings.lokr_factor), full_matrix=str(settings.lokr_full_matrix))
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(settings, name):
+            args[name] = str(getattr(settings, name))
     return {"ss_network_module": module, "ss_network_dim": str(rank), "ss_network_alpha": _number(alpha),
             "ss_network_args": json.dumps(args),
             "ss_network_train_unet_only": str(not network.parameters_with_prefix("lora_te"))}

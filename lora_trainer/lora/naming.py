@@ -22,7 +22,6 @@ _TOP_LEVEL_DIFFUSERS_TO_COMPVIS = {
     "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }
 _TOP_LEVEL_COMPVIS_TO_DIFFUSERS = {v: k for k, v in _TOP_LEVEL_DIFFUSERS_TO_COMPVIS.items()}
-STEM_CONVS = frozenset({"conv_in", "conv_out", "input_blocks.0.0", "out.2"})
 
 
 def kohya_key(prefix: str, module_path: str) -> str:

@@ -76,6 +76,23 @@ class LoraNetwork(nn.Module):
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached = False
         self.multiplier = 1.0
+        self.module_dropout = 0.0
+
+    def use_dropouts(self, rank_dropout: float, module_dropout: float) -> None:
+        """Turn on kohya's rank dropout (lora modules on hooked layers only) and module dropout for training."""
+        if rank_dropout:
+            unfit = [key for key, module in self.lora_modules.items() if module.kind != "lora"
+                     or key not in self._layers]
+            if unfit:
+                raise UserError(f"rank_dropout applies to lora/locon layers of the UNet and CLIP text encoders, "
+                                f"not to {unfit[0]} ({self.lora_modules[unfit[0]].kind}); set rank_dropout to 0")
+        for module in self.lora_modules.values():
+            module.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+
+    def _dropped(self) -> bool:
+        """Whether module dropout skips a LoRA module for this forward (training only)."""
+        return bool(self.module_dropout and self.training and torch.rand(()) < self.module_dropout)
 
     def attach(self) -> None:
         """Start adding the LoRA outputs to the target layers (idempotent)."""
@@ -138,7 +155,7 @@ class LoraNetwork(nn.Module):
 
     def _make_hook(self, module: AdapterModule):
         def add_lora_output(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            if self.multiplier == 0.0:
+            if self.multiplier == 0.0 or self._dropped():
                 return output
             delta = module.delta(inputs[0], self.multiplier)
             return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
@@ -154,9 +171,10 @@ def _attention_with_lora(attention: nn.MultiheadAttention, parts: dict[str, Adap
     """`nn.MultiheadAttention.forward` (its general path) on the base weights plus the LoRA weight deltas."""
     in_weight, out_weight = attention.in_proj_weight, attention.out_proj.weight
     if network.multiplier != 0.0:
-        in_delta = torch.cat([parts[part].weight_delta(network.multiplier) for part in ("q", "k", "v")])
+        multipliers = {part: 0.0 if network._dropped() else network.multiplier for part in parts}
+        in_delta = torch.cat([parts[part].weight_delta(multipliers[part]) for part in ("q", "k", "v")])
         in_weight = in_weight + in_delta.to(in_weight.dtype)
-        out_weight = out_weight + parts["out"].weight_delta(network.multiplier).to(out_weight.dtype)
+        out_weight = out_weight + parts["out"].weight_delta(multipliers["out"]).to(out_weight.dtype)
     batch_first = attention.batch_first and query.dim() == 3
     if batch_first:
         query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))

@@ -51,6 +51,8 @@ class AdapterModule(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank_dropout = 0.0
+        """lora only: the probability of dropping each rank of the hidden state, per sample, in training."""
 
     @property
     def scale(self) -> float:
@@ -123,9 +125,20 @@ class LoraModule(AdapterModule):
         factor = self.scale * multiplier
         if self.conv is None:
             hidden = F.linear(inputs, self.down)
-            return F.linear(hidden if factor == 1.0 else hidden * factor, self.up)
-        hidden = F.conv2d(inputs, self.down, **self.conv)
-        return F.conv2d(hidden if factor == 1.0 else hidden * factor, self.up)
+        else:
+            hidden = F.conv2d(inputs, self.down, **self.conv)
+        if self.rank_dropout and self.training:
+            hidden = hidden * self._kept_ranks(hidden)
+            factor /= 1.0 - self.rank_dropout
+        hidden = hidden if factor == 1.0 else hidden * factor
+        return F.linear(hidden, self.up) if self.conv is None else F.conv2d(hidden, self.up)
+
+    def _kept_ranks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A 0/1 mask over the ranks of `hidden`, drawn per sample (kohya's rank_dropout)."""
+        rank_axis = 1 if self.conv is not None else hidden.dim() - 1
+        shape = [hidden.shape[0]] + [1] * (hidden.dim() - 1)
+        shape[rank_axis] = self.rank
+        return (torch.rand(shape, device=hidden.device) >= self.rank_dropout).to(hidden.dtype)
 
     def weight_delta(self, multiplier: float = 1.0) -> torch.Tensor:
         product = self.up.flatten(1) @ self.down.flatten(1)

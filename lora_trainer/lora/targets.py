@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +12,16 @@ from torch import nn
 from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import UserError
 from lora_trainer.lora.files import read_lora
-from lora_trainer.lora.naming import STEM_CONVS, kohya_key
+from lora_trainer.lora.naming import kohya_key
 from lora_trainer.lora.network import LoraNetwork, LoraTarget
 from lora_trainer.lora.network_types import ATTENTION_PARTS, attention_part_weight, module_from_file
 from lora_trainer.models.base import LoraRoot
+
+CONV_BLOCKS = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample"})
+"""The UNet blocks (diffusers' and ldm/sgm/Forge's class names) whose layers a conv rank adapts, as kohya's
+LoCon does: their 3x3 convolutions at the conv rank, their linear and 1x1 layers (`time_emb_proj`,
+`conv_shortcut`) at the LoRA rank."""
+_ENCODER_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 
 
 def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[LoraTarget]:
@@ -22,22 +29,26 @@ def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[Lor
 
     A layer matches a name in `target_modules` (or `text_encoder_target_modules`) when its path, or its
     path as kohya files name it, ends with it. With a conv rank (by default for locon, loha and lokr), the
-    UNet's 3x3 convolutions (except the stem's) are adapted too.
+    layers of the UNet's resnets and samplers are adapted too (`CONV_BLOCKS`). Text-encoder layers whose output
+    never reaches the conditioning are left out.
     """
     targets: list[LoraTarget] = []
     for root in roots:
         if root.is_text_encoder and not network.train_text_encoder:
             continue
         suffixes = network.text_encoder_target_modules if root.is_text_encoder else network.target_modules
+        in_conv_blocks = _paths_under(root.module, CONV_BLOCKS) if network.effective_conv_rank else set()
         found, linear_paths = [], []
         for path, layer, part, weight in _adaptable_layers(root.module):
             if weight.dim() == 2:
                 linear_paths.append(path)
-            if _matches(path, root.kohya_path(path), suffixes) and (weight.dim() == 2 or weight.shape[-2:] == (1, 1)):
+            is_linear_or_1x1 = weight.dim() == 2 or weight.shape[-2:] == (1, 1)
+            if not _runs(root, path):
+                continue
+            if is_linear_or_1x1 and (_matches(path, root.kohya_path(path), suffixes) or path in in_conv_blocks):
                 found.append(_target(root, path, layer, part, network, network.lora_rank,
                                      network.effective_lora_alpha))
-            elif (not root.is_text_encoder and network.effective_conv_rank and weight.dim() == 4
-                  and weight.shape[-2:] == (3, 3) and path not in STEM_CONVS):
+            elif path in in_conv_blocks and weight.shape[-2:] == (3, 3):
                 found.append(_target(root, path, layer, part, network, network.effective_conv_rank,
                                      network.effective_conv_alpha))
         if not found and suffixes:
@@ -45,6 +56,27 @@ def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[Lor
                             + ", ".join(linear_paths[:8]))
         targets += found
     return targets
+
+
+def never_run_keys(roots: list[LoraRoot]) -> set[str]:
+    """The kohya keys of the text-encoder layers whose output never reaches the conditioning (those after the
+    layer the model conditions on), which a run neither adapts nor reads from a file."""
+    return {_keys(root, path)[0] for root in roots for path, _, _, _ in _adaptable_layers(root.module)
+            if not _runs(root, path)}
+
+
+def _runs(root: LoraRoot, path: str) -> bool:
+    """Whether the layer at `path` of `root` contributes to the model's output."""
+    if root.text_layers_used is None:
+        return True
+    layer_index = _ENCODER_LAYER.search(root.kohya_path(path))
+    return layer_index is None or int(layer_index.group(1)) < root.text_layers_used
+
+
+def _paths_under(module: nn.Module, class_names: frozenset[str]) -> set[str]:
+    """The paths of every module inside a module whose class is one of `class_names`."""
+    blocks = tuple(f"{path}." for path, child in module.named_modules() if type(child).__name__ in class_names)
+    return {path for path, _ in module.named_modules() if blocks and path.startswith(blocks)}
 
 
 def _adaptable_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module, str | None, torch.Tensor]]:
@@ -95,7 +127,8 @@ def network_from_file(roots: list[LoraRoot], path: Path, dropout: float = 0.0) -
         for module_path, layer, part, _ in _adaptable_layers(root.module):
             key, peft_key = _keys(root, module_path)
             layers[key] = (peft_key, layer, part)
-    lora = read_lora(path, {peft_key: key for key, (peft_key, _, _) in layers.items()})
+    lora = read_lora(path, {peft_key: key for key, (peft_key, _, _) in layers.items()}).without_modules(
+        never_run_keys(roots))
     unplaced = sorted(lora.module_keys - layers.keys())
     if unplaced:
         raise UserError(f"{path}: {len(unplaced)} of its {len(lora.module_keys)} layers do not exist in this model "

@@ -78,6 +78,9 @@ class LoraRoot:
     """Maps a module path inside `module` to the path that goes into the kohya key."""
     peft_path: Callable[[str], str]
     """Maps a module path inside `module` to the diffusers path of the same layer."""
+    text_layers_used: int | None = None
+    """A text encoder's layers whose output reaches the conditioning (those after the layer the model conditions
+    on run for nothing); None: all of them."""
 
 
 class DiffusionBackend(ABC):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_diffusers_to_compvis
@@ -133,10 +134,17 @@ class DiffusersBackend(DiffusionBackend):
         roots = [LoraRoot(UNET_PREFIX, "unet", self.unet, is_text_encoder=False, kohya_path=unet_path,
                           peft_path=str)]
         roots += [LoraRoot(prefix, component, encoder, is_text_encoder=True, kohya_path=hf_clip_path,
-                           peft_path=hf_clip_path)
-                  for prefix, component, encoder in zip(prefixes, ["text_encoder", "text_encoder_2"],
-                                                        self.text_encoders)]
+                           peft_path=hf_clip_path, text_layers_used=self._text_layers_used(index, encoder))
+                  for index, (prefix, component, encoder) in enumerate(
+                      zip(prefixes, ["text_encoder", "text_encoder_2"], self.text_encoders))]
         return roots
+
+    def _text_layers_used(self, index: int, encoder: nn.Module) -> int | None:
+        """How many of text encoder `index`'s layers reach the conditioning `encode_text` builds."""
+        layers = encoder.config.num_hidden_layers
+        if self.family == "sdxl":
+            return layers - 1 if index == 0 else None  # the second's last layer makes the pooled output
+        return layers - self.clip_skip + 1 if self.clip_skip and self.clip_skip > 1 else None
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 from PIL import Image
@@ -91,10 +92,20 @@ class ForgeBackend(DiffusionBackend):
     def lora_roots(self) -> list[LoraRoot]:
         roots = [unet_lora_root(self.unet, self.family, self._layers_per_block)]
         encoders = self._patchers.clip.cond_stage_model
-        for name, prefix, component in TEXT_ENCODERS[self.family]:
-            roots.append(LoraRoot(prefix, component, getattr(encoders, name).transformer, is_text_encoder=True,
-                                  kohya_path=hf_clip_path, peft_path=hf_clip_path))
+        for (name, prefix, component), text_engine in zip(TEXT_ENCODERS[self.family], self._text_engines):
+            transformer = getattr(encoders, name).transformer
+            roots.append(LoraRoot(prefix, component, transformer, is_text_encoder=True, kohya_path=hf_clip_path,
+                                  peft_path=hf_clip_path,
+                                  text_layers_used=self._text_layers_used(text_engine, transformer)))
         return roots
+
+    def _text_layers_used(self, text_engine: Any, transformer: nn.Module) -> int | None:
+        """How many of a text encoder's layers reach the conditioning its engine builds (the last makes the
+        pooled output, where one is returned)."""
+        if text_engine.return_pooled:
+            return None
+        skip = max(self._clip_skip_setting or text_engine.clip_skip, text_engine.minimal_clip_skip)
+        return transformer.config.num_hidden_layers - skip + 1 if skip > 1 else None
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         latents = self.engine.encode_first_stage(pixels.to(self.device))

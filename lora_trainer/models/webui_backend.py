@@ -105,20 +105,23 @@ class WebUIBackend(DiffusionBackend):
     def lora_roots(self) -> list[LoraRoot]:
         roots = [unet_lora_root(self.unet, self.family, self._layers_per_block)]
         if self.family == "sd1":
-            clip = _unwrapped(self.model.cond_stage_model).transformer
-            roots.append(LoraRoot("lora_te", "text_encoder", clip, is_text_encoder=True, kohya_path=hf_clip_path,
-                                  peft_path=hf_clip_path))
+            embedder = _unwrapped(self.model.cond_stage_model)
+            roots.append(LoraRoot("lora_te", "text_encoder", embedder.transformer, is_text_encoder=True,
+                                  kohya_path=hf_clip_path, peft_path=hf_clip_path,
+                                  text_layers_used=_clip_layers_used(embedder, self.clip_skip)))
         elif self.family == "sdxl":
-            clip = _unwrapped(self.model.conditioner.embedders[0]).transformer
-            roots.append(LoraRoot("lora_te1", "text_encoder", clip, is_text_encoder=True, kohya_path=hf_clip_path,
-                                  peft_path=hf_clip_path))
-            big_g = _unwrapped(self.model.conditioner.embedders[1]).model
-            roots.append(LoraRoot("lora_te2", "text_encoder_2", big_g, is_text_encoder=True,
-                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path))
+            clip_embedder, big_g_embedder = map(_unwrapped, self.model.conditioner.embedders[:2])
+            roots.append(LoraRoot("lora_te1", "text_encoder", clip_embedder.transformer, is_text_encoder=True,
+                                  kohya_path=hf_clip_path, peft_path=hf_clip_path,
+                                  text_layers_used=_clip_layers_used(clip_embedder, self.clip_skip)))
+            roots.append(LoraRoot("lora_te2", "text_encoder_2", big_g_embedder.model, is_text_encoder=True,
+                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path,
+                                  text_layers_used=_open_clip_layers_used(big_g_embedder)))
         else:
-            open_clip_model = _unwrapped(self.model.cond_stage_model).model
-            roots.append(LoraRoot("lora_te", "text_encoder", open_clip_model, is_text_encoder=True,
-                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path))
+            embedder = _unwrapped(self.model.cond_stage_model)
+            roots.append(LoraRoot("lora_te", "text_encoder", embedder.model, is_text_encoder=True,
+                                  kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path,
+                                  text_layers_used=_open_clip_layers_used(embedder)))
         return roots
 
     @torch.no_grad()
@@ -228,6 +231,23 @@ def _refuse_untrainable(model: nn.Module, unet: nn.Module, family: str) -> None:
                         "model); load a plain text-to-image checkpoint to train a LoRA")
     if family == "sdxl" and not hasattr(_unwrapped(model.conditioner.embedders[0]), "transformer"):
         raise UserError("the loaded SDXL model has no CLIP-L text encoder (a refiner?); load an SDXL base model")
+
+
+def _clip_layers_used(embedder: nn.Module, clip_skip: int | None) -> int | None:
+    """How many layers of an ldm/sgm CLIP embedder reach its conditioning: up to its `hidden` layer (SDXL's
+    first encoder), or up to the WebUI's Clip skip."""
+    layers = len(embedder.transformer.text_model.encoder.layers)
+    if getattr(embedder, "layer", "last") == "hidden":
+        return embedder.layer_idx if embedder.layer_idx >= 0 else layers + 1 + embedder.layer_idx
+    return layers - clip_skip + 1 if clip_skip and clip_skip > 1 else None
+
+
+def _open_clip_layers_used(embedder: nn.Module) -> int | None:
+    """How many resblocks of an ldm/sgm OpenCLIP embedder reach its conditioning: all when it also returns the
+    pooled output (made from the last), else up to its penultimate layer."""
+    if getattr(embedder, "always_return_pooled", False) or not getattr(embedder, "layer_idx", 0):
+        return None
+    return len(embedder.model.transformer.resblocks) - embedder.layer_idx
 
 
 def _unwrapped(text_encoder: nn.Module) -> nn.Module:

@@ -53,7 +53,7 @@ def build_tab(host: Host, runner: JobRunner | None = None, presets_dir: Path | N
             progress = ProgressPanel.build(runner, host)
             grids = GridPanel.build(runner, host)
 
-        dataset.wire()
+        dataset.wire(training.fields["mask_dir"])
         captioning.wire(runner, dataset.folder, progress)
         training.wire(progress, model_note_box, dataset.reload_after)
         grids.wire(training.trigger_word, dataset.folder, progress)

@@ -11,6 +11,7 @@ from typing import Any
 
 from lora_trainer.caption.writer import read_caption, write_caption
 from lora_trainer.data.images import UnreadableImage, is_image_file, thumbnail_file
+from lora_trainer.data.masks import mask_overlay
 from lora_trainer.data.scan import image_files
 from lora_trainer.errors import UserError
 from lora_trainer.tab.notices import notice
@@ -104,6 +105,8 @@ class DatasetPanel:
     gallery: Any
     selected_image: Any
     caption_box: Any
+    mask_view: Any
+    """The selected image with what its loss mask leaves out tinted (hidden when it has no mask)."""
     save_button: Any
     notice: Any
     image_paths: Any
@@ -122,10 +125,12 @@ class DatasetPanel:
             selected_image = gr.Textbox(label="Image", interactive=False, max_lines=1, scale=2,
                                         elem_id="lora_trainer_selected_image")
             caption_box = gr.Textbox(label="Caption", lines=2, scale=5, elem_id="lora_trainer_caption")
+        mask_view = gr.Image(label="Loss mask: the tinted part does not count", type="pil", interactive=False,
+                             visible=False, height=256, elem_id="lora_trainer_mask_view")
         save_button = gr.Button("Save caption", elem_id="lora_trainer_save_caption")
         panel_notice = gr.HTML(elem_id="lora_trainer_dataset_notice")
-        return cls(folder, load_button, info, gallery, selected_image, caption_box, save_button, panel_notice,
-                   gr.State([]))
+        return cls(folder, load_button, info, gallery, selected_image, caption_box, mask_view, save_button,
+                   panel_notice, gr.State([]))
 
     @property
     def view_outputs(self) -> list:
@@ -147,28 +152,36 @@ class DatasetPanel:
 
     def load(self, folder_text: str) -> dict:
         """The folder's view with the caption editor cleared."""
-        return {**self.view(folder_text), self.selected_image: "", self.caption_box: "", self.notice: ""}
+        import gradio as gr
+
+        return {**self.view(folder_text), self.selected_image: "", self.caption_box: "",
+                self.mask_view: gr.update(value=None, visible=False), self.notice: ""}
 
     @property
     def load_outputs(self) -> list:
         """What `load` updates."""
-        return [*self.view_outputs, self.selected_image, self.caption_box, self.notice]
+        return [*self.view_outputs, self.selected_image, self.caption_box, self.mask_view, self.notice]
 
     def reload_after(self, event: Any) -> None:
         """Load the folder again after `event` (one that may change the folder box)."""
         event.then(self.load, [self.folder], self.load_outputs)
 
-    def wire(self) -> None:
-        """Connect the panel's own events."""
+    def wire(self, mask_folder: Any) -> None:
+        """Connect the panel's own events; `mask_folder` is the form's `mask_dir` field."""
         import gradio as gr
 
-        def select_image(paths: list[str], event: gr.SelectData) -> dict:
+        def select_image(paths: list[str], mask_folder: str, event: gr.SelectData) -> dict:
             path = Path(paths[event.index])
             try:
                 caption = read_caption(path)
             except UnicodeDecodeError:
                 caption = ""
-            return {self.selected_image: str(path), self.caption_box: caption}
+            try:
+                overlay = mask_overlay(path, Path(mask_folder) if str(mask_folder or "").strip() else None)
+            except (OSError, UnreadableImage):
+                overlay = None  # the gallery's summary already lists an unreadable mask
+            return {self.selected_image: str(path), self.caption_box: caption,
+                    self.mask_view: gr.update(value=overlay, visible=overlay is not None)}
 
         # gradio finds the event argument by its type; the string annotation cannot name the local `gr`.
         select_image.__annotations__["event"] = gr.SelectData
@@ -182,6 +195,7 @@ class DatasetPanel:
 
         self.load_button.click(self.load, [self.folder], self.load_outputs)
         self.folder.submit(self.load, [self.folder], self.load_outputs)
-        self.gallery.select(select_image, [self.image_paths], [self.selected_image, self.caption_box])
+        self.gallery.select(select_image, [self.image_paths, mask_folder],
+                            [self.selected_image, self.caption_box, self.mask_view])
         self.save_button.click(save_selected_caption, [self.folder, self.selected_image, self.caption_box],
                                [self.notice, *self.view_outputs])

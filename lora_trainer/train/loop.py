@@ -21,7 +21,7 @@ from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
-from lora_trainer.lora.targets import find_lora_targets, network_from_file
+from lora_trainer.lora.targets import find_lora_targets, network_from_file, never_run_keys
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
@@ -116,10 +116,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         network = LoraNetwork(find_lora_targets(backend.lora_roots(), config.network),
                               config.network.lora_dropout).to(backend.device)
         if config.network.init_lora_weights:
-            initial = read_lora(config.network.init_lora_weights,
-                                {peft: key for key, peft in network.peft_keys.items()})
+            initial = read_lora(config.network.init_lora_weights, {peft: key for key, peft in network.peft_keys.items()}
+                                ).without_modules(never_run_keys(backend.lora_roots()))
             check_matches_network(initial, network, f"init_lora_weights {config.network.init_lora_weights}")
             network.load_kohya_state_dict(initial.state)
+    network.use_dropouts(config.network.rank_dropout, config.network.module_dropout)
     parameter_groups = lora_parameter_groups(network, config.optimizer)
     trainable = [p for group in parameter_groups for p in group["params"]]
 
