@@ -23,7 +23,6 @@ from lora_trainer.tab.dataset import dataset_contents, prepare_default_folder, s
 from lora_trainer.tab.form import (
     HOST_OWNED_KEYS,
     MAIN_KEYS,
-    YAML_ONLY_KEYS,
     config_from_form,
     default_config,
     form_fields,
@@ -167,13 +166,13 @@ def test_mixed_precision_default_depends_on_the_gpu(monkeypatch, cuda, bf16, exp
 def test_the_form_has_every_config_key_but_the_hosts_each_with_its_docstring():
     fields = form_fields()
     names = [field.name for field in fields]
-    assert names == [name for name in TrainConfig().flat() if name not in (*HOST_OWNED_KEYS, *YAML_ONLY_KEYS)]
+    assert names == [name for name in TrainConfig().flat() if name not in HOST_OWNED_KEYS]
     assert all(field.info for field in fields), [field.name for field in fields if not field.info]
     kinds = {field.name: field.kind for field in fields}
     assert kinds["cache_latents"] == "check" and kinds["epochs"] == "int" and kinds["learning_rate"] == "number"
     assert kinds["optimizer_type"] == "choice" and kinds["lora_alpha"] == "optional"
     assert kinds["resume"] == "optional_path" and kinds["sample_prompts"] == "lines"
-    assert kinds["target_modules"] == "list"
+    assert kinds["target_modules"] == "list" and kinds["subsets"] == "table"
     optimizer = next(field for field in fields if field.name == "optimizer_type")
     assert optimizer.choices == ("adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadaptation",
                                  "adamw_schedulefree")
@@ -211,6 +210,23 @@ def test_form_values_give_back_the_same_config():
                                    sample_prompts=["a cat", "a cat, sks"], logging_dir=None, flip_aug=True,
                                    optimizer_args={"betas": [0.9, 0.99], "decouple": True}, warmup_steps=0.1))
     assert config_from_form(form_values(config)) == config
+
+
+def test_the_subsets_table_holds_a_row_per_folder_and_empty_cells_take_the_datasets_values(tmp_path):
+    config = config_from_dict(dict(train_data_dir=tmp_path, subsets=[
+        {"image_dir": str(tmp_path / "cats"), "repeats": 3, "flip_aug": True},
+        {"image_dir": str(tmp_path / "people"), "is_reg": True, "caption_extension": ".caption"}]))
+    rows = form_values(config)["subsets"]
+    assert rows[0][:3] == [str(tmp_path / "cats"), "3", ""] and rows[1][-1] == "True"
+    assert config_from_form(form_values(config)) == config
+    # gradio sends the table back as rows of strings, with the empty row a user left at the end.
+    edited = config_from_form({"subsets": [[str(tmp_path / "dogs"), "2", "", "1", "true", "", "", "false"],
+                                           ["", "", "", "", "", "", "", ""]]})
+    dogs = edited.dataset.subsets[0]
+    assert len(edited.dataset.subsets) == 1 and dogs.image_dir == tmp_path / "dogs"
+    assert (dogs.repeats, dogs.keep_tokens, dogs.shuffle_caption, dogs.caption_extension) == (2, 1, True, None)
+    with pytest.raises(UserError, match="repeats"):
+        config_from_form({"subsets": [[str(tmp_path / "dogs"), "many", "", "", "", "", "", ""]]})
 
 
 def test_empty_optional_fields_mean_the_default_and_others_are_read_as_yaml():

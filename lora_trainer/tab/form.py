@@ -3,6 +3,7 @@ between widget values and a validated config. No gradio here but `field_widget`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import types
@@ -13,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from lora_trainer.config import FIELD_GROUPS, GROUPS, MixedPrecision, TrainConfig, config_from_dict
+from lora_trainer.config import FIELD_GROUPS, GROUPS, MixedPrecision, SubsetConfig, TrainConfig, config_from_dict
 from lora_trainer.config_template import config_field_docs
 from lora_trainer.errors import UserError
 from lora_trainer.models.base import ModelFamily
@@ -23,14 +24,16 @@ FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDX
 HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "clip_skip")
 """Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
 setting): not in the form."""
-YAML_ONLY_KEYS = ("subsets",)
-"""Config keys the form has no widget for yet: a dataset of several folders with their own options is set in a
-preset's YAML (the form trains the one dataset folder, whose `N_name` subfolders repeat as usual)."""
+SUBSET_COLUMNS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
+"""The subsets table's columns: one per `SubsetConfig` key; an empty cell takes the dataset's value."""
 MAIN_KEYS = ("output_name", "network_type", "resolution", "lora_rank", "lora_alpha", "unet_lr", "epochs",
              "batch_size", "max_train_steps", "save_every_n_epochs", "keep_last_n_saves", "mixed_precision",
              "cache_latents", "sample_prompts", "sample_every_n_steps")
 """Settings shown outside the Advanced accordion (besides the dataset folder)."""
-LABELS = {"train_data_dir": "Dataset folder", "network_type": "Network type", "lokr_factor": "LoKr factor",
+LABELS = {"train_data_dir": "Dataset folder",
+          "subsets": "Subsets: more folders, each with its own repeats and caption options (empty cells take "
+                     "the dataset's settings; is_reg: regularisation images)",
+          "network_type": "Network type", "lokr_factor": "LoKr factor",
           "lokr_full_matrix": "LoKr full matrix", "resolution": "Resolution (px)",
           "lora_rank": "Rank", "lora_alpha": "Alpha", "unet_lr": "UNet learning rate", "max_train_steps": "Max steps",
           "save_every_n_epochs": "Save every N epochs", "keep_last_n_saves": "Keep the last N saves",
@@ -45,7 +48,7 @@ TAB_HELP = {
 """Help where the config's own words do not fit the form (the form's defaults differ from the config's)."""
 
 FieldKind = Literal["check", "choice", "int", "text", "number", "optional", "optional_path", "list", "lines",
-                    "mapping"]
+                    "mapping", "table"]
 OPTIONAL_KINDS = ("optional", "optional_path")
 
 
@@ -76,7 +79,7 @@ class FormField:
     kind: FieldKind
     """check, choice (dropdown), int (number box) or a text box: text, number (a float), optional (empty is
     None, else YAML), optional_path (empty is None), list (comma-separated), lines (one item per line) or
-    mapping (YAML, empty is none)."""
+    mapping (YAML, empty is none), or table (the subsets: a row per folder, a column per option)."""
     label: str
     info: str
     group: str
@@ -91,7 +94,7 @@ def form_fields() -> tuple[FormField, ...]:
     hints = {name: typing.get_type_hints(group_type)[name] for group_type in GROUPS.values()
              for name in typing.get_type_hints(group_type)}
     docs = config_field_docs()
-    names = [name for name in FIELD_GROUPS if name not in (*HOST_OWNED_KEYS, *YAML_ONLY_KEYS)]
+    names = [name for name in FIELD_GROUPS if name not in HOST_OWNED_KEYS]
     labels = {name: LABELS.get(name, name.replace("_", " ").capitalize()) for name in names}
     fields = []
     for name in names:
@@ -127,6 +130,8 @@ def _kind(name: str, annotation: Any) -> FieldKind:
     if origin is Literal:
         return "choice"
     if origin is list:
+        if args[0] is SubsetConfig:
+            return "table"
         return "lines" if name == "sample_prompts" else "list"
     return {bool: "check", int: "int", float: "number"}.get(annotation, "text")
 
@@ -154,8 +159,34 @@ def field_widget(field: FormField, value: Any, **layout) -> Any:
         return gr.Dropdown(choices=list(field.choices), value=value, **common)
     if field.kind == "int":
         return gr.Number(value=value, precision=0, **common)
+    if field.kind == "table":
+        common.pop("info")  # gr.Dataframe has no help line; the label says what the table is
+        return gr.Dataframe(value=value or [[""] * len(SUBSET_COLUMNS)], headers=list(SUBSET_COLUMNS),
+                            datatype="str", type="array", col_count=(len(SUBSET_COLUMNS), "fixed"),
+                            row_count=(1, "dynamic"), interactive=True, **common)
     lines = 3 if field.kind == "lines" else 1
     return gr.Textbox(value=value, lines=lines, max_lines=8 if field.kind == "lines" else 1, **common)
+
+
+def _subsets_from_rows(rows: Any) -> list[dict[str, Any]]:
+    """The subsets table's rows (a list of rows, or a pandas frame from gradio) as `subsets` entries: rows without
+    a folder are left out, empty cells too (they take the dataset's value), the others read as YAML values."""
+    rows = rows.values.tolist() if hasattr(rows, "values") else rows or []
+    subsets = []
+    for row in rows:
+        cells = {column: str(cell).strip() for column, cell in zip(SUBSET_COLUMNS, row) if str(cell or "").strip()}
+        if not cells.get("image_dir"):
+            continue
+        subsets.append({column: text if column == "image_dir" else _yaml_cell(column, text)
+                        for column, text in cells.items()})
+    return subsets
+
+
+def _yaml_cell(column: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"Subsets: {column} {text!r} is not a value") from None
 
 
 def _to_widget(field: FormField, value: Any) -> Any:
@@ -167,12 +198,17 @@ def _to_widget(field: FormField, value: Any) -> Any:
         return "\n".join(value)
     if field.kind == "mapping":
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip() if value else ""
+    if field.kind == "table":
+        return [["" if getattr(subset, column) is None else str(getattr(subset, column)) for column in SUBSET_COLUMNS]
+                for subset in value]
     return str(value) if field.kind in ("text", "number") else value
 
 
 def _from_widget(field: FormField, value: Any) -> Any:
     if field.kind in ("check", "choice"):
         return value
+    if field.kind == "table":
+        return _subsets_from_rows(value)
     if field.kind == "int":
         return int(value) if isinstance(value, float) and value.is_integer() else value
     text = "" if value is None else str(value).strip()

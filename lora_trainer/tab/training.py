@@ -91,9 +91,9 @@ class TrainingPanel:
         with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
             for group, names in advanced_groups().items():
                 with gr.Accordion(GROUP_TITLES[group], open=False, elem_id=f"lora_trainer_advanced_{group}"):
-                    for start in range(0, len(names), 3):
+                    for row in _rows_of_three(names, alone={"subsets"}):
                         with gr.Row():
-                            for name in names[start:start + 3]:
+                            for name in row:
                                 place(name)
         with gr.Accordion("Presets", open=False, elem_id="lora_trainer_presets"):
             with gr.Row():
@@ -217,3 +217,14 @@ class TrainingPanel:
         if ended == "training":
             updates[self.notice] = ""
         return updates
+
+
+def _rows_of_three(names: list[str], alone: set[str]) -> list[list[str]]:
+    """`names` in rows of up to three, each name in `alone` on a row of its own."""
+    rows: list[list[str]] = []
+    for name in names:
+        if name in alone or not rows or len(rows[-1]) == 3 or rows[-1][0] in alone:
+            rows.append([name])
+        else:
+            rows[-1].append(name)
+    return rows
