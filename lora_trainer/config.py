@@ -139,6 +139,9 @@ class DatasetConfig:
     cache_text_encoder_outputs: bool | None = None
     """Encode every caption once (needs a frozen text encoder and no caption shuffling).
     Default: on whenever that holds."""
+    cache_text_encoder_outputs_to_disk: bool = False
+    """Also keep each caption's text-encoder outputs in the `.lora-trainer-latents` folder beside its images,
+    named by the caption and the text encoders, so that the next run reads them instead of encoding."""
     masked_loss: bool = False
     """Learn only the masked part of each image: its mask is `name.mask.png` beside it (or `name.png` in
     `mask_dir`), else its alpha channel; white counts, black is ignored. Images without a mask count whole."""
@@ -518,6 +521,10 @@ class TrainConfig:
         if dataset.cache_text_encoder_outputs and (network.train_text_encoder or self._shuffles_captions):
             raise UserError("cache_text_encoder_outputs needs a frozen text encoder and fixed captions: "
                             "turn off train_text_encoder and shuffle_caption, or turn off the cache")
+        if dataset.cache_text_encoder_outputs_to_disk and not self.uses_text_encoder_cache:
+            raise UserError("cache_text_encoder_outputs_to_disk needs the text-encoder cache, which needs a frozen "
+                            "text encoder and fixed captions: turn off train_text_encoder and shuffle_caption (and "
+                            "leave cache_text_encoder_outputs on), or turn off cache_text_encoder_outputs_to_disk")
 
     @property
     def uses_text_encoder_cache(self) -> bool:

@@ -12,8 +12,8 @@ from PIL import Image
 
 from lora_trainer.config import DatasetConfig, SubsetConfig, TrainConfig
 from lora_trainer.data.buckets import make_buckets, nearest_bucket, square_bucket
+from lora_trainer.data.disk_cache import DiskCache
 from lora_trainer.data.images import load_rgb_image
-from lora_trainer.data.latent_cache import LatentDiskCache
 from lora_trainer.data.masks import load_mask, mask_file_for, mask_tensor
 from lora_trainer.data.scan import DatasetScan, ImageRecord
 from lora_trainer.data.transforms import crop_like, crop_position, crop_to_bucket, process_caption, to_tensor
@@ -124,7 +124,7 @@ class TrainingData:
 
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
                       progress: Callable[[int, int], None] | None = None,
-                      disk: LatentDiskCache | None = None) -> int:
+                      disk: DiskCache | None = None) -> int:
         """Encode every image (and its mirror image with flip_aug) once and keep the latents; `progress(done,
         total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are
         read instead of encoded, and new ones are kept there. Returns how many images were encoded.
@@ -145,8 +145,8 @@ class TrainingData:
                     crop = crop_position((example.record.width, example.record.height), example.bucket, False,
                                          random.Random(0))
                     flips = (False, True) if self._options(example).flip_aug else (False,)
-                    entry = disk.path_for(example.record.path, example.bucket, flips) if disk else None
-                    kept = disk.load(entry) if disk else None
+                    entry = disk.latents_path(example.record.path, example.bucket, flips) if disk else None
+                    kept = disk.load_latents(entry) if disk else None
                     if kept is not None:  # no need to decode the image at all
                         self.latent_cache.update(((index, flip), latents) for flip, latents in zip(flips, kept))
                     else:
@@ -165,7 +165,7 @@ class TrainingData:
                     device, position = latents.device, 0
                     for entry, flip_count in new_entries:
                         if disk is not None:
-                            disk.store(entry, latents[position:position + flip_count])
+                            disk.store_latents(entry, latents[position:position + flip_count])
                         position += flip_count
                     encoded += len(new_entries)
                 device = device or self.latent_cache[(chunk[0], False)].device

@@ -116,6 +116,11 @@ class DiffusionBackend(ABC):
         the same one (`module_fingerprint`)."""
 
     @abstractmethod
+    def text_encoder_fingerprint(self) -> str:
+        """A digest of the text encoders' weights and of how their outputs are read (Clip skip): text outputs
+        cached on disk are reused only with the same one."""
+
+    @abstractmethod
     def encode_text(self, captions: list[str]) -> TextConditioning:
         """Text conditioning for `captions`; differentiable through text-encoder LoRA."""
 
@@ -143,7 +148,7 @@ def module_fingerprint(module: torch.nn.Module, *extra: object) -> str:
     digest = hashlib.sha256(repr(extra).encode())
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

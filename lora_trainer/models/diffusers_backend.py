@@ -155,6 +155,10 @@ class DiffusersBackend(DiffusionBackend):
     def vae_fingerprint(self) -> str:
         return module_fingerprint(self.pipeline.vae, self.weight_dtype, self._vae_scale_factor)
 
+    def text_encoder_fingerprint(self) -> str:
+        return module_fingerprint(nn.ModuleList(self.text_encoders), self.weight_dtype, self.clip_skip,
+                                  [tokenizer.model_max_length for tokenizer in self.tokenizers])
+
     def encode_text(self, captions: list[str]) -> TextConditioning:
         hidden_states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):

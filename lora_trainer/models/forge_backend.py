@@ -118,6 +118,9 @@ class ForgeBackend(DiffusionBackend):
         vae = self._patchers.vae.first_stage_model
         return module_fingerprint(vae, self.weight_dtype, vae.scaling_factor, vae.shift_factor)
 
+    def text_encoder_fingerprint(self) -> str:
+        return module_fingerprint(self._patchers.clip.cond_stage_model, self.weight_dtype, self._clip_skip_setting)
+
     def encode_text(self, captions: list[str]) -> TextConditioning:
         # Forge's get_learned_conditioning runs under inference_mode; its text engines are called directly so
         # that text-encoder LoRA gets a graph.

@@ -133,6 +133,10 @@ class WebUIBackend(DiffusionBackend):
     def vae_fingerprint(self) -> str:
         return module_fingerprint(self.model.first_stage_model, self.weight_dtype, self.model.scale_factor)
 
+    def text_encoder_fingerprint(self) -> str:
+        encoders = self.model.conditioner if self.family == "sdxl" else self.model.cond_stage_model
+        return module_fingerprint(encoders, self.weight_dtype, self.clip_skip)
+
     def encode_text(self, captions: list[str]) -> TextConditioning:
         if self.family != "sdxl":
             return TextConditioning(self.model.get_learned_conditioning(captions))

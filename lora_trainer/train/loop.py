@@ -14,7 +14,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.config_template import config_template
 from lora_trainer.data.class_images import write_class_images
 from lora_trainer.data.dataset import Batch, TrainingData
-from lora_trainer.data.latent_cache import LatentDiskCache
+from lora_trainer.data.disk_cache import DiskCache
 from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
@@ -203,7 +203,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
-            disk = LatentDiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
+            disk = DiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
                 else None
             encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
             if disk is not None:
@@ -213,7 +213,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
-            text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
+            disk = DiskCache(backend.text_encoder_fingerprint(), backend.device) \
+                if dataset.cache_text_encoder_outputs_to_disk else None
+            folders = {example.record.caption: example.record.path.parent for example in reversed(data.examples)}
+            text_cache, encoded = _encode_captions(backend, folders, disk)
+            if disk is not None:
+                events.on_message(f"Text-encoder outputs: {len(text_cache) - 1 - encoded} read from the disk cache, "
+                                  f"{encoded} encoded.")
 
         if saving.resume is not None:
             resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
@@ -388,9 +394,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
 
 @torch.no_grad()
-def _encode_captions(backend: DiffusionBackend, captions: set[str]) -> dict[str, TextConditioning]:
+def _encode_captions(backend: DiffusionBackend, folders: dict[str, Path], disk: DiskCache | None
+                     ) -> tuple[dict[str, TextConditioning], int]:
     """Each caption's text conditioning (batch size 1) exactly as if encoded alone, always with "" (caption
-    dropout gives it, and its context pads longer ones).
+    dropout gives it, and its context pads longer ones), and how many captions besides "" were encoded rather
+    than read from `disk` (where each caption's entry lives in the folder `folders` names).
 
     The WebUI encodes a caption of more than 75 tokens as several 77-token chunks and pads the shorter captions
     of its batch with empty chunks; a group that comes back longer than the empty caption's context is encoded
@@ -399,15 +407,21 @@ def _encode_captions(backend: DiffusionBackend, captions: set[str]) -> dict[str,
     """
     cache = {"": backend.encode_text([""])}
     chunk_length = cache[""].context.shape[1]
-    ordered = sorted(captions - {""})
-    for start in range(0, len(ordered), 16):
-        group = ordered[start:start + 16]
+    entries = {caption: disk.text_path(folder, caption) for caption, folder in folders.items()} if disk else {}
+    for caption, entry in entries.items():
+        if caption and (kept := disk.load_text(entry)) is not None:
+            cache[caption] = kept
+    missing = sorted(set(folders) - cache.keys())
+    for start in range(0, len(missing), 16):
+        group = missing[start:start + 16]
         encoded = backend.encode_text(group)
         if encoded.context.shape[1] == chunk_length:
             cache.update((caption, encoded[i:i + 1]) for i, caption in enumerate(group))
         else:
             cache.update((caption, backend.encode_text([caption])) for caption in group)
-    return cache
+        for caption in group if disk else []:
+            disk.store_text(entries[caption], cache[caption])
+    return cache, len(missing)
 
 
 def _accelerator(config: TrainConfig, device: torch.device):

@@ -1,5 +1,5 @@
-"""Latents kept on disk: the next run reads them instead of encoding, a changed image or VAE is encoded again,
-and the run trains exactly as without the cache."""
+"""Latents and text-encoder outputs kept on disk: the next run reads them instead of encoding, a changed image,
+caption or encoder is encoded again, and the run trains exactly as without the cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.dataset import TrainingData
-from lora_trainer.data.latent_cache import CACHE_FOLDER, LatentDiskCache
+from lora_trainer.data.disk_cache import CACHE_FOLDER, DiskCache
 from lora_trainer.data.scan import scan_dataset
 
 
@@ -41,7 +41,7 @@ def _cache(folder, fingerprint: str, encoder: _CountingEncoder, flip_aug: bool =
     config = config_from_dict(dict(train_data_dir=folder, resolution=32, bucket_step=8, flip_aug=flip_aug,
                                    cache_latents_to_disk=True))
     data = TrainingData(scan_dataset(folder), config, latent_scale=8)
-    return data.cache_latents(encoder, disk=LatentDiskCache(fingerprint)), data
+    return data.cache_latents(encoder, disk=DiskCache(fingerprint)), data
 
 
 def test_a_second_run_reads_the_latents_instead_of_encoding(tmp_path):
@@ -100,9 +100,52 @@ def test_a_run_from_the_disk_cache_trains_bit_for_bit_as_one_without_it(shapes_d
                                        output_dir=tmp_path / name, **overrides))
         return load_file(str(train(config, backend).saved[-1]))
 
+    both = dict(cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True)
     without = run("without")
-    writing = run("writing", cache_latents_to_disk=True)
-    reading = run("reading", cache_latents_to_disk=True)
-    assert len(list((shapes_dataset / CACHE_FOLDER).iterdir())) == 4
+    writing = run("writing", **both)
+    reading = run("reading", **both)
+    entries = [path.name for path in (shapes_dataset / CACHE_FOLDER).iterdir()]
+    assert len(entries) == 4 + 4 and sum(name.startswith("text-") for name in entries) == 4  # 4 captions
     for name, tensor in without.items():
         assert torch.equal(tensor, writing[name]) and torch.equal(tensor, reading[name]), name
+
+
+def test_a_second_run_reads_the_captions_outputs_and_encodes_a_changed_caption_again(shapes_dataset, tmp_path):
+    pytest.importorskip("diffusers")
+    from lora_trainer.models.diffusers_backend import DiffusersBackend
+    from lora_trainer.tiny import tiny_sd_pipeline
+    from lora_trainer.train.events import TrainingEvents
+    from lora_trainer.train.loop import train
+
+    class Messages(TrainingEvents):
+        def __init__(self):
+            self.lines = []
+
+        def on_message(self, text: str) -> None:
+            self.lines.append(text)
+
+    runs = []
+
+    def encoded(seed: int = 0) -> str:
+        runs.append(seed)
+        backend = DiffusersBackend(tiny_sd_pipeline("sd1", seed=seed, tokenizer_folder=tmp_path / "tokenizer"), "cpu")
+        config = config_from_dict(dict(train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4,
+                                       max_train_steps=1, logging_dir=None, output_dir=tmp_path / f"out{len(runs)}",
+                                       cache_text_encoder_outputs_to_disk=True))
+        events = Messages()
+        train(config, backend, events)
+        return next(line for line in events.lines if line.startswith("Text-encoder outputs"))
+
+    assert encoded() == "Text-encoder outputs: 0 read from the disk cache, 4 encoded."
+    assert encoded() == "Text-encoder outputs: 4 read from the disk cache, 0 encoded."
+    caption = next(shapes_dataset.glob("*.txt"))
+    caption.write_text(caption.read_text() + ", again")
+    assert encoded() == "Text-encoder outputs: 3 read from the disk cache, 1 encoded."
+    assert encoded(seed=1) == "Text-encoder outputs: 0 read from the disk cache, 4 encoded."  # other weights
+
+
+def test_the_text_disk_cache_needs_a_frozen_text_encoder():
+    from lora_trainer.errors import UserError
+
+    with pytest.raises(UserError, match="cache_text_encoder_outputs_to_disk needs the text-encoder cache"):
+        config_from_dict({"cache_text_encoder_outputs_to_disk": True, "train_text_encoder": True})
