@@ -14,7 +14,7 @@ from lora_trainer.lora.targets import network_from_file  # noqa: E402
 from lora_trainer.models.diffusers_backend import DiffusersBackend  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
 
-TYPE_SETTINGS = {"locon": dict(conv_rank=4), "loha": dict(lora_rank=4, conv_rank=4), "lokr": dict(conv_rank=4),
+TYPE_SETTINGS = {"locon": dict(conv_rank=4, learning_rate=5e-3), "loha": dict(lora_rank=4, conv_rank=4), "lokr": dict(conv_rank=4),
                  "dora": {}}
 """Beyond `concept_config` (rank 8, lr 1e-2, 200 steps): the types with convolutions adapt them at rank 4, and
 LoHa, whose rank counts twice, has rank 4."""

@@ -59,6 +59,21 @@ def test_a_lora_trained_on_the_loaded_model_teaches_it_a_colour_it_never_drew(fa
     assert [_txt2img(host, 0.0)(prompt, seed).tobytes() for seed in RATE_SEEDS[:2]] == base
 
 
+@pytest.mark.parametrize("options", [
+    {"loraplus_lr_ratio": 4.0, "learning_rate": 2.5e-3},  # the up matrices at the plain run's 1e-2
+    {"multires_noise_iterations": 6, "multires_noise_discount": 0.3, "ip_noise_gamma": 0.1, "loss_type": "huber",
+     "huber_schedule": "snr", "debiased_estimation_loss": True, "rank_dropout": 0.1, "module_dropout": 0.1},
+], ids=["loraplus", "noise-loss-and-dropouts"])
+def test_the_lora_plus_noise_loss_and_dropout_options_still_teach_the_concept(options, concept_dataset, tmp_path):
+    host = FakeHost(learned_ldm_model("sd1", tmp_path / "model"), tmp_path / "Lora", family="sd1")
+    with host.busy("train"):
+        train(concept_config(concept_dataset, host.lora_dir(), **options), host.loaded_model_backend())
+    colour, trigger = CONCEPT
+    lora_rate = drawn_colour_rate(_txt2img(host, 1.0), f"a {trigger} circle", colour)
+    print(f"{options}: {colour} in {lora_rate:.0%} of the samples with the LoRA")
+    assert lora_rate >= 0.75
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_the_base_loaded_as_the_webui_loads_it_draws_the_colour_it_is_asked_for(family, tmp_path):
     host = FakeHost(learned_ldm_model(family, tmp_path / "model"), tmp_path / "Lora", family=family)
