@@ -91,6 +91,13 @@ class Host(Protocol):
     def datasets_dir(self) -> Path | None:
         """A default folder for datasets, if the host has one."""
 
+    def queue_dir(self) -> Path:
+        """A folder of the host's own where the trainer keeps its job queue across restarts."""
+
+    def api_auth(self) -> str | None:
+        """The HTTP API's credentials as the host's own API takes them (`user:pass[,user2:pass2]`), or None
+        when the host's API is open."""
+
     def register_lora(self, path: Path) -> None:
         """Make a LoRA file written into `lora_dir` usable at once (`<lora:stem:0.8>`)."""
 

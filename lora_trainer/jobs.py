@@ -11,6 +11,7 @@ import resource
 import threading
 import traceback
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -105,6 +106,9 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._save_now = threading.Event()
+        self.on_change: Callable[[JobStatus], None] | None = None
+        """Called (from the job's thread, with the status) after each saved file and when a job has ended: the
+        queue persists what it needs and starts the next job."""
 
     def status(self) -> JobStatus:
         """A copy of the current status."""
@@ -175,6 +179,11 @@ class JobRunner:
             traceback.print_exc()
             final_state, message = "failed", f"{type(error).__name__}: {error}"
         self._update(state=final_state, message=message, activity="")
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.status())
 
     def _should_stop(self, task: HostTask) -> bool:
         return self._stop.is_set() or task.interrupted() or task.stop_requested()
@@ -232,6 +241,7 @@ class JobRunner:
             measured = dict(self._status.validation_losses)
             if step in measured:
                 self._status.saved_validation_losses[path] = measured[step]
+        self._notify()
 
     def _on_removed(self, path: Path) -> None:
         for companion in (path.with_name(f"{path.stem}.preview.png"), path.with_suffix(".json")):

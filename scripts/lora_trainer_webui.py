@@ -195,6 +195,12 @@ class A1111Host:
         chosen = getattr(shared.cmd_opts, "lora_trainer_datasets_dir", None)
         return Path(chosen) if chosen else Path(paths.data_path) / "datasets"
 
+    def queue_dir(self) -> Path:
+        return Path(paths.data_path) / "lora_trainer"
+
+    def api_auth(self) -> str | None:
+        return getattr(shared.cmd_opts, "api_auth", None) or None
+
     def register_lora(self, path: Path) -> None:
         lora_extension = _lora_extension()
         if lora_extension is None:

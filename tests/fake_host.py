@@ -50,7 +50,7 @@ class FakeHost:
     """The WebUI as the trainer sees it, around a tiny ldm model."""
 
     def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32,
-                 datasets_dir: Path | None = None):
+                 datasets_dir: Path | None = None, api_auth: str | None = None):
         self.model = model
         self.family = family
         self._lora_dir = Path(lora_dir)
@@ -64,6 +64,7 @@ class FakeHost:
         self.renders: list[RenderRequest] = []
         self.resolution = resolution
         self._datasets_dir = datasets_dir
+        self.api_credentials = api_auth
 
     def model_family(self) -> ModelFamily | None:
         return self.family
@@ -100,6 +101,12 @@ class FakeHost:
 
     def datasets_dir(self) -> Path | None:
         return self._datasets_dir
+
+    def queue_dir(self) -> Path:
+        return self._lora_dir.parent / "lora_trainer_queue"
+
+    def api_auth(self) -> str | None:
+        return self.api_credentials
 
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)
