@@ -10,8 +10,8 @@ import json
 import resource
 import threading
 import traceback
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 

@@ -13,10 +13,11 @@ import base64
 import binascii
 import io
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic
@@ -42,15 +43,15 @@ class JobRequest(BaseModel):
     """A job to queue: `kind` and that kind's settings."""
 
     kind: str = Field(..., description='"train", "caption" or "grid"')
-    config: Optional[Dict[str, Any]] = Field(
+    config: dict[str, Any] | None = Field(
         None, description="train: the training settings, the keys of the YAML config (grouped or flat). Paths are "
         "relative to the datasets folder (dataset keys) or the Lora folder; the run saves into the Lora folder.")
-    trigger_word: Optional[str] = Field(None, description="train: the LoRA's activation text")
-    preview_prompt: Optional[str] = Field(None, description="train: the prompt of each saved file's preview")
-    folder: Optional[str] = Field(None, description="caption: the dataset folder, relative to the datasets folder")
-    options: Optional[Dict[str, Any]] = Field(
+    trigger_word: str | None = Field(None, description="train: the LoRA's activation text")
+    preview_prompt: str | None = Field(None, description="train: the prompt of each saved file's preview")
+    folder: str | None = Field(None, description="caption: the dataset folder, relative to the datasets folder")
+    options: dict[str, Any] | None = Field(
         None, description="caption: model, mode, prefix, arch, pretrained, batch_size, decoding{...}")
-    grid: Optional[Dict[str, Any]] = Field(
+    grid: dict[str, Any] | None = Field(
         None, description="grid: prompt, loras (file names in the Lora folder), strengths, seeds, negative_prompt, "
         "steps, cfg_scale, width, height, sampler_name")
 
@@ -75,32 +76,32 @@ class JobInfo(BaseModel):
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
-    losses: List[List[float]] = Field(default_factory=list, description="[step, loss] pairs")
-    validation_losses: List[List[float]] = Field(default_factory=list, description="[step, loss] pairs")
+    losses: list[list[float]] = Field(default_factory=list, description="[step, loss] pairs")
+    validation_losses: list[list[float]] = Field(default_factory=list, description="[step, loss] pairs")
     steps_per_second: float = 0.0
     seconds_left: float = Field(0.0, description="the ETA while it runs")
     activity: str = Field("", description="what a running job does besides stepping (saving, stopping)")
-    saved: List[str] = Field(default_factory=list, description="the files saved so far, in the Lora folder")
+    saved: list[str] = Field(default_factory=list, description="the files saved so far, in the Lora folder")
     samples: int = Field(0, description="sample images to fetch from /jobs/{id}/samples/{n}")
-    grid: Optional[str] = Field(None, description="the saved grid's file, fetched from /jobs/{id}/grid")
-    settings: Dict[str, Any] = Field(default_factory=dict, description="the job's settings as queued")
+    grid: str | None = Field(None, description="the saved grid's file, fetched from /jobs/{id}/grid")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the job's settings as queued")
     submitted_at: float = 0.0
-    started_at: Optional[float] = None
-    ended_at: Optional[float] = None
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 class CaptionedImage(BaseModel):
     """An image of a dataset and its caption (null when the caption file is not UTF-8)."""
 
     image: str
-    caption: Optional[str]
+    caption: str | None
 
 
 class DatasetListing(BaseModel):
     """The images of a dataset folder (below the datasets folder) with their captions."""
 
     name: str
-    images: List[CaptionedImage]
+    images: list[CaptionedImage]
 
 
 class CaptionText(BaseModel):
@@ -109,7 +110,7 @@ class CaptionText(BaseModel):
     caption: str
 
 
-def parse_api_auth(api_auth: Optional[str]) -> Dict[str, str]:
+def parse_api_auth(api_auth: str | None) -> dict[str, str]:
     """`user:pass[,user2:pass2]` (the WebUI's `--api-auth`) as user -> password; empty when there is none."""
     credentials = {}
     for pair in (api_auth or "").split(","):
@@ -149,13 +150,13 @@ def api_router(queue: JobQueue, host: Host) -> APIRouter:
         return _job_info(job, queue, host)
 
     @router.post("/jobs", response_model=JobAccepted, status_code=201, summary="Queue a job")
-    def submit(request: JobRequest = Body(...)) -> JobAccepted:
+    def submit(request: JobRequest) -> JobAccepted:
         spec = job_from_dict(request.kind, _job_values(request, host))
         job = queue.submit(spec)
         return JobAccepted(id=job.id, place=queue.place(job.id), state=job.state)
 
-    @router.get("/jobs", response_model=List[JobInfo], summary="Every job: ended, running, then queued")
-    def list_jobs() -> List[JobInfo]:
+    @router.get("/jobs", response_model=list[JobInfo], summary="Every job: ended, running, then queued")
+    def list_jobs() -> list[JobInfo]:
         return [info(job) for job in queue.jobs()]
 
     @router.get("/jobs/{job_id}", response_model=JobInfo, summary="A job's state and progress")
@@ -202,7 +203,7 @@ def api_router(queue: JobQueue, host: Host) -> APIRouter:
         images = []
         for image in image_files(folder):
             try:
-                caption: Optional[str] = read_caption(image)
+                caption: str | None = read_caption(image)
             except UnicodeDecodeError:
                 caption = None
             images.append(CaptionedImage(image=image.relative_to(folder).as_posix(), caption=caption))
@@ -221,7 +222,7 @@ def api_router(queue: JobQueue, host: Host) -> APIRouter:
     return router
 
 
-def _job_values(request: JobRequest, host: Host) -> Dict[str, Any]:
+def _job_values(request: JobRequest, host: Host) -> dict[str, Any]:
     """The request's settings for `job_from_dict`, its paths confined and made absolute."""
     given = request.dict(exclude_unset=True, exclude_none=True) if not hasattr(request, "model_dump") \
         else request.model_dump(exclude_unset=True, exclude_none=True)
@@ -235,11 +236,21 @@ def _job_values(request: JobRequest, host: Host) -> Dict[str, Any]:
         if options.get("metadata_csv") is not None:  # the one file a caption job writes besides captions
             options["metadata_csv"] = str(confined(options["metadata_csv"], folder, [Path(host.datasets_dir())],
                                                    "options.metadata_csv"))
+        weights = options.get("pretrained")
+        if isinstance(weights, str) and _names_a_file(weights):  # a weights file, not an open_clip tag
+            options["pretrained"] = str(confined(weights, Path(host.datasets_dir()),
+                                                 [Path(host.datasets_dir()), Path(host.lora_dir())],
+                                                 "options.pretrained"))
     if request.kind == "grid" and isinstance(given.get("grid"), dict):
         loras = given["grid"].get("loras")
         if isinstance(loras, list):
             given["grid"]["loras"] = [str(_existing_lora(host, name)) for name in loras]
     return given
+
+
+def _names_a_file(weights: str) -> bool:
+    """Whether captioning weights name a file (open_clip's pretrained tags have no folders or extensions)."""
+    return "/" in weights or "\\" in weights or Path(weights).suffix != ""
 
 
 def _existing_dataset(host: Host, name: Any) -> Path:
@@ -256,10 +267,10 @@ def _existing_lora(host: Host, name: Any) -> Path:
     return path
 
 
-def _job_info(job: QueuedJob, queue: Optional[JobQueue], host: Host) -> JobInfo:
+def _job_info(job: QueuedJob, queue: JobQueue | None, host: Host) -> JobInfo:
     lora_dir = Path(host.lora_dir())
     saved = [_relative_name(Path(path), lora_dir) for path in job.saved]
-    values: Dict[str, Any] = dict(id=job.id, kind=job.kind, name=job.name, state=job.state, message=job.message,
+    values: dict[str, Any] = dict(id=job.id, kind=job.kind, name=job.name, state=job.state, message=job.message,
                                   place=queue.place(job.id) if queue is not None else -1, saved=saved,
                                   grid=Path(job.grid).name if job.grid else None, settings=job.spec,
                                   submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at)
@@ -279,7 +290,7 @@ def _relative_name(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else path.name
 
 
-async def _oversized(request: Request) -> Optional[Response]:
+async def _oversized(request: Request) -> Response | None:
     """413 for a body over `MAX_BODY_BYTES` (by its declared length, or as it streams in); else None, with the
     body kept for FastAPI to parse."""
     declared = request.headers.get("content-length", "")
@@ -298,7 +309,7 @@ def _too_large() -> Response:
     return JSONResponse({"detail": f"the request body is over {MAX_BODY_BYTES} bytes"}, status_code=413)
 
 
-def _unauthorized(request: Request, credentials: Dict[str, str]) -> Optional[Response]:
+def _unauthorized(request: Request, credentials: dict[str, str]) -> Response | None:
     """401 unless the request's HTTP Basic credentials match one pair of `credentials` (when there are any),
     compared in constant time as the WebUI's own API does."""
     if not credentials:
@@ -316,7 +327,7 @@ def _unauthorized(request: Request, credentials: Dict[str, str]) -> Optional[Res
                         headers={"WWW-Authenticate": "Basic"})
 
 
-def _basic_credentials(header: str) -> Optional[tuple]:
+def _basic_credentials(header: str) -> tuple | None:
     scheme, _, encoded = header.partition(" ")
     if scheme.lower() != "basic":
         return None

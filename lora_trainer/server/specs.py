@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from lora_trainer.caption import CaptionOptions
 from lora_trainer.config import TrainConfig, _plain, config_from_dict, dataclass_from_dict
@@ -105,7 +105,7 @@ class GridJob:
         return cls(dataclass_from_dict(GridPlan, values.get("grid"), "grid"))
 
 
-JobSpec = Union[TrainJob, CaptionJob, GridJob]
+JobSpec = TrainJob | CaptionJob | GridJob
 JOB_KINDS: dict[str, type[TrainJob] | type[CaptionJob] | type[GridJob]] = {
     job_type.kind: job_type for job_type in (TrainJob, CaptionJob, GridJob)}
 
