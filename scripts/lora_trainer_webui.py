@@ -3,9 +3,10 @@
 
 Everything the trainer does goes through the host: it trains `shared.sd_model` itself while holding the
 WebUI's generation queue, shows progress on the WebUI's own progress API, renders with `process_images`
-and registers each saved file with the built-in Lora extension. The job runner lives in the library
-(`lora_trainer.jobs.process_runner`), not here: a UI reload re-imports this file, and the reloaded tab
-must find a job that is still running.
+and registers each saved file with the built-in Lora extension. The job queue and its runner live in the library
+(`lora_trainer.server.queue.process_queue`), not here: a UI reload re-imports this file, and the reloaded tab
+must find a job that is still running. With `--api` (or `--nowebui`) the library's HTTP API is mounted on the
+WebUI's app, over the same queue, behind `--api-auth`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lora_trainer.jobs import process_runner
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.forge_backend import ForgeBackend
 from lora_trainer.models.webui_backend import WebUIBackend
+from lora_trainer.server.queue import process_queue
 from lora_trainer.tab import build_tab
 from lora_trainer.tab.server import release_closing_server
 
@@ -333,7 +335,16 @@ HOST = ForgeHost() if _is_forge() else A1111Host()
 
 
 def on_ui_tabs():
-    return [(build_tab(HOST, process_runner(HOST)), "Train LoRA", "lora_trainer_tab")]
+    return [(build_tab(HOST, process_queue(HOST)), "Train LoRA", "lora_trainer_tab")]
+
+
+def on_app_started(demo, app):
+    # As the WebUI's own API: served with --api, and always with --nowebui (where `demo` is None).
+    if not (getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False)):
+        return
+    from lora_trainer.server.routes import api_router
+
+    app.include_router(api_router(process_queue(HOST), HOST))
 
 
 def on_script_unloaded():
@@ -348,3 +359,4 @@ def on_script_unloaded():
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_script_unloaded(on_script_unloaded)
+script_callbacks.on_app_started(on_app_started)

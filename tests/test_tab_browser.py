@@ -50,6 +50,7 @@ from measures import CONCEPT  # noqa: E402
 from lora_trainer.config import config_from_dict, load_config  # noqa: E402
 from lora_trainer.grid import DEFAULT_STRENGTHS  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.server.queue import JobQueue  # noqa: E402
 from lora_trainer.tab import build_tab  # noqa: E402
 from lora_trainer.tab.server import release_closing_server  # noqa: E402
 from lora_trainer.world import write_concept_dataset  # noqa: E402
@@ -411,7 +412,7 @@ def _webui_like_demo(host: FakeHost, runner: JobRunner, generation_may_end: thre
         host.task.interrupt.set()
         reload_requested.set()
 
-    tab = build_tab(host, runner)
+    tab = build_tab(host, JobQueue(runner, host.queue_dir()))
     with gr.Blocks(analytics_enabled=False) as demo:
         with gr.Tab("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
             tab.render()
