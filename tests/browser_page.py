@@ -24,7 +24,7 @@ TIMEOUT_MS = 30_000
 
 class ServedTab:
     """The tab served on 127.0.0.1 with the fake host, its job queue and runner, presets folder and Lora card
-    refreshes; `app` is the page's FastAPI app (where the WebUI mounts extensions' routes)."""
+    refreshes; `app` is the FastAPI app that serves the page (the `app` of the WebUI's `on_app_started`)."""
 
     def __init__(self, host: Host, runner: JobRunner, presets_dir: Path, url: str, lora_refreshes: list[int],
                  queue: JobQueue | None = None, app=None):
@@ -56,7 +56,7 @@ def serve_tab(host: Host, presets_dir: Path) -> Iterator[ServedTab]:
             gradio.routes.templates.TemplateResponse))
         demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
         try:
-            yield ServedTab(host, runner, presets_dir, demo.local_url, lora_refreshes, queue, demo.app)
+            yield ServedTab(host, runner, presets_dir, demo.local_url, lora_refreshes, queue, demo.server_app)
         finally:
             runner.stop()
             runner.wait(60)
