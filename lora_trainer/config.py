@@ -602,6 +602,10 @@ def dataclass_from_dict(cls: type[Typed], values: Any, where: str) -> Typed:
         if coerced is _INVALID:
             raise UserError(f"{where}: key '{key}' should be {_describe(annotation)}, got {value!r}")
         checked[key] = coerced
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in checked
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{where} needs the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     return cls(**checked)
 
 

@@ -38,7 +38,11 @@ def confined(path_text: Any, base: Path | None, allowed: list[Path], key: str) -
     if base is None and not raw.is_absolute():
         raise PathRefused(f"'{key}': {path_text!r} is relative to a folder the host does not have; give an "
                           f"absolute path inside {where}")
-    path = (Path(base or "/") / raw).resolve()
+    try:
+        path = (Path(base or "/") / raw).resolve()
+        path.exists()  # a name the file system refuses (too long, a NUL byte) fails here, not later
+    except (OSError, ValueError) as error:
+        raise UserError(f"'{key}': {path_text!r} is not a usable path ({error})") from None
     if not any(path.is_relative_to(root) for root in roots):
         raise PathRefused(f"'{key}': {path_text!r} leads outside the folders the API may use ({where})")
     return path
