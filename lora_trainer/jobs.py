@@ -11,6 +11,7 @@ import resource
 import threading
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -23,12 +24,14 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.files import atomic_write, atomic_write_text
 from lora_trainer.grid import GridPlan, GridStopped, render_grid, save_png
-from lora_trainer.host import Host, HostTask, RenderRequest
+from lora_trainer.host import Host, HostBusy, HostTask, RenderRequest
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loop import train
 
 JobState = Literal["idle", "running", "finished", "stopped", "failed"]
 SD_VERSION_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+HOST_RETRY_SECONDS = 1.0
+"""How often a job that waits for the host's model (busy with its own generation) tries again."""
 STOPPING = "stopping"
 """The activity of a job asked to stop, until it has (a training run saves first)."""
 
@@ -171,8 +174,10 @@ class JobRunner:
 
     def _run(self, kind: str, work) -> None:
         try:
-            with self.host.busy(f"LoRA trainer: {kind}") as task:
-                final_state, message = work(task)
+            with ExitStack() as held:
+                task = self._wait_for_host(held, kind)
+                final_state, message = ("stopped", f"Stopped before the {kind} started") if task is None \
+                    else work(task)
         except UserError as error:
             final_state, message = "failed", str(error)
         except Exception as error:  # the thread must always end with a status the user can read
@@ -184,6 +189,17 @@ class JobRunner:
     def _notify(self) -> None:
         if self.on_change is not None:
             self.on_change(self.status())
+
+    def _wait_for_host(self, held: ExitStack, kind: str) -> HostTask | None:
+        """Hold the host's model for the job (in `held`), waiting while the host uses it (a generation the user
+        started goes first); None when the job was asked to stop meanwhile."""
+        while True:
+            try:
+                return held.enter_context(self.host.busy(f"LoRA trainer: {kind}"))
+            except HostBusy:
+                self._update(message=f"Waiting for the model: the host is busy; the {kind} starts when it is free")
+                if self._stop.wait(HOST_RETRY_SECONDS):
+                    return None
 
     def _should_stop(self, task: HostTask) -> bool:
         return self._stop.is_set() or task.interrupted() or task.stop_requested()

@@ -26,7 +26,7 @@ from modules import call_queue, devices, paths, processing, progress, script_cal
 from PIL import Image
 
 from lora_trainer.errors import UserError
-from lora_trainer.host import RenderDefaults, RenderRequest
+from lora_trainer.host import HostBusy, RenderDefaults, RenderRequest
 from lora_trainer.jobs import process_runner
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.forge_backend import ForgeBackend
@@ -113,8 +113,7 @@ class A1111Host:
         # FIFOLock is not re-entrant and its acquire() has no timeout: never wait, so that neither a nested
         # busy() in the same thread nor a generation that runs for long can hang the job.
         if not call_queue.queue_lock.acquire(blocking=False):
-            raise UserError("the WebUI is busy (a generation or another job is running); start again when it "
-                            "has finished")
+            raise HostBusy("the WebUI is busy (a generation or another job is running)")
         progress_id = f"task(lora_trainer-{uuid.uuid4().hex[:10]})"
         self._holder, self._progress_id = threading.get_ident(), progress_id
         try:

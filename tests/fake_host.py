@@ -18,9 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lora_trainer.errors import UserError
 from lora_trainer.grid import LORA_TAG, tag_renderer
-from lora_trainer.host import RenderDefaults, RenderRequest
+from lora_trainer.host import HostBusy, RenderDefaults, RenderRequest
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.webui_backend import WebUIBackend
 
@@ -77,7 +76,7 @@ class FakeHost:
     @contextmanager
     def busy(self, job_name: str) -> Iterator[FakeTask]:
         if not self.queue_lock.acquire(blocking=False):
-            raise UserError("the model is busy")
+            raise HostBusy("the model is busy")
         self.task = FakeTask()
         try:
             yield self.task
