@@ -94,7 +94,7 @@ class JobQueue:
             self._jobs.append(job)
             self._save()
             self._start_next()
-            return dataclasses.replace(self.job(job.id))
+            return self.job(job.id)
 
     def jobs(self) -> list[QueuedJob]:
         """Every job: ended ones, the running one, then the queued ones in the order they will run."""
