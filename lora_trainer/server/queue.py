@@ -26,7 +26,7 @@ QueueState = Literal["queued", "running", "done", "failed", "stopped", "interrup
 ENDED_STATES = {"finished": "done", "stopped": "stopped", "failed": "failed"}
 """The queue's name for each way a `JobRunner` job ends."""
 KEPT_ENDED_JOBS = 50
-"""Ended jobs stay listed (newest first to go last) up to this many; older ones drop out of the file."""
+"""The newest this many ended jobs stay listed; older ones drop out of the file."""
 QUEUE_FILE = "queue.json"
 
 
@@ -90,7 +90,6 @@ class JobQueue:
         job = QueuedJob(id=uuid.uuid4().hex[:12], kind=spec.kind, name=spec.name, spec=spec.to_dict(),
                         submitted_at=time.time())
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._jobs.append(job)
             self._save()
             self._start_next()
