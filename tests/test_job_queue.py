@@ -54,3 +54,24 @@ def test_the_process_keeps_one_started_queue_on_its_one_runner(tmp_path):
     job = queue.submit(CaptionJob(tmp_path / "missing", CaptionOptions()))  # started at once: it fails fast
     queue.runner.wait(60)
     assert queue.job(job.id).state == "failed" and "does not exist" in queue.job(job.id).message
+
+
+def test_the_tab_says_where_a_job_it_submits_waits_and_lists_the_queue(tmp_path):
+    from lora_trainer.tab.queue import queue_html, queued_choices, submit_job
+
+    host = FakeHost(None, tmp_path / "Lora")
+    queue = JobQueue(JobRunner(host), host.queue_dir())
+    queue.start()
+    specs = [CaptionJob(tmp_path / name, CaptionOptions()) for name in ("first", "second", "third")]
+    with host.queue_lock:  # the host generates: the first job holds the runner, waiting for the model
+        queue.submit(specs[0])
+        notices = [submit_job(queue, spec, None, None, "started")["notice"] for spec in specs[1:]]
+        jobs = queue.jobs()
+        assert "starts after the running job." in notices[0]
+        assert "starts after the running job and 1 queued." in notices[1]
+        assert queued_choices(jobs) == [f"{job.id} · caption · {job.name}" for job in jobs[1:]]
+        table = queue_html(jobs)
+        assert table.index("first") < table.index("second") < table.index("third")
+        assert table.count(">queued<") == 2 and table.count(">running<") == 1
+        queue.runner.stop()
+    queue.runner.wait(60)
