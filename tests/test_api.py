@@ -291,9 +291,10 @@ def test_a_dataset_lists_its_images_with_captions_and_a_caption_can_be_rewritten
     (json.dumps({"kind": "caption", "folder": "shapes", "options": {"batch_size": "eight"}}), "batch_size"),
     (json.dumps({"kind": "grid", "grid": {"prompt": "sks", "loras": [], "seeds": "one"}}), "seeds"),
     (json.dumps({"kind": "grid", "grid": {"prompt": "sks"}}), "loras"),
+    (json.dumps({"kind": "train", "config": {"output_name": "x"}}), "train_data_dir"),
     (json.dumps({"kind": "train", "config": {"train_data_dir": "shapes"}, "folder": "shapes"}), "folder"),
 ], ids=["broken-json", "config-type", "no-kind", "kind", "value", "unknown-key", "caption-option", "grid-setting",
-        "grid-missing-key", "other-kind's-key"])
+        "grid-missing-key", "no-dataset", "other-kind's-key"])
 def test_malformed_or_mistyped_requests_get_422_naming_the_field_and_queue_nothing(client, queue, body, named):
     answer = client.post("/jobs", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == 422, answer.text

@@ -65,6 +65,9 @@ def confined_train_config(host: Host, config: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UserError("'config' should be a mapping of the training settings (the YAML config's keys)")
     values = flat_config_values(config)
+    if values.get("train_data_dir") is None and not values.get("subsets"):
+        raise UserError("a train job needs 'train_data_dir': its dataset folder, relative to the datasets folder "
+                        f"{host.datasets_dir()}")
     lora_dir = Path(host.lora_dir()).resolve()
     datasets = host.datasets_dir()
     allowed = [lora_dir] + ([Path(datasets)] if datasets is not None else [])
