@@ -89,10 +89,13 @@ def value_for(schema: dict, components: dict, rng: random.Random, name: str = ""
 
 
 def job_request(rng: random.Random) -> dict:
-    """A job request of a real kind with that kind's settings, a few of them mutated."""
+    """A job request of a real kind with settings it accepts, one of them mutated half of the time."""
     kind = rng.choice(list(SETTINGS_OF_KIND))
     section = SETTINGS_OF_KIND[kind]
-    body = {"kind": kind, section: value_for({"type": "object"}, {}, rng, section)}
+    settings = dict(VALID_SETTINGS[section])
+    if rng.random() < 0.5:
+        settings[rng.choice(SETTINGS_KEYS[section])] = random_value(rng)
+    body = {"kind": kind, section: settings}
     if kind == "caption":
         body["folder"] = rng.choice(["shapes", "shapes", *HOSTILE_TEXT])
     return body
