@@ -15,12 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
 from lora_trainer.errors import UserError
 
+Typed = TypeVar("Typed")
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadaptation", "adamw_schedulefree"]
 OPTIMIZER_SPELLINGS = {"dadaptadam": "dadaptation", "adamwschedulefree": "adamw_schedulefree"}
 """kohya's names of our optimizers, lowercased, where they differ from ours (`DAdaptAdam`, `AdamWScheduleFree`)."""
@@ -604,6 +605,34 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     for name, value in flat_config_values(values).items():
         by_group[FIELD_GROUPS[name]][name] = value
     return TrainConfig(**{group: GROUPS[group](**items) for group, items in by_group.items()})
+
+
+def dataclass_from_dict(cls: type[Typed], values: Any, where: str) -> Typed:
+    """`cls` (a dataclass) from the mapping `values` of its field names, nested dataclasses from nested mappings,
+    each value checked against its declared type; errors name `where` and the key, as config errors do."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            hint = _closest(str(key), known)
+            raise UserError(f"{where}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                            + f"; its keys: {', '.join(sorted(known))}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            checked[key] = dataclass_from_dict(annotation, value, f"{where}.{key}")
+            continue
+        coerced = _coerce(value, annotation)
+        if coerced is _INVALID:
+            raise UserError(f"{where}: key '{key}' should be {_describe(annotation)}, got {value!r}")
+        checked[key] = coerced
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in checked
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{where} needs the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return cls(**checked)
 
 
 def flat_config_values(values: dict[str, Any], groups: dict[str, type] | None = None,

@@ -13,7 +13,12 @@ from typing import Protocol
 
 from PIL import Image
 
+from lora_trainer.errors import UserError
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
+
+
+class HostBusy(UserError):
+    """The host's model is in use (one of its own generations, or a job): a job waits and tries again."""
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Host(Protocol):
     def busy(self, job_name: str) -> AbstractContextManager[HostTask]:
         """Hold the host's model exclusively (its generation queue waits) and show the job's progress.
 
-        Never waits and is not re-entrant: raises `UserError` at once when the host is busy.
+        Never waits and is not re-entrant: raises `HostBusy` at once when the host is busy.
         """
 
     def render(self, request: RenderRequest) -> Image.Image:
@@ -90,6 +95,13 @@ class Host(Protocol):
 
     def datasets_dir(self) -> Path | None:
         """A default folder for datasets, if the host has one."""
+
+    def queue_dir(self) -> Path:
+        """A folder of the host's own where the trainer keeps its job queue across restarts."""
+
+    def api_auth(self) -> str | None:
+        """The HTTP API's credentials as the host's own API takes them (`user:pass[,user2:pass2]`), or None
+        when the host's API is open."""
 
     def register_lora(self, path: Path) -> None:
         """Make a LoRA file written into `lora_dir` usable at once (`<lora:stem:0.8>`)."""

@@ -10,6 +10,8 @@ import json
 import resource
 import threading
 import traceback
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -22,12 +24,14 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.files import atomic_write, atomic_write_text
 from lora_trainer.grid import GridPlan, GridStopped, render_grid, save_png
-from lora_trainer.host import Host, HostTask, RenderRequest
+from lora_trainer.host import Host, HostBusy, HostTask, RenderRequest
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loop import train
 
 JobState = Literal["idle", "running", "finished", "stopped", "failed"]
 SD_VERSION_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+HOST_RETRY_SECONDS = 1.0
+"""How often a job that waits for the host's model (busy with its own generation) tries again."""
 STOPPING = "stopping"
 """The activity of a job asked to stop, until it has (a training run saves first)."""
 
@@ -105,6 +109,9 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._save_now = threading.Event()
+        self.on_change: Callable[[JobStatus], None] | None = None
+        """Called (from the job's thread, with the status) after each saved file and when a job has ended: the
+        queue persists what it needs and starts the next job."""
 
     def status(self) -> JobStatus:
         """A copy of the current status."""
@@ -167,14 +174,32 @@ class JobRunner:
 
     def _run(self, kind: str, work) -> None:
         try:
-            with self.host.busy(f"LoRA trainer: {kind}") as task:
-                final_state, message = work(task)
+            with ExitStack() as held:
+                task = self._wait_for_host(held, kind)
+                final_state, message = ("stopped", f"Stopped before the {kind} started") if task is None \
+                    else work(task)
         except UserError as error:
             final_state, message = "failed", str(error)
         except Exception as error:  # the thread must always end with a status the user can read
             traceback.print_exc()
             final_state, message = "failed", f"{type(error).__name__}: {error}"
         self._update(state=final_state, message=message, activity="")
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.status())
+
+    def _wait_for_host(self, held: ExitStack, kind: str) -> HostTask | None:
+        """Hold the host's model for the job (in `held`), waiting while the host uses it (a generation the user
+        started goes first); None when the job was asked to stop meanwhile."""
+        while True:
+            try:
+                return held.enter_context(self.host.busy(f"LoRA trainer: {kind}"))
+            except HostBusy:
+                self._update(message=f"Waiting for the model: the host is busy; the {kind} starts when it is free")
+                if self._stop.wait(HOST_RETRY_SECONDS):
+                    return None
 
     def _should_stop(self, task: HostTask) -> bool:
         return self._stop.is_set() or task.interrupted() or task.stop_requested()
@@ -232,6 +257,7 @@ class JobRunner:
             measured = dict(self._status.validation_losses)
             if step in measured:
                 self._status.saved_validation_losses[path] = measured[step]
+        self._notify()
 
     def _on_removed(self, path: Path) -> None:
         for companion in (path.with_name(f"{path.stem}.preview.png"), path.with_suffix(".json")):

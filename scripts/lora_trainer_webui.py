@@ -3,9 +3,10 @@
 
 Everything the trainer does goes through the host: it trains `shared.sd_model` itself while holding the
 WebUI's generation queue, shows progress on the WebUI's own progress API, renders with `process_images`
-and registers each saved file with the built-in Lora extension. The job runner lives in the library
-(`lora_trainer.jobs.process_runner`), not here: a UI reload re-imports this file, and the reloaded tab
-must find a job that is still running.
+and registers each saved file with the built-in Lora extension. The job queue and its runner live in the library
+(`lora_trainer.server.queue.process_queue`), not here: a UI reload re-imports this file, and the reloaded tab
+must find a job that is still running. With `--api` (or `--nowebui`) the library's HTTP API is mounted on the
+WebUI's app, over the same queue, behind `--api-auth`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from modules import call_queue, devices, paths, processing, progress, script_cal
 from PIL import Image
 
 from lora_trainer.errors import UserError
-from lora_trainer.host import RenderDefaults, RenderRequest
+from lora_trainer.host import HostBusy, RenderDefaults, RenderRequest
 from lora_trainer.jobs import process_runner
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.forge_backend import ForgeBackend
 from lora_trainer.models.webui_backend import WebUIBackend
+from lora_trainer.server.queue import process_queue
 from lora_trainer.tab import build_tab
 from lora_trainer.tab.server import release_closing_server
 
@@ -111,8 +113,7 @@ class A1111Host:
         # FIFOLock is not re-entrant and its acquire() has no timeout: never wait, so that neither a nested
         # busy() in the same thread nor a generation that runs for long can hang the job.
         if not call_queue.queue_lock.acquire(blocking=False):
-            raise UserError("the WebUI is busy (a generation or another job is running); start again when it "
-                            "has finished")
+            raise HostBusy("the WebUI is busy (a generation or another job is running)")
         progress_id = f"task(lora_trainer-{uuid.uuid4().hex[:10]})"
         self._holder, self._progress_id = threading.get_ident(), progress_id
         try:
@@ -194,6 +195,12 @@ class A1111Host:
         # The option is None when given no value, or missing when the extension was installed without a restart.
         chosen = getattr(shared.cmd_opts, "lora_trainer_datasets_dir", None)
         return Path(chosen) if chosen else Path(paths.data_path) / "datasets"
+
+    def queue_dir(self) -> Path:
+        return Path(paths.data_path) / "lora_trainer"
+
+    def api_auth(self) -> str | None:
+        return getattr(shared.cmd_opts, "api_auth", None) or None
 
     def register_lora(self, path: Path) -> None:
         lora_extension = _lora_extension()
@@ -327,7 +334,16 @@ HOST = ForgeHost() if _is_forge() else A1111Host()
 
 
 def on_ui_tabs():
-    return [(build_tab(HOST, process_runner(HOST)), "Train LoRA", "lora_trainer_tab")]
+    return [(build_tab(HOST, process_queue(HOST)), "Train LoRA", "lora_trainer_tab")]
+
+
+def on_app_started(demo, app):
+    # As the WebUI's own API: served with --api, and always with --nowebui (where `demo` is None).
+    if not (getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False)):
+        return
+    from lora_trainer.server.routes import api_router
+
+    app.include_router(api_router(process_queue(HOST), HOST))
 
 
 def on_script_unloaded():
@@ -342,3 +358,4 @@ def on_script_unloaded():
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_script_unloaded(on_script_unloaded)
+script_callbacks.on_app_started(on_app_started)

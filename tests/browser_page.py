@@ -12,6 +12,7 @@ import pytest
 
 from lora_trainer.host import Host
 from lora_trainer.jobs import JobRunner
+from lora_trainer.server.queue import JobQueue
 from lora_trainer.tab import build_tab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +23,13 @@ TIMEOUT_MS = 30_000
 
 
 class ServedTab:
-    """The tab served on 127.0.0.1 with the fake host, its job runner, presets folder and Lora card refreshes."""
+    """The tab served on 127.0.0.1 with the fake host, its job queue and runner, presets folder and Lora card
+    refreshes; `app` is the FastAPI app that serves the page (the `app` of the WebUI's `on_app_started`)."""
 
-    def __init__(self, host: Host, runner: JobRunner, presets_dir: Path, url: str, lora_refreshes: list[int]):
+    def __init__(self, host: Host, runner: JobRunner, presets_dir: Path, url: str, lora_refreshes: list[int],
+                 queue: JobQueue | None = None, app=None):
         self.host, self.runner, self.presets_dir, self.url = host, runner, presets_dir, url
-        self.lora_refreshes = lora_refreshes
+        self.lora_refreshes, self.queue, self.app = lora_refreshes, queue, app
 
 
 @contextmanager
@@ -35,10 +38,12 @@ def serve_tab(host: Host, presets_dir: Path) -> Iterator[ServedTab]:
     import gradio as gr
     import gradio.routes
 
-    runner = JobRunner(host)
+    queue = JobQueue(JobRunner(host), host.queue_dir())
+    queue.start()
+    runner = queue.runner
     lora_refreshes: list[int] = []
     # As the WebUI does: the tab is built outside any Blocks, then rendered inside the page's tabs.
-    tab = build_tab(host, runner, presets_dir=presets_dir)
+    tab = build_tab(host, queue, presets_dir=presets_dir)
     with gr.Blocks(analytics_enabled=False) as demo:
         with gr.Tab("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
             tab.render()
@@ -51,7 +56,7 @@ def serve_tab(host: Host, presets_dir: Path) -> Iterator[ServedTab]:
             gradio.routes.templates.TemplateResponse))
         demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
         try:
-            yield ServedTab(host, runner, presets_dir, demo.local_url, lora_refreshes)
+            yield ServedTab(host, runner, presets_dir, demo.local_url, lora_refreshes, queue, demo.server_app)
         finally:
             runner.stop()
             runner.wait(60)

@@ -18,9 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lora_trainer.errors import UserError
 from lora_trainer.grid import LORA_TAG, tag_renderer
-from lora_trainer.host import RenderDefaults, RenderRequest
+from lora_trainer.host import HostBusy, RenderDefaults, RenderRequest
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
 from lora_trainer.models.webui_backend import WebUIBackend
 
@@ -50,7 +49,7 @@ class FakeHost:
     """The WebUI as the trainer sees it, around a tiny ldm model."""
 
     def __init__(self, model: nn.Module, lora_dir: Path, family: ModelFamily = "sd1", resolution: int = 32,
-                 datasets_dir: Path | None = None):
+                 datasets_dir: Path | None = None, api_auth: str | None = None):
         self.model = model
         self.family = family
         self._lora_dir = Path(lora_dir)
@@ -64,6 +63,7 @@ class FakeHost:
         self.renders: list[RenderRequest] = []
         self.resolution = resolution
         self._datasets_dir = datasets_dir
+        self.api_credentials = api_auth
 
     def model_family(self) -> ModelFamily | None:
         return self.family
@@ -76,7 +76,7 @@ class FakeHost:
     @contextmanager
     def busy(self, job_name: str) -> Iterator[FakeTask]:
         if not self.queue_lock.acquire(blocking=False):
-            raise UserError("the model is busy")
+            raise HostBusy("the model is busy")
         self.task = FakeTask()
         try:
             yield self.task
@@ -100,6 +100,12 @@ class FakeHost:
 
     def datasets_dir(self) -> Path | None:
         return self._datasets_dir
+
+    def queue_dir(self) -> Path:
+        return self._lora_dir.parent / "lora_trainer_queue"
+
+    def api_auth(self) -> str | None:
+        return self.api_credentials
 
     def register_lora(self, path: Path) -> None:
         self.registered.append(Path(path).stem)

@@ -10,6 +10,7 @@ from PIL import Image
 from lora_trainer.config import config_from_dict
 from lora_trainer.host import RenderRequest
 from lora_trainer.jobs import JobRunner
+from lora_trainer.server.queue import JobQueue
 from tests.forge_models import tiny_forge_engine
 
 
@@ -39,7 +40,7 @@ def test_the_tab_builds_on_the_installed_gradio(tmp_path):
     from lora_trainer.tab import build_tab
 
     host = FakeHost(None, tmp_path / "Lora")
-    tab = build_tab(host, JobRunner(host))
+    tab = build_tab(host, JobQueue(JobRunner(host), host.queue_dir()))
     assert isinstance(tab, gr.Blocks)
     elem_ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
     assert {"lora_trainer_tab", "lora_trainer_poll", "lora_trainer_start", "lora_trainer_stop",

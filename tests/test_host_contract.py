@@ -20,7 +20,7 @@ import install
 import preload
 from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
-from lora_trainer.host import RenderDefaults, RenderRequest, list_loras
+from lora_trainer.host import Host, RenderDefaults, RenderRequest, list_loras
 from lora_trainer.jobs import JobRunner
 from lora_trainer.lora.files import save_kohya
 from lora_trainer.lora.network import LoraNetwork
@@ -222,6 +222,17 @@ def test_a_training_job_registers_every_saved_file_once_and_ends_without_deadloc
 def test_the_folders_are_paths(host):
     assert isinstance(Path(host.lora_dir()), Path) and isinstance(Path(host.grids_dir()), Path)
     assert host.datasets_dir() is None or isinstance(host.datasets_dir(), Path)
+    assert isinstance(Path(host.queue_dir()), Path)
+
+
+def test_the_fake_and_the_webui_adapters_implement_every_method_of_the_host_protocol():
+    import ast
+
+    protocol = {name for name, value in vars(Host).items() if callable(value) and not name.startswith("_")}
+    skin = ast.parse((Path(__file__).resolve().parents[1] / "scripts" / "lora_trainer_webui.py").read_text())
+    a1111 = next(node for node in skin.body if isinstance(node, ast.ClassDef) and node.name == "A1111Host")
+    assert protocol - {node.name for node in a1111.body if isinstance(node, ast.FunctionDef)} == set()
+    assert {name for name in protocol if not callable(getattr(FakeHost, name, None))} == set()
 
 
 def test_install_adds_nothing_to_a_webui_that_has_every_package():

@@ -220,3 +220,23 @@ def test_class_images_are_drawn_through_the_hosts_pipeline_before_training(host,
     assert [request.prompt for request in host.renders[:2]] == ["a shape", "a shape"]
     assert sorted(path.name for path in (tmp_path / "reg" / "1_a_shape").iterdir()) == \
         ["class-00000.png", "class-00000.txt", "class-00001.png", "class-00001.txt"]
+
+
+def test_a_job_started_while_the_host_generates_waits_for_the_model_then_runs(host, shapes_dataset):
+    runner = JobRunner(host)
+    with host.queue_lock:  # one of the host's own generations holds the model
+        runner.start_training(_config(shapes_dataset, max_train_steps=2))
+        _wait_for(lambda: "Waiting for the model" in runner.status().message)
+        assert runner.status().running and runner.status().step == 0
+    status = runner.wait(120)
+    assert status.state == "finished" and status.step == 2, status.message
+
+
+def test_a_job_waiting_for_the_host_can_be_stopped_before_it_starts(host, shapes_dataset):
+    runner = JobRunner(host)
+    with host.queue_lock:
+        runner.start_training(_config(shapes_dataset))
+        _wait_for(lambda: "Waiting for the model" in runner.status().message)
+        runner.stop()
+        status = runner.wait(60)
+    assert status.state == "stopped" and status.saved == [] and "before the training started" in status.message

@@ -9,6 +9,7 @@ import json
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -355,11 +356,14 @@ def test_the_test_panel_preselects_the_file_with_the_lowest_validation_loss(tmp_
         def status(self) -> JobStatus:
             return status
 
+    class _Queue:
+        runner = _Runner()
+
     status = _validated_run(tmp_path)
     for path in status.saved:
         _lora_file(path, 100)
-    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
-    files = GridPanel(_Runner(), _Host(tmp_path), *components).defaults("sks", "")["files"]
+    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("queue", "host")]
+    files = GridPanel(_Queue(), _Host(tmp_path), *components).defaults("sks", "")["files"]
     assert files["value"] == ["v-s000010.safetensors"]
 
 
@@ -579,8 +583,8 @@ def test_the_grid_defaults_to_the_last_runs_resolution_not_txt2img_size(tmp_path
             return self.current
 
     runner = _Runner(JobStatus(kind="training", state="finished", config=config_from_dict(dict(resolution=768))))
-    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("runner", "host")]
-    panel = GridPanel(runner, _Host(tmp_path), *components)
+    components = [name for name in GridPanel.__dataclass_fields__ if name not in ("queue", "host")]
+    panel = GridPanel(SimpleNamespace(runner=runner), _Host(tmp_path), *components)
     defaults = panel.defaults("sks", "")
     assert (defaults["width"], defaults["height"]) == (768, 768)
     runner.current = JobStatus()

@@ -50,6 +50,7 @@ from measures import CONCEPT  # noqa: E402
 from lora_trainer.config import config_from_dict, load_config  # noqa: E402
 from lora_trainer.grid import DEFAULT_STRENGTHS  # noqa: E402
 from lora_trainer.jobs import JobRunner  # noqa: E402
+from lora_trainer.server.queue import JobQueue  # noqa: E402
 from lora_trainer.tab import build_tab  # noqa: E402
 from lora_trainer.tab.server import release_closing_server  # noqa: E402
 from lora_trainer.world import write_concept_dataset  # noqa: E402
@@ -416,7 +417,7 @@ def _webui_like_demo(host: FakeHost, runner: JobRunner, generation_may_end: thre
         host.task.interrupt.set()
         reload_requested.set()
 
-    tab = build_tab(host, runner)
+    tab = build_tab(host, JobQueue(runner, host.queue_dir()))
     with gr.Blocks(analytics_enabled=False) as demo:
         with gr.Tab("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
             tab.render()
@@ -437,3 +438,37 @@ def _uncaptioned_images(folder: Path, count: int = 4, size: int = 32) -> Path:
         ImageDraw.Draw(image).ellipse((4, 4, size - 4, size - 4), fill=colours[index % len(colours)])
         image.save(folder / f"{index:02d}.png")
     return folder
+
+
+def test_jobs_submitted_over_http_show_in_the_tabs_queue_where_a_queued_one_is_cancelled(served, page):
+    import httpx
+    from conftest import write_shapes_dataset
+
+    from lora_trainer.server.routes import api_router
+
+    # As the WebUI's on_app_started: the API on the page's own app, over the tab's queue.
+    served.app.include_router(api_router(served.queue, served.host))
+    write_shapes_dataset(served.host.datasets_dir() / "api_shapes")
+    settings = dict(train_data_dir="api_shapes", resolution=32, bucket_step=8, lora_rank=4)
+    with httpx.Client(base_url=served.url.rstrip("/") + "/lora-trainer/v1", timeout=30) as client:
+        running = client.post("/jobs", json={"kind": "train", "config": {
+            **settings, "max_train_steps": 100_000, "output_name": "api_running"}}).json()
+        queued = client.post("/jobs", json={"kind": "train", "config": {
+            **settings, "max_train_steps": 2, "output_name": "api_queued"}}).json()
+        assert (running.get("place"), queued.get("place")) == (0, 1), (running, queued)
+        _wait_in_page(page, f"{_text('queue')}.includes('{queued['id']}') && {_text('status')}.includes"
+                      "('Training: running')", "the API's jobs in the tab")
+        assert "api_running\trunning" in page.inner_text("#lora_trainer_queue")
+        assert "api_queued\tqueued" in page.inner_text("#lora_trainer_queue")
+
+        page.click("#lora_trainer_queue_choice input")
+        page.click(f"#lora_trainer_queue_choice li:has-text('{queued['id']}')")
+        page.click("#lora_trainer_queue_cancel")
+        _wait_in_page(page, f"{_text('queue_notice')}.includes('Cancelled job {queued['id']}')", "the cancel")
+        assert client.get(f"/jobs/{queued['id']}").status_code == 404
+        _wait_in_page(page, f"!{_text('queue')}.includes('{queued['id']}')", "the cancelled job to leave the table")
+
+        client.post(f"/jobs/{running['id']}/stop")
+        _wait_in_page(page, f"{_text('status')}.includes('Training: stopped')", "the stopped run in the tab")
+        assert client.get(f"/jobs/{running['id']}").json()["state"] == "stopped"
+    assert not (served.host.lora_dir() / "api_queued.safetensors").exists()

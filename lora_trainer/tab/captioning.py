@@ -9,9 +9,12 @@ from lora_trainer.caption import CaptionOptions, CocaDecoding
 from lora_trainer.caption.coca import DECODING_STRATEGIES
 from lora_trainer.caption.writer import CAPTION_MODES
 from lora_trainer.errors import UserError
-from lora_trainer.jobs import JobRunner, JobStatus
+from lora_trainer.jobs import JobStatus
+from lora_trainer.server.queue import JobQueue
+from lora_trainer.server.specs import CaptionJob
 from lora_trainer.tab.dataset import dataset_folder
 from lora_trainer.tab.notices import notice
+from lora_trainer.tab.queue import submit_job
 
 WEIGHTS_HELP = ("Empty: the captioner's default, downloaded once. A tag names weights open_clip downloads "
                 "(e.g. mscoco_finetuned_laion2b_s13b_b90k for coca). A file must be a PyTorch checkpoint "
@@ -76,28 +79,25 @@ class CaptioningPanel:
             panel_notice = gr.HTML(elem_id="lora_trainer_caption_notice")
         return cls(captioner, mode, prefix, decoding, max_tokens, repetition, arch, weights, button, panel_notice)
 
-    def wire(self, runner: JobRunner, folder: Any, progress) -> None:
-        """Start captioning the images of `folder` on `runner`; `progress` (the progress panel) shows the job."""
+    def wire(self, queue: JobQueue, folder: Any, progress) -> None:
+        """Queue captioning the images of `folder` on `queue`; `progress` (the progress panel) shows the job."""
 
         def start(folder_text: str, model: str, mode: str, prefix: str, arch: str, weights: str, decoding: str,
                   max_tokens: float, repetition_penalty: float, seen_now: dict | None) -> dict:
             try:
                 options = caption_options(model, mode, prefix, arch, weights, decoding, max_tokens,
                                           repetition_penalty)
-                runner.start_captioning(dataset_folder(folder_text), options)
+                submitted = submit_job(queue, CaptionJob(dataset_folder(folder_text), options), progress, seen_now,
+                                       "Captioning started: progress below.")
             except UserError as error:
                 return {self.notice: notice(str(error), error=True)}
-            return {self.notice: notice("Captioning started: progress below."), **progress.started(seen_now)}
+            return {self.notice: submitted.pop("notice"), **submitted}
 
         self.button.click(start, [folder, self.captioner, self.mode, self.prefix, self.arch, self.weights,
                                   self.decoding, self.max_tokens, self.repetition, progress.seen],
                           [self.notice, *progress.started_outputs])
 
     def on_status(self, status: JobStatus, ended: str | None) -> dict:
-        """Updates for a poll: the button while a job runs; the start notice goes when captioning has ended."""
-        import gradio as gr
-
-        updates = {self.button: gr.update(interactive=not status.running)}
-        if ended == "captioning":
-            updates[self.notice] = ""
-        return updates
+        """Updates for a poll: the start notice goes when captioning has ended. (The button stays: while a job
+        runs, it queues the captioning behind it.)"""
+        return {self.notice: ""} if ended == "captioning" else {}

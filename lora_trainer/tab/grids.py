@@ -15,8 +15,11 @@ from lora_trainer.errors import UserError
 from lora_trainer.grid import DEFAULT_STRENGTHS, GridPlan, parse_seeds, parse_strengths
 from lora_trainer.host import Host, list_loras
 from lora_trainer.jobs import JobRunner, JobStatus
+from lora_trainer.server.queue import JobQueue
+from lora_trainer.server.specs import GridJob
 from lora_trainer.tab.dataset import dataset_folder
 from lora_trainer.tab.notices import notice
+from lora_trainer.tab.queue import submit_job
 
 
 def default_grid_prompt(trigger_word: str, folder: str | Path | None) -> str:
@@ -112,7 +115,7 @@ def grid_cell_captions(plan: GridPlan) -> list[str]:
 class GridPanel:
     """The Test panel's components, and `cell_captions`: the captions of the grid being rendered."""
 
-    runner: JobRunner
+    queue: JobQueue
     host: Host
     prompt: Any
     negative: Any
@@ -132,8 +135,13 @@ class GridPanel:
     cells: Any
     cell_captions: Any
 
+    @property
+    def runner(self) -> JobRunner:
+        """The queue's runner: the running (or last) job's status, Stop and Save now."""
+        return self.queue.runner
+
     @classmethod
-    def build(cls, runner: JobRunner, host: Host) -> GridPanel:
+    def build(cls, queue: JobQueue, host: Host) -> GridPanel:
         import gradio as gr
 
         txt2img = host.render_defaults()
@@ -175,7 +183,7 @@ class GridPanel:
                              interactive=False, height=640, elem_id="lora_trainer_grid_image")
             cells = gr.Gallery(label="Cells: click one to see it large", columns=5, height=480,
                                elem_id="lora_trainer_grid_cells")
-        return cls(runner, host, prompt, negative, files, refresh_button, strengths, seeds, sampler, steps, cfg,
+        return cls(queue, host, prompt, negative, files, refresh_button, strengths, seeds, sampler, steps, cfg,
                    width, height, button, defaults_button, panel_notice, image, cells, gr.State([]))
 
     @property
@@ -211,13 +219,13 @@ class GridPanel:
         def start(seen_now: dict | None, *values) -> dict:
             try:
                 plan = grid_plan_from_form(self.host, *values)
-                self.runner.start_grid(plan)
+                seeds = ", ".join(map(str, plan.seeds))
+                submitted = submit_job(self.queue, GridJob(plan), progress, seen_now,
+                                       f"Rendering {len(plan.rows())} x {len(plan.strengths)} images with seed "
+                                       f"{seeds}: progress above, the grid below when it is done.")
             except UserError as error:
                 return {self.notice: notice(str(error), error=True)}
-            seeds = ", ".join(map(str, plan.seeds))
-            return {self.notice: notice(f"Rendering {len(plan.rows())} x {len(plan.strengths)} images with seed "
-                                        f"{seeds}: progress above, the grid below when it is done."),
-                    self.cell_captions: grid_cell_captions(plan), **progress.started(seen_now)}
+            return {self.notice: submitted.pop("notice"), self.cell_captions: grid_cell_captions(plan), **submitted}
 
         def refresh_files() -> dict:
             return {self.files: gr.update(choices=lora_choices(self.host))}
@@ -229,15 +237,15 @@ class GridPanel:
     @property
     def poll_outputs(self) -> list:
         """What `on_status` updates."""
-        return [self.button, self.notice, self.image, self.cells, *self.defaults_outputs]
+        return [self.notice, self.image, self.cells, *self.defaults_outputs]
 
     def on_status(self, status: JobStatus, changed: bool, ended: str | None, captions: list[str], trigger: str,
                   folder_text: str) -> dict:
-        """A poll's updates: the button while a job runs; the grid and its message once rendered; the defaults
-        once a training run ended."""
+        """A poll's updates: the grid and its message once rendered; the defaults once a training run ended.
+        (The button stays: while a job runs, it queues the grid behind it.)"""
         import gradio as gr
 
-        updates = {self.button: gr.update(interactive=not status.running)}
+        updates: dict = {}
         if not changed:
             return updates
         if status.kind == "grid" and not status.running:

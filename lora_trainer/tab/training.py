@@ -12,6 +12,8 @@ from lora_trainer.errors import UserError
 from lora_trainer.host import Host
 from lora_trainer.jobs import JobRunner, JobStatus
 from lora_trainer.models.base import ModelFamily
+from lora_trainer.server.queue import JobQueue
+from lora_trainer.server.specs import TrainJob
 from lora_trainer.tab.form import (
     FAMILY_LABEL,
     FAMILY_RESOLUTION,
@@ -24,6 +26,7 @@ from lora_trainer.tab.form import (
 )
 from lora_trainer.tab.notices import notice
 from lora_trainer.tab.presets import load_preset, preset_names, save_preset
+from lora_trainer.tab.queue import submit_job
 
 MAIN_ROWS = (("network_type",), ("resolution", "lora_rank", "lora_alpha"), ("unet_lr", "epochs", "batch_size"),
              ("max_train_steps", "save_every_n_epochs", "keep_last_n_saves"), ("sample_prompts",),
@@ -51,7 +54,7 @@ def advanced_groups() -> dict[str, list[str]]:
 class TrainingPanel:
     """The panel's components; `fields` maps every form key (the dataset folder too) to its widget."""
 
-    runner: JobRunner
+    queue: JobQueue
     host: Host
     presets_dir: Path
     fields: dict[str, Any]
@@ -67,8 +70,13 @@ class TrainingPanel:
     defaults_button: Any
     notice: Any
 
+    @property
+    def runner(self) -> JobRunner:
+        """The queue's runner: the running (or last) job's status, Stop and Save now."""
+        return self.queue.runner
+
     @classmethod
-    def build(cls, runner: JobRunner, host: Host, presets_dir: Path, initial: dict[str, Any],
+    def build(cls, queue: JobQueue, host: Host, presets_dir: Path, initial: dict[str, Any],
               folder: Any) -> TrainingPanel:
         """Lay the panel out; `initial` holds the form's first values, `folder` is the dataset folder widget."""
         import gradio as gr
@@ -110,7 +118,7 @@ class TrainingPanel:
             stop_button = gr.Button("Stop", variant="stop", interactive=False, elem_id="lora_trainer_stop")
         defaults_button = gr.Button("Defaults for the loaded model", size="sm", elem_id="lora_trainer_defaults")
         panel_notice = gr.HTML(elem_id="lora_trainer_notice")
-        return cls(runner, host, presets_dir, fields, trigger_word, preset_choice, load_preset_button, preset_name,
+        return cls(queue, host, presets_dir, fields, trigger_word, preset_choice, load_preset_button, preset_name,
                    overwrite_preset, save_preset_button, start_button, save_now_button, stop_button, defaults_button,
                    panel_notice)
 
@@ -155,10 +163,11 @@ class TrainingPanel:
                     raise UserError("Enter the dataset folder first.")
                 prompts = config.sampling.sample_prompts
                 preview_prompt = prompts[0] if prompts else trigger.strip()
-                self.runner.start_training(config, trigger.strip(), preview_prompt)
+                submitted = submit_job(self.queue, TrainJob(config, trigger.strip(), preview_prompt), progress,
+                                       seen_now, f"Training {config.saving.output_name} started.")
             except UserError as error:
                 return {self.notice: notice(str(error), error=True)}
-            return {self.notice: notice(f"Training {config.saving.output_name} started."), **progress.started(seen_now)}
+            return {self.notice: submitted.pop("notice"), **submitted}
 
         def save_now() -> dict:
             self.runner.save_now()
@@ -204,15 +213,14 @@ class TrainingPanel:
     @property
     def poll_outputs(self) -> list:
         """What `on_status` updates."""
-        return [self.start_button, self.save_now_button, self.stop_button, self.notice]
+        return [self.save_now_button, self.stop_button, self.notice]
 
     def on_status(self, status: JobStatus, ended: str | None) -> dict:
         """A poll's updates: which buttons work now; the start notice goes once the run has ended (the status
         says how)."""
         import gradio as gr
 
-        updates = {self.start_button: gr.update(interactive=not status.running),
-                   self.save_now_button: gr.update(interactive=status.running and status.kind == "training"),
+        updates = {self.save_now_button: gr.update(interactive=status.running and status.kind == "training"),
                    self.stop_button: gr.update(interactive=status.running)}
         if ended == "training":
             updates[self.notice] = ""
