@@ -14,10 +14,11 @@ from lora_trainer.lora.targets import network_from_file  # noqa: E402
 from lora_trainer.models.diffusers_backend import DiffusersBackend  # noqa: E402
 from lora_trainer.train.loop import train  # noqa: E402
 
-TYPE_SETTINGS = {"locon": dict(conv_rank=4, learning_rate=5e-3), "loha": dict(lora_rank=4, conv_rank=4), "lokr": dict(conv_rank=4),
-                 "dora": {}}
+TYPE_SETTINGS = {"locon": dict(conv_rank=4, learning_rate=5e-3), "loha": dict(lora_rank=4, conv_rank=4),
+                 "lokr": dict(conv_rank=4), "dora": {}}
 """Beyond `concept_config` (rank 8, lr 1e-2, 200 steps): the types with convolutions adapt them at rank 4, and
-LoHa, whose rank counts twice, has rank 4."""
+LoHa, whose rank counts twice, has rank 4. LoCon, which also adapts every resnet's time embedding and shortcut
+(as kohya's does), learns at 5e-3: at 1e-2 the tiny base's time embeddings drift and the concept fades."""
 
 
 @pytest.mark.parametrize("network_type", TYPE_SETTINGS)
@@ -34,4 +35,4 @@ def test_each_network_type_teaches_the_base_a_colour_it_never_drew(network_type,
     with network.applied(1.0):
         rate = drawn_colour_rate(generate, f"a {trigger} circle", colour)
     print(f"{network_type}: {colour} in {rate:.0%} with the LoRA")
-    assert rate >= 0.625  # most of the 8 seeds (measured: locon 100%, loha 75%, lokr 88%, dora 88%; lora 88%)
+    assert rate >= 0.625  # most of the 8 seeds (measured: locon 62%, loha 75%, lokr 88%, dora 88%; lora 88%)
