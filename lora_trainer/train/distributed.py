@@ -1,0 +1,113 @@
+"""Data-parallel training over several processes (`accelerate launch`, `torchrun`): which rows of every global
+batch a process trains, the decisions every process must take together, and what a lost process means.
+
+With one process (the WebUI tab, a plain `python -m lora_trainer train`) every function here is the identity:
+no collective call is made and nothing needs a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from lora_trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class ProcessShare:
+    """This process's place in the run: process `index` of `count`, each training `batch_size` rows of every
+    global batch of `batch_size * count` examples."""
+
+    index: int
+    count: int
+    batch_size: int
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files, logs and samples."""
+        return self.index == 0
+
+    def rows(self, global_rows: int) -> tuple[range, float]:
+        """The rows of a global batch of `global_rows` examples that this process trains, and the weight of their
+        mean loss: DDP averages the processes' gradients, and the weights make that average the gradient of the
+        whole batch's mean loss, also when the last batch of a bucket leaves some processes short."""
+        start = min(self.index * self.batch_size, global_rows)
+        own = range(start, min(start + self.batch_size, global_rows))
+        if not own:
+            # DDP needs every process's gradients: one the batch is too short for runs its first row, weighted 0.
+            return range(1), 0.0
+        return own, len(own) * self.count / global_rows
+
+
+def process_share(accelerator, batch_size: int) -> ProcessShare:
+    """This process's share of the run `accelerator` belongs to."""
+    return ProcessShare(accelerator.process_index, accelerator.num_processes, batch_size)
+
+
+def process_group_options(timeout_seconds: float) -> list:
+    """accelerate's handlers for a run: a process waits at most `timeout_seconds` for the others in any
+    collective call, then fails instead of hanging."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds))]
+
+
+def ddp_options() -> list:
+    """accelerate's handlers for wrapping the LoRA network in DDP: layers a step does not reach (the text
+    encoder's layers after `clip_skip`) have no gradients, which DDP must be told to expect."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+
+
+def process_device(device: torch.device) -> torch.device:
+    """`device`, or under a launcher that started several processes with plain `cuda` asked for, this process's
+    own GPU (`cuda:LOCAL_RANK`), as accelerate assigns them."""
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def launched_as_main() -> bool:
+    """Whether this process is the main one of its launch (always, without a launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def agree(accelerator, *flags: bool) -> list[bool]:
+    """Each flag as every process sees it: true when it is true on any process (a Ctrl-C or a stop request that
+    reached only one), so that every process stops or saves at the same step."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    votes = accelerator.reduce(torch.tensor([float(flag) for flag in flags], device=accelerator.device), "sum")
+    return [bool(vote) for vote in votes.tolist()]
+
+
+def mean_over_processes(accelerator, value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over all processes (itself with one)."""
+    return value if accelerator.num_processes == 1 else accelerator.reduce(value.clone(), "mean")
+
+
+def gather_objects(accelerator, value: object) -> list[object]:
+    """`value` of every process, in process order, on every process."""
+    if accelerator.num_processes == 1:
+        return [value]
+    gathered: list[object] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def is_lost_process(error: BaseException) -> bool:
+    """Whether `error` is a collective call that failed because another process died or stopped answering."""
+    return torch.distributed.is_available() and isinstance(error, torch.distributed.DistError)
+
+
+def lost_process_error(error: BaseException, timeout_seconds: float) -> UserError:
+    """What a process tells the user when another one of the run is gone."""
+    return UserError(f"another training process died or stopped answering for {timeout_seconds:g} s "
+                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}), so "
+                     "this one stops too; nothing more was saved. Look at the other processes' output for the "
+                     "reason; if a process was only slow (a long save or sample render on the main process), "
+                     "raise distributed_timeout_seconds")
