@@ -101,7 +101,10 @@ def gather_objects(accelerator, value: object) -> list[object]:
 
 def is_lost_process(error: BaseException) -> bool:
     """Whether `error` is a collective call that failed because another process died or stopped answering."""
-    return torch.distributed.is_available() and isinstance(error, torch.distributed.DistError)
+    if torch.distributed.is_available() and isinstance(error, torch.distributed.DistError):
+        return True
+    # DDP's all-reduce in the backward pass raises the backend's own error as a plain RuntimeError.
+    return any(backend in str(error) for backend in ("gloo", "NCCL"))
 
 
 def lost_process_error(error: BaseException, timeout_seconds: float) -> UserError:

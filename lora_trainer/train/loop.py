@@ -90,7 +90,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     check_run_paths(config)
     accelerator = _accelerator(config, backend.device)
     share = process_share(accelerator, training.batch_size)
-    if share.count > 1 and accelerator.device != backend.device:
+    if share.count > 1 and backend.device.type == "cuda" and accelerator.device != backend.device:
         raise UserError(f"under a launcher this process trains on {accelerator.device}, but the model is on "
                         f"{backend.device}: leave the config's device unset (or cuda) so that each process takes "
                         "its own GPU")
@@ -250,10 +250,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                 Path(config.logging.logging_dir or saving.output_dir) / f"{saving.output_name}-skipped.txt")
         held_out_line = f"; {len(validation)} held out for the validation loss" if validation else ""
         reg_line = f"; {len(reg_records)} regularisation images" if reg_records else ""
+        processes_line = (f"; {share.count} processes: a global batch of {data.global_batch_size} is "
+                          f"{training.batch_size} per process" if share.count > 1 else "")
         plan = RunPlan(total_steps, epochs, steps_per_epoch,
                        f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
-                       f"parameters; {total_steps} steps over {epochs} epoch(s)")
+                       f"parameters; {total_steps} steps over {epochs} epoch(s){processes_line}")
         events.on_start(plan)
         validate(step)
         if sampling.sample_at_first and prompts and step == 0:
@@ -420,7 +422,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             raise UserError("out of GPU memory: lower batch_size or resolution, turn on gradient_checkpointing "
                             "and cache_latents, or use mixed_precision bf16/fp16") from None
         except RuntimeError as error:
-            if is_lost_process(error):
+            if share.count > 1 and is_lost_process(error):
                 raise lost_process_error(error, training.distributed_timeout_seconds) from None
             raise
 
