@@ -123,9 +123,11 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
         assert sorted(first + second) == images
 
 
-def test_when_one_process_is_killed_the_other_stops_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(signum, tmp_path):
+    timeout = 5
     config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
-                     logging_dir="null", distributed_timeout_seconds=20)
+                     logging_dir="null", distributed_timeout_seconds=timeout)
     main_pid, other_pid = _start_processes(config, 2, tmp_path / "processes")
     try:
         main_output = tmp_path / "processes" / "rank-0.out"
@@ -134,8 +136,8 @@ def test_when_one_process_is_killed_the_other_stops_with_a_clear_message(tmp_pat
             assert time.monotonic() < deadline, "the run did not start"
             time.sleep(0.2)
         time.sleep(1)
-        os.kill(other_pid, signal.SIGKILL)
-        exit_code = _exit_code(main_pid, 20 + 10)
+        os.kill(other_pid, signum)
+        exit_code = _exit_code(main_pid, timeout + 10)
     finally:
         for pid in (main_pid, other_pid):
             with contextlib.suppress(ProcessLookupError, ChildProcessError):  # it ended and was reaped already
