@@ -143,7 +143,12 @@ def _train_llm(file_values: dict, overrides: dict) -> int:
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.llm.config import llm_config_from_dict
     from lora_trainer.llm.loop import check_llm_paths, train_llm
+    from lora_trainer.train.distributed import launched_processes
 
+    if launched_processes() > 1:
+        raise UserError(f"the language-model trainer runs in one process, but the launcher started "
+                        f"{launched_processes()}: each would train its own copy. Run it without accelerate launch "
+                        "or torchrun (python -m lora_trainer train --config ...)")
     config = llm_config_from_dict(file_values, overrides)
     check_llm_paths(config)
     with StopSignals() as signals:

@@ -147,3 +147,19 @@ def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(s
     assert exit_code == 2, errors[-3000:]
     assert "another training process died or stopped answering" in errors and "Traceback" not in errors
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_language_model_run_under_a_launcher_of_several_processes_is_refused(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "llm.yaml"
+    config.write_text("task: llm\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "runs in one process, but the launcher started 2" in capsys.readouterr().err
+
+
+def test_a_timeout_that_is_not_positive_is_refused():
+    from lora_trainer.config import load_config
+    from lora_trainer.errors import UserError
+
+    with pytest.raises(UserError, match="distributed_timeout_seconds"):
+        load_config(None, {"distributed_timeout_seconds": 0}, [])

@@ -63,10 +63,15 @@ def ddp_options() -> list:
     return [DistributedDataParallelKwargs(find_unused_parameters=True)]
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (`accelerate launch`, `torchrun`) started for this run; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def process_device(device: torch.device) -> torch.device:
     """`device`, or under a launcher that started several processes with plain `cuda` asked for, this process's
     own GPU (`cuda:LOCAL_RANK`), as accelerate assigns them."""
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if device.type == "cuda" and device.index is None and launched_processes() > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
