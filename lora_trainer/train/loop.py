@@ -194,7 +194,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                       saving.save_precision)
             if with_state:
                 save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
-                           epoch, next_batch, noise_generator, data_rng)
+                           epoch, next_batch, noise_generator, data_rng, data.global_batch_size)
             return saved
 
         events.on_busy(f"saving {path.name}")
@@ -239,6 +239,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
         if saving.resume is not None:
             resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
+            if resume_point.global_batch_size not in (None, data.global_batch_size):
+                raise UserError(f"the resume state {saving.resume} was saved by a run whose batches held "
+                                f"{resume_point.global_batch_size} images (batch_size x processes), this run's hold "
+                                f"{data.global_batch_size}: resume with the same batch_size and number of processes")
             check_matches_network(LoraFile(weights, {}), network, f"the resume state {saving.resume}")
             network.load_kohya_state_dict(weights)
             step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
