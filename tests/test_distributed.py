@@ -123,6 +123,39 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
         assert sorted(first + second) == images
 
 
+def _wait_for_training(processes_folder: Path) -> None:
+    """Wait until the main process has printed the plan: the caches are filled and the steps begin."""
+    main_output = processes_folder / "rank-0.out"
+    deadline = time.monotonic() + 120
+    while not (main_output.exists() and "steps over" in main_output.read_text()):
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    time.sleep(1)
+
+
+def _end(pids: list[int]) -> None:
+    """Kill and reap the forked processes that are still there."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):  # it ended and was reaped already
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_ctrl_c_that_reaches_one_process_stops_both_and_the_main_one_saves(tmp_path):
+    config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
+                     logging_dir="null", save_state="true")
+    pids = _start_processes(config, 2, tmp_path / "processes")
+    try:
+        _wait_for_training(tmp_path / "processes")
+        os.kill(pids[1], signal.SIGINT)  # not the main process, which must learn of it from the other
+        exit_codes = [_exit_code(pid, 60) for pid in pids]
+    finally:
+        _end(pids)
+    assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    saved = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert len(saved) == 2 and saved[0].startswith("lora-interrupted-s") and saved[1].endswith(".state")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(signum, tmp_path):
     timeout = 5
@@ -130,19 +163,11 @@ def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(s
                      logging_dir="null", distributed_timeout_seconds=timeout)
     main_pid, other_pid = _start_processes(config, 2, tmp_path / "processes")
     try:
-        main_output = tmp_path / "processes" / "rank-0.out"
-        deadline = time.monotonic() + 120
-        while not (main_output.exists() and "steps over" in main_output.read_text()):
-            assert time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.2)
-        time.sleep(1)
+        _wait_for_training(tmp_path / "processes")
         os.kill(other_pid, signum)
         exit_code = _exit_code(main_pid, timeout + 10)
     finally:
-        for pid in (main_pid, other_pid):
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):  # it ended and was reaped already
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+        _end([main_pid, other_pid])
     errors = (tmp_path / "processes" / "rank-0.err").read_text()
     assert exit_code == 2, errors[-3000:]
     assert "another training process died or stopped answering" in errors and "Traceback" not in errors
