@@ -114,8 +114,8 @@ def is_lost_process(error: BaseException) -> bool:
 
 def lost_process_error(error: BaseException, timeout_seconds: float) -> UserError:
     """What a process tells the user when another one of the run is gone."""
-    return UserError(f"another training process died or stopped answering for {timeout_seconds:g} s "
-                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}), so "
-                     "this one stops too; nothing more was saved. Look at the other processes' output for the "
-                     "reason; if a process was only slow (a long save or sample render on the main process), "
-                     "raise distributed_timeout_seconds")
+    detail = str(error).splitlines()[0] if str(error) else "no detail"
+    return UserError(f"another training process died, or did not answer within distributed_timeout_seconds "
+                     f"({timeout_seconds:g} s), so this one stops too; nothing more was saved ({detail}). Look at "
+                     "the other processes' output for the reason; if one was only busy (a long save, sample render "
+                     "or class images on the main process), raise distributed_timeout_seconds")
