@@ -88,14 +88,17 @@ def _lora(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp_path):
-    one = _config(tmp_path, batch_size=4, output_dir=tmp_path / "one", logging_dir="null")
-    assert main(["train", "--config", str(one)]) == 0
+def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp_path, capsys):
+    # The VAE's latents are samples: the two processes each encode a share into the disk cache, which the
+    # process alone then reads, so that both runs train on the same latents.
     two = _config(tmp_path, batch_size=2, output_dir=tmp_path / "two", logging_dir=tmp_path / "logs",
-                  save_every_n_steps=2)
+                  save_every_n_steps=2, cache_latents_to_disk="true")
     pids = _start_processes(two, 2, tmp_path / "processes")
     exit_codes = [_exit_code(pid, 300) for pid in pids]
     assert exit_codes == [0, 0], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    one = _config(tmp_path, batch_size=4, output_dir=tmp_path / "one", logging_dir="null",
+                  cache_latents_to_disk="true")
+    assert main(["train", "--config", str(one)]) == 0
 
     alone, together = _lora(tmp_path / "one" / "lora.safetensors"), _lora(tmp_path / "two" / "lora.safetensors")
     assert alone.keys() == together.keys()
@@ -108,6 +111,9 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
     # Written once, by the main process: one summary, the files of one run, one log folder.
     outputs = [(tmp_path / "processes" / f"rank-{rank}.out").read_text() for rank in range(2)]
     assert "done: 3 steps" in outputs[0] and outputs[1] == ""
+    # The latents were encoded once, each process taking its share: the main one 4 of the 7 images.
+    assert "Latents: 4 of this process's 4 encoded" in outputs[0]
+    assert "Latents: 7 read from the disk cache, 0 encoded." in capsys.readouterr().out
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["lora-s000002.safetensors",
                                                                            "lora.safetensors"]
     [log_folder] = (tmp_path / "logs").iterdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -128,17 +128,19 @@ class TrainingData:
 
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
                       progress: Callable[[int, int], None] | None = None,
-                      disk: LatentDiskCache | None = None) -> int:
-        """Encode every image (and its mirror image with flip_aug) once and keep the latents; `progress(done,
-        total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are
-        read instead of encoded, and new ones are kept there. Returns how many images were encoded.
+                      disk: LatentDiskCache | None = None, indices: Iterable[int] | None = None) -> int:
+        """Encode every image (or those of the examples `indices`, and its mirror image with flip_aug) once and
+        keep the latents; `progress(done, total)` is called after each chunk of images. With `disk`, latents kept
+        there by an earlier run are read instead of encoded, and new ones are kept there. Returns how many images
+        were encoded.
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
         self.latent_cache = {}
+        selected = range(len(self.examples)) if indices is None else list(indices)
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, example in enumerate(self.examples):
-            by_bucket.setdefault(example.bucket, []).append(index)
+        for index in selected:
+            by_bucket.setdefault(self.examples[index].bucket, []).append(index)
         done = encoded = 0
         for indices in by_bucket.values():
             for start in range(0, len(indices), chunk_size):
@@ -176,7 +178,7 @@ class TrainingData:
                 self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=device).unbind()))
                 done += len(chunk)
                 if progress is not None:
-                    progress(done, len(self.examples))
+                    progress(done, len(selected))
         return encoded
 
     def load_batch(self, indices: list[int], rng: random.Random, rows: range | None = None) -> Batch:

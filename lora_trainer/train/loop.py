@@ -222,15 +222,24 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     step, start_epoch, skip_batches = 0, 0, 0
     with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
         network.train()
-        # --- caches: VAE latents and text-encoder outputs, computed once ---
+        # --- caches: VAE latents and text-encoder outputs, computed once (per process: its rows change with
+        # every epoch; with the disk cache, each process encodes a share and all read the whole from disk) ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
             disk = LatentDiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
                 else None
-            encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
-            if disk is not None:
-                events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
-                                  f"{encoded} encoded.")
+            if disk is not None and share.count > 1:
+                own_share = range(share.index, len(data.examples), share.count)
+                encoded = data.cache_latents(backend.encode_images, disk=disk, indices=own_share)
+                accelerator.wait_for_everyone()
+                data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+                events.on_message(f"Latents: {encoded} of this process's {len(own_share)} encoded, the rest read "
+                                  f"from the disk cache, where each of the {share.count} processes put its share.")
+            else:
+                encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+                if disk is not None:
+                    events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
+                                      f"{encoded} encoded.")
         if validation is not None:
             validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}
