@@ -129,10 +129,10 @@ class TrainingData:
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
                       progress: Callable[[int, int], None] | None = None,
                       disk: LatentDiskCache | None = None, indices: Iterable[int] | None = None) -> int:
-        """Encode every image (or those of the examples `indices`, and its mirror image with flip_aug) once and
-        keep the latents; `progress(done, total)` is called after each chunk of images. With `disk`, latents kept
-        there by an earlier run are read instead of encoded, and new ones are kept there. Returns how many images
-        were encoded.
+        """Encode every image (only those of the examples `indices`, when given), and its mirror image with
+        flip_aug, once and keep the latents; `progress(done, total)` is called after each chunk of images. With
+        `disk`, latents kept there by an earlier run are read instead of encoded, and new ones are kept there.
+        Returns how many images were encoded.
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
