@@ -143,24 +143,21 @@ def _train_llm(file_values: dict, overrides: dict) -> int:
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.llm.config import llm_config_from_dict
     from lora_trainer.llm.loop import check_llm_paths, train_llm
-    from lora_trainer.train.distributed import launched_processes
+    from lora_trainer.train.distributed import launched_as_main
 
-    if launched_processes() > 1:
-        raise UserError(f"the language-model trainer runs in one process, but the launcher started "
-                        f"{launched_processes()}: each would train its own copy. Run it without accelerate launch "
-                        "or torchrun (python -m lora_trainer train --config ...)")
     config = llm_config_from_dict(file_values, overrides)
     check_llm_paths(config)
     with StopSignals() as signals:
         try:
-            with ConsoleEvents(signals) as events:
+            with ConsoleEvents(signals, shown=launched_as_main()) as events:
                 result = train_llm(config, events)
         except KeyboardInterrupt:
             message, exit_code = signals.outcome()
             print(message, file=sys.stderr)
             return exit_code
-    print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
-          + ", ".join(str(path) for path in result.saved))
+    if launched_as_main():
+        print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
+              + ", ".join(str(path) for path in result.saved))
     return 0
 
 

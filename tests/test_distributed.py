@@ -181,12 +181,33 @@ def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(s
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_a_language_model_run_under_a_launcher_of_several_processes_is_refused(tmp_path, monkeypatch, capsys):
-    config = tmp_path / "llm.yaml"
-    config.write_text("task: llm\n")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "--config", str(config)]) == 2
-    assert "runs in one process, but the launcher started 2" in capsys.readouterr().err
+def test_two_processes_train_the_same_language_model_adapter_as_one_with_the_same_global_batch(tmp_path):
+    pytest.importorskip("peft")
+    from llm_models import COLOUR_TASK, save_tiny_llama, write_jsonl
+
+    base = save_tiny_llama(tmp_path / "base")
+    # Answers of one to three words: the sequences' trained tokens differ, which the processes' losses weigh.
+    records = [dict(record, output=" ".join([record["output"]] * (1 + index % 3)))
+               for index, record in enumerate(COLOUR_TASK.training_records())]
+    data = write_jsonl(tmp_path / "colours.jsonl", records)
+
+    def config(name: str, batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"task: llm\nbase_model: {base}\ntrain_data: {data}\noutput_dir: {tmp_path / name}\n"
+                        f"logging_dir: null\nlora_dropout: 0.0\nlearning_rate: 1.0e-2\n"
+                        f"batch_size: {batch_size}\ngradient_accumulation_steps: 2\nmax_train_steps: 3\n")
+        return path
+
+    pids = _start_processes(config("two", 3), 2, tmp_path / "processes")
+    exit_codes = [_exit_code(pid, 300) for pid in pids]
+    assert exit_codes == [0, 0], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    assert main(["train", "--config", str(config("one", 6))]) == 0
+
+    alone, together = (_lora(tmp_path / name / "lora" / "adapter_model.safetensors") for name in ("one", "two"))
+    assert alone.keys() == together.keys()
+    assert max(alone[key].abs().max().item() for key in alone if "lora_B" in key) > 1e-3
+    assert max((alone[key] - together[key]).abs().max().item() for key in alone) < 2e-5
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["lora"]
 
 
 def test_a_timeout_that_is_not_positive_is_refused():

@@ -30,16 +30,18 @@ class ProcessShare:
         """Whether this process writes the run's files, logs and samples."""
         return self.index == 0
 
-    def rows(self, global_rows: int) -> tuple[range, float]:
+    def rows(self, global_rows: int, row_counts: list[int] | None = None) -> tuple[range, float]:
         """The rows of a global batch of `global_rows` examples that this process trains, and the weight of their
         mean loss: DDP averages the processes' gradients, and the weights make that average the gradient of the
-        whole batch's mean loss, also when the last batch of a bucket leaves some processes short."""
+        whole batch's mean loss, also when the last batch of a bucket leaves some processes short. A loss that
+        is a mean over each row's `row_counts` items (a language model's trained tokens) is weighted by those."""
         start = min(self.index * self.batch_size, global_rows)
         own = range(start, min(start + self.batch_size, global_rows))
         if not own:
             # DDP needs every process's gradients: one the batch is too short for runs its first row, weighted 0.
             return range(1), 0.0
-        return own, len(own) * self.count / global_rows
+        counts = row_counts or [1] * global_rows
+        return own, sum(counts[row] for row in own) * self.count / max(1, sum(counts))
 
 
 def process_share(accelerator, batch_size: int) -> ProcessShare:
@@ -47,31 +49,27 @@ def process_share(accelerator, batch_size: int) -> ProcessShare:
     return ProcessShare(accelerator.process_index, accelerator.num_processes, batch_size)
 
 
-def process_group_options(timeout_seconds: float) -> list:
-    """accelerate's handlers for a run: a process waits at most `timeout_seconds` for the others in any
-    collective call, then fails instead of hanging."""
-    from accelerate.utils import InitProcessGroupKwargs
+def make_accelerator(mixed_precision: str, device: torch.device, timeout_seconds: float):
+    """A fresh `Accelerator` for one run on `device`: in a launch of several processes, a process waits at most
+    `timeout_seconds` for the others in any collective call, then fails instead of hanging."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds))]
-
-
-def ddp_options() -> list:
-    """accelerate's handlers for wrapping the LoRA network in DDP: layers a step does not reach (the text
-    encoder's layers after `clip_skip`) have no gradients, which DDP must be told to expect."""
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
-
-
-def launched_processes() -> int:
-    """How many processes the launcher (`accelerate launch`, `torchrun`) started for this run; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    # One process may train many times (the WebUI): accelerate keeps global state that pins the first
+    # run's precision, so it is reset for every run.
+    AcceleratorState._reset_state()
+    # Layers a step may not reach (module dropout, a text encoder's layers after clip_skip) get no gradients,
+    # which DDP must be told to expect.
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu",
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds)),
+                                        DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def process_device(device: torch.device) -> torch.device:
     """`device`, or under a launcher that started several processes with plain `cuda` asked for, this process's
     own GPU (`cuda:LOCAL_RANK`), as accelerate assigns them."""
-    if device.type == "cuda" and device.index is None and launched_processes() > 1:
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 

@@ -29,12 +29,11 @@ from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.distributed import (
     agree,
-    ddp_options,
     gather_objects,
     is_lost_process,
     lost_process_error,
+    make_accelerator,
     mean_over_processes,
-    process_group_options,
     process_share,
 )
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
@@ -88,7 +87,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     events = events or TrainingEvents()
     training, saving, sampling = config.training, config.saving, config.sampling
     check_run_paths(config)
-    accelerator = _accelerator(config, backend.device)
+    accelerator = make_accelerator(training.mixed_precision, backend.device, training.distributed_timeout_seconds)
     share = process_share(accelerator, training.batch_size)
     if share.count > 1 and backend.device.type == "cuda" and accelerator.device != backend.device:
         raise UserError(f"under a launcher this process trains on {accelerator.device}, but the model is on "
@@ -493,14 +492,3 @@ def _shard_line(epoch: int, examples_of_processes: list[list[int]], data: Traini
     return json.dumps({"epoch": epoch + 1, "processes": [[str(data.examples[index].record.path) for index in examples]
                                                          for examples in examples_of_processes]}) + "\n"
 
-
-def _accelerator(config: TrainConfig, device: torch.device):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # One process may train many times (the WebUI): accelerate keeps global state that pins the first
-    # run's precision, so it is reset for every run.
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=config.training.mixed_precision, cpu=device.type == "cpu",
-                       kwargs_handlers=[*process_group_options(config.training.distributed_timeout_seconds),
-                                        *ddp_options()])
