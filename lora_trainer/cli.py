@@ -97,7 +97,7 @@ def _train(config_path: Path | None, override_words: list[str], print_config: bo
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
-    from lora_trainer.train.distributed import launched_as_main, process_device
+    from lora_trainer.train.distributed import launched_as_main, process_device, reporting_lost_processes
     from lora_trainer.train.loop import train
     from lora_trainer.train.preflight import check_run_paths
 
@@ -127,7 +127,8 @@ def _train(config_path: Path | None, override_words: list[str], print_config: bo
             model = config.model
             backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(model.base_model).stem,
                                        v_parameterization=model.v_parameterization, clip_skip=model.clip_skip)
-            with ConsoleEvents(signals, shown=launched_as_main()) as events:
+            with ConsoleEvents(signals, shown=launched_as_main()) as events, \
+                    reporting_lost_processes(config.training.distributed_timeout_seconds):
                 result = train(config, backend, events)
         except KeyboardInterrupt:
             message, exit_code = signals.outcome()
@@ -143,13 +144,14 @@ def _train_llm(file_values: dict, overrides: dict) -> int:
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.llm.config import llm_config_from_dict
     from lora_trainer.llm.loop import check_llm_paths, train_llm
-    from lora_trainer.train.distributed import launched_as_main
+    from lora_trainer.train.distributed import launched_as_main, reporting_lost_processes
 
     config = llm_config_from_dict(file_values, overrides)
     check_llm_paths(config)
     with StopSignals() as signals:
         try:
-            with ConsoleEvents(signals, shown=launched_as_main()) as events:
+            with ConsoleEvents(signals, shown=launched_as_main()) as events, \
+                    reporting_lost_processes(config.training.distributed_timeout_seconds):
                 result = train_llm(config, events)
         except KeyboardInterrupt:
             message, exit_code = signals.outcome()

@@ -41,8 +41,6 @@ from lora_trainer.llm.templates import PromptFormat
 from lora_trainer.models.base import resolve_device
 from lora_trainer.train.distributed import (
     agree,
-    is_lost_process,
-    lost_process_error,
     make_accelerator,
     mean_over_processes,
     process_device,
@@ -280,10 +278,6 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     except torch.cuda.OutOfMemoryError:
         raise UserError("out of GPU memory: lower batch_size or max_seq_length, turn on gradient_checkpointing, "
                         "or load the base model in bf16 or 4-bit (load_in_4bit)") from None
-    except RuntimeError as error:
-        if share.count > 1 and is_lost_process(error):
-            raise lost_process_error(error, training.distributed_timeout_seconds) from None
-        raise
 
     result.stopped = step < total_steps
     result.steps = step

@@ -8,6 +8,8 @@ no collective call is made and nothing needs a process group.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,9 +71,14 @@ def make_accelerator(mixed_precision: str, device: torch.device, timeout_seconds
 def process_device(device: torch.device) -> torch.device:
     """`device`, or under a launcher that started several processes with plain `cuda` asked for, this process's
     own GPU (`cuda:LOCAL_RANK`), as accelerate assigns them."""
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if device.type == "cuda" and device.index is None and _launched_several():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def _launched_several() -> bool:
+    """Whether a launcher (`accelerate launch`, `torchrun`) started several processes for this run."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def launched_as_main() -> bool:
@@ -102,7 +109,19 @@ def gather_objects(accelerator, value: object) -> list[object]:
     return gathered
 
 
-def is_lost_process(error: BaseException) -> bool:
+@contextmanager
+def reporting_lost_processes(timeout_seconds: float) -> Iterator[None]:
+    """Under a launcher of several processes, turn the error of a collective call that another process made
+    fail (it died, or did not answer within `timeout_seconds`) into a `UserError` that says so."""
+    try:
+        yield
+    except RuntimeError as error:
+        if _launched_several() and _is_lost_process(error):
+            raise _lost_process_error(error, timeout_seconds) from None
+        raise
+
+
+def _is_lost_process(error: BaseException) -> bool:
     """Whether `error` is a collective call that failed because another process died or stopped answering."""
     if torch.distributed.is_available() and isinstance(error, torch.distributed.DistError):
         return True
@@ -110,7 +129,7 @@ def is_lost_process(error: BaseException) -> bool:
     return any(backend in str(error) for backend in ("gloo", "NCCL"))
 
 
-def lost_process_error(error: BaseException, timeout_seconds: float) -> UserError:
+def _lost_process_error(error: BaseException, timeout_seconds: float) -> UserError:
     """What a process tells the user when another one of the run is gone."""
     detail = str(error).splitlines()[0] if str(error) else "no detail"
     return UserError(f"another training process died, or did not answer within distributed_timeout_seconds "

@@ -30,8 +30,6 @@ from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.distributed import (
     agree,
     gather_objects,
-    is_lost_process,
-    lost_process_error,
     make_accelerator,
     mean_over_processes,
     process_share,
@@ -433,10 +431,6 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         except torch.cuda.OutOfMemoryError:
             raise UserError("out of GPU memory: lower batch_size or resolution, turn on gradient_checkpointing "
                             "and cache_latents, or use mixed_precision bf16/fp16") from None
-        except RuntimeError as error:
-            if share.count > 1 and is_lost_process(error):
-                raise lost_process_error(error, training.distributed_timeout_seconds) from None
-            raise
 
         result.stopped = step < total_steps
         result.steps = step
