@@ -1,8 +1,8 @@
 """Data-parallel training over several processes (`accelerate launch`, `torchrun`): which rows of every global
 batch a process trains, the decisions every process must take together, and what a lost process means.
 
-With one process (the WebUI tab, a plain `python -m lora_trainer train`) every function here is the identity:
-no collective call is made and nothing needs a process group.
+With one process (the WebUI tab, a plain `python -m lora_trainer train`) no collective call is made and nothing
+needs a process group: a process's share is the whole batch.
 """
 
 from __future__ import annotations
