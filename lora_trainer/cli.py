@@ -97,6 +97,7 @@ def _train(config_path: Path | None, override_words: list[str], print_config: bo
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.models.base import resolve_device
     from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
+    from lora_trainer.train.distributed import launched_as_main, process_device, reporting_lost_processes
     from lora_trainer.train.loop import train
     from lora_trainer.train.preflight import check_run_paths
 
@@ -119,20 +120,22 @@ def _train(config_path: Path | None, override_words: list[str], print_config: bo
     check_run_paths(config)
     with StopSignals() as signals:
         try:
-            device = resolve_device(config.training.device)
+            device = process_device(resolve_device(config.training.device))
             weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
                 config.training.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
             pipeline = load_pipeline(config.model.base_model, config.model.base_model_config, weight_dtype)
             model = config.model
             backend = DiffusersBackend(pipeline, device, weight_dtype, model_name=Path(model.base_model).stem,
                                        v_parameterization=model.v_parameterization, clip_skip=model.clip_skip)
-            with ConsoleEvents(signals) as events:
+            with ConsoleEvents(signals, shown=launched_as_main()) as events, \
+                    reporting_lost_processes(config.training.distributed_timeout_seconds):
                 result = train(config, backend, events)
         except KeyboardInterrupt:
             message, exit_code = signals.outcome()
             print(message, file=sys.stderr)
             return exit_code
-    print(run_summary(result, time.monotonic() - started))
+    if launched_as_main():
+        print(run_summary(result, time.monotonic() - started))
     return 0
 
 
@@ -141,19 +144,22 @@ def _train_llm(file_values: dict, overrides: dict) -> int:
     from lora_trainer.interrupts import StopSignals
     from lora_trainer.llm.config import llm_config_from_dict
     from lora_trainer.llm.loop import check_llm_paths, train_llm
+    from lora_trainer.train.distributed import launched_as_main, reporting_lost_processes
 
     config = llm_config_from_dict(file_values, overrides)
     check_llm_paths(config)
     with StopSignals() as signals:
         try:
-            with ConsoleEvents(signals) as events:
+            with ConsoleEvents(signals, shown=launched_as_main()) as events, \
+                    reporting_lost_processes(config.training.distributed_timeout_seconds):
                 result = train_llm(config, events)
         except KeyboardInterrupt:
             message, exit_code = signals.outcome()
             print(message, file=sys.stderr)
             return exit_code
-    print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
-          + ", ".join(str(path) for path in result.saved))
+    if launched_as_main():
+        print(f"done: {result.steps} steps, last loss {result.last_loss}, saved: "
+              + ", ".join(str(path) for path in result.saved))
     return 0
 
 

@@ -343,7 +343,7 @@ class TrainingConfig:
     """How long the run is, in what batches and precision, on which device."""
 
     batch_size: int = 1
-    """Images per forward pass."""
+    """Images per forward pass (of each process, when several train together)."""
     gradient_accumulation_steps: int = 1
     """Forward passes per optimizer step."""
     epochs: int = 1
@@ -357,10 +357,17 @@ class TrainingConfig:
     seed: int = 42
     """Seed for data order, augmentation, noise and LoRA initialisation."""
     device: str | None = None
-    """cuda, cpu, cuda:1, ... (default: cuda when available)."""
+    """cuda, cpu, cuda:1, ... (default: cuda when available). Under `accelerate launch` or `torchrun` each
+    process takes its own GPU."""
+    distributed_timeout_seconds: float = 600.0
+    """With several processes: how long one waits for the others (while the main one saves or renders samples,
+    or when one died) before it stops with an error instead of hanging."""
 
     def __post_init__(self) -> None:
         _check_group(self)
+        if self.distributed_timeout_seconds <= 0:
+            raise UserError("config key 'distributed_timeout_seconds' must be a positive number of seconds, got "
+                            f"{self.distributed_timeout_seconds}")
 
 
 @dataclass

@@ -16,12 +16,14 @@ class ConsoleEvents(TrainingEvents):
 
     Use it as a context manager: leaving the block closes the bar however the run ended (finished, stopped,
     interrupted or failed), so that the next line is not printed on the bar's line. With `signals`, a Ctrl-C or
-    SIGTERM during training ends the run after the step in flight.
+    SIGTERM during training ends the run after the step in flight. Without `shown` (the other processes of a
+    run that several train) it prints nothing but still passes the signals on.
     """
 
-    def __init__(self, signals: StopSignals | None = None) -> None:
+    def __init__(self, signals: StopSignals | None = None, shown: bool = True) -> None:
         self._bar: tqdm | None = None
         self._signals = signals
+        self._shown = shown
 
     def __enter__(self) -> ConsoleEvents:
         return self
@@ -35,18 +37,20 @@ class ConsoleEvents(TrainingEvents):
             self._bar.close()
 
     def on_message(self, text: str) -> None:
-        tqdm.write(text)
+        if self._shown:
+            tqdm.write(text)
 
     def on_caching(self, done: int, total: int) -> None:
         if self._bar is None:
-            self._bar = tqdm(total=total, desc="Caching latents", unit="image", dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc="Caching latents", unit="image", dynamic_ncols=True,
+                             disable=not self._shown)
         self._bar.update(done - self._bar.n)
         if done >= total:
             self.close()
 
     def on_start(self, plan: RunPlan) -> None:
-        tqdm.write(plan.summary)
-        self._bar = tqdm(total=plan.total_steps, unit="step", dynamic_ncols=True)
+        self.on_message(plan.summary)
+        self._bar = tqdm(total=plan.total_steps, unit="step", dynamic_ncols=True, disable=not self._shown)
         if self._signals is not None:
             self._signals.deferring = True
 
@@ -60,7 +64,7 @@ class ConsoleEvents(TrainingEvents):
             self.close()
 
     def on_saved(self, path: Path, step: int, epoch: int) -> None:
-        tqdm.write(f"saved {path} (step {step}, epoch {epoch})")
+        self.on_message(f"saved {path} (step {step}, epoch {epoch})")
 
     def interrupt_requested(self) -> bool:
         return self._signals is not None and self._signals.received is not None

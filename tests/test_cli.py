@@ -100,6 +100,15 @@ def test_a_resume_state_of_another_rank_says_what_differs(shapes_dataset, tmp_pa
     assert "does not match this run: rank differs" in capsys.readouterr().err
 
 
+def test_a_resume_state_of_another_global_batch_size_is_refused(shapes_dataset, tmp_path, capsys):
+    # Its batch counts are in batches of another size: resuming would skip the wrong images.
+    config = _tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1, save_state="true")
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config), "--output_name", "again", "--batch_size", "1",
+                 "--resume", str(tmp_path / "out" / "lora.state")]) == 2
+    assert "batches held 2 images (batch_size x processes), this run's hold 1" in capsys.readouterr().err
+
+
 def _model_must_not_load(*arguments, **options):
     raise AssertionError("the model was loaded before the paths were checked")
 

@@ -87,3 +87,20 @@ def test_every_repeat_is_trained_once_per_epoch(tmp_path):
     assert sorted(i for batch in plan for i in batch) == sorted(list(range(5)) * 3)
     assert data.examples_per_epoch == 15 and data.batches_per_epoch() == 8
     assert plan != data.epoch_plan(1)
+
+
+def test_a_process_loads_its_rows_of_a_batch_as_the_whole_batch_has_them_and_the_rng_moves_on_alike(tmp_path):
+    # Random crops, flips and caption shuffles: every draw a row makes must be the same whoever loads it.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index in range(4):
+        Image.new("RGB", (48, 40), (60 * index, 0, 0)).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"red, shape {index}, small, plain")
+    data = _data(folder, cache_latents=False, random_crop=True, flip_aug=True, shuffle_caption=True)
+    indices = [0, 1, 2, 3]
+    whole_rng, part_rng = random.Random(5), random.Random(5)
+    whole, part = data.load_batch(indices, whole_rng), data.load_batch(indices, part_rng, range(2, 4))
+    assert part.captions == whole.captions[2:]
+    assert torch.equal(part.pixels, whole.pixels[2:])
+    assert torch.equal(part.size_conditioning, whole.size_conditioning[2:])
+    assert part_rng.random() == whole_rng.random()

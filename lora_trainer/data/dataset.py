@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +47,15 @@ class TrainingData:
     """The dataset as the loop sees it: a fixed number of batches per epoch, each from one bucket.
 
     Regularisation images (`reg_records`) fill each epoch up to as many examples as the training images give
-    (repeats counted), cycling through them from where the last epoch stopped, as kohya mixes them in."""
+    (repeats counted), cycling through them from where the last epoch stopped, as kohya mixes them in.
+
+    With several `processes` training together, a batch is the global batch of all of them (`batch_size` rows
+    of each): every process plans the same epoch and trains its own rows of each batch."""
 
     def __init__(self, scan: DatasetScan, config: TrainConfig, latent_scale: int,
-                 reg_records: list[ImageRecord] | None = None):
+                 reg_records: list[ImageRecord] | None = None, processes: int = 1):
         self.config = config
+        self.global_batch_size = config.training.batch_size * processes
         dataset = config.dataset
         if dataset.enable_bucket:
             step = max(dataset.bucket_step, latent_scale)
@@ -106,7 +110,7 @@ class TrainingData:
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
             rng.shuffle(indices)
-            size = self.config.training.batch_size
+            size = self.global_batch_size
             batches += [indices[start:start + size] for start in range(0, len(indices), size)]
         rng.shuffle(batches)
         return batches
@@ -124,17 +128,19 @@ class TrainingData:
 
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
                       progress: Callable[[int, int], None] | None = None,
-                      disk: DiskCache | None = None) -> int:
-        """Encode every image (and its mirror image with flip_aug) once and keep the latents; `progress(done,
-        total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are
-        read instead of encoded, and new ones are kept there. Returns how many images were encoded.
+                      disk: DiskCache | None = None, indices: Iterable[int] | None = None) -> int:
+        """Encode every image (only those of the examples `indices`, when given), and its mirror image with
+        flip_aug, once and keep the latents; `progress(done, total)` is called after each chunk of images. With
+        `disk`, latents kept there by an earlier run are read instead of encoded, and new ones are kept there.
+        Returns how many images were encoded.
 
         Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
         """
         self.latent_cache = {}
+        selected = range(len(self.examples)) if indices is None else list(indices)
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, example in enumerate(self.examples):
-            by_bucket.setdefault(example.bucket, []).append(index)
+        for index in selected:
+            by_bucket.setdefault(self.examples[index].bucket, []).append(index)
         done = encoded = 0
         for indices in by_bucket.values():
             for start in range(0, len(indices), chunk_size):
@@ -172,33 +178,40 @@ class TrainingData:
                 self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=device).unbind()))
                 done += len(chunk)
                 if progress is not None:
-                    progress(done, len(self.examples))
+                    progress(done, len(selected))
         return encoded
 
-    def load_batch(self, indices: list[int], rng: random.Random) -> Batch:
-        """Load the examples `indices` (augmented with `rng`) as one batch."""
+    def load_batch(self, indices: list[int], rng: random.Random, rows: range | None = None) -> Batch:
+        """Load the examples `indices` (augmented with `rng`) as one batch, or only its `rows`: the augmentation
+        of every example is drawn all the same, so that `rng` moves on as for the whole batch."""
         dataset = self.config.dataset
         captions, sizes, pixels, latents, masks = [], [], [], [], []
-        for index in indices:
+        kept = range(len(indices)) if rows is None else rows
+        for position, index in enumerate(indices):
             example = self.examples[index]
             options = self._options(example)
             flip = options.flip_aug and rng.random() < 0.5
-            captions.append(process_caption(example.record.caption, options.shuffle_caption, options.keep_tokens,
-                                            options.caption_dropout_rate, rng))
+            caption = process_caption(example.record.caption, options.shuffle_caption, options.keep_tokens,
+                                      options.caption_dropout_rate, rng)
+            if self.latent_cache is None:
+                crop = crop_position((example.record.width, example.record.height), example.bucket,
+                                     dataset.random_crop, rng)
+            if position not in kept:
+                continue
+            captions.append(caption)
             if self.latent_cache is not None:
                 latents.append(self.latent_cache[(index, flip)])
                 sizes.append(self._cached_sizes[index])
                 if dataset.masked_loss:
                     masks.append(self.mask_cache[(index, flip)])
             else:
-                image, crop = crop_to_bucket(load_rgb_image(example.record.path), example.bucket,
-                                             dataset.random_crop, rng)
+                image = crop_like(load_rgb_image(example.record.path), example.bucket, crop)
                 pixels.append(to_tensor(image, flip))
                 sizes.append(torch.tensor(_size_conditioning(example, crop)))
                 if dataset.masked_loss:
                     masks.append(self._mask(example, crop, flip))
-        weights = [self.config.loss.prior_loss_weight if self.examples[index].record.is_reg else 1.0
-                   for index in indices]
+        weights = [self.config.loss.prior_loss_weight if self.examples[indices[position]].record.is_reg else 1.0
+                   for position in kept]
         return Batch(captions=captions, size_conditioning=torch.stack(sizes),
                      pixels=torch.stack(pixels) if pixels else None,
                      latents=torch.stack(latents) if latents else None,
@@ -222,7 +235,7 @@ class TrainingData:
         buckets = ", ".join(f"{w}x{h}: {count}" for (w, h), count in self.bucket_counts.items())
         cache = "cached once" if self.uses_latent_cache else "encoded every step"
         return (f"{len(self.bucket_counts)} bucket(s) ({buckets}); {self.examples_per_epoch} examples and "
-                f"{self.batches_per_epoch()} batches of up to {self.config.training.batch_size} per epoch; "
+                f"{self.batches_per_epoch()} batches of up to {self.global_batch_size} per epoch; "
                 f"latents {cache}")
 
 

@@ -157,9 +157,15 @@ class TrainingConfig:
     """Stop after this many optimizer steps."""
     seed: int = 42
     """Seed for the data order, the validation split, dropout and the LoRA initialisation."""
+    distributed_timeout_seconds: float = 600.0
+    """With several processes: how long one waits for the others (while the main one saves, evaluates or
+    samples, or when one died) before it stops with an error instead of hanging."""
 
     def __post_init__(self) -> None:
         _check_group(self)
+        if self.distributed_timeout_seconds <= 0:
+            raise UserError("config key 'distributed_timeout_seconds' must be a positive number of seconds, got "
+                            f"{self.distributed_timeout_seconds}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,14 @@ import torch
 from lora_trainer.errors import UserError
 from lora_trainer.files import remove_stale_temporaries
 from lora_trainer.llm.config import LLMTrainConfig
-from lora_trainer.llm.data import TokenizedExamples, collate, read_examples, split_validation, tokenize_examples
+from lora_trainer.llm.data import (
+    IGNORED_LABEL,
+    TokenizedExamples,
+    collate,
+    read_examples,
+    split_validation,
+    tokenize_examples,
+)
 from lora_trainer.llm.generate import generate_answers
 from lora_trainer.llm.model import (
     adapter_weights,
@@ -31,6 +39,13 @@ from lora_trainer.llm.model import (
 )
 from lora_trainer.llm.templates import PromptFormat
 from lora_trainer.models.base import resolve_device
+from lora_trainer.train.distributed import (
+    agree,
+    make_accelerator,
+    mean_over_processes,
+    process_device,
+    process_share,
+)
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loop import TrainingResult
 from lora_trainer.train.optim import make_optimizer, make_scheduler
@@ -54,13 +69,15 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     events = events or TrainingEvents()
     data_config, saving, training = config.data, config.saving, config.training
     check_llm_paths(config)
-    if leftovers := remove_stale_temporaries(saving.output_dir):
+    device = process_device(resolve_device(config.model.device))
+    accelerator = make_accelerator("no", device, training.distributed_timeout_seconds)
+    share = process_share(accelerator, training.batch_size)
+    if share.is_main and (leftovers := remove_stale_temporaries(saving.output_dir)):
         events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
                           f"{saving.output_dir}.")
     final_folder = Path(saving.output_dir) / saving.output_name
     if final_folder.exists() and saving.resume is None:
         raise UserError(f"{final_folder} already exists; choose another output_name or move the old adapter")
-    device = resolve_device(config.model.device)
     started_at = time.time()
     torch.manual_seed(training.seed)
 
@@ -77,7 +94,8 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     if not train_set.input_ids:
         raise UserError(f"no training sequence is left: every example was longer than max_seq_length "
                         f"{data_config.max_seq_length} and dropped; raise it or use overlong: truncate")
-    batches_per_epoch = math.ceil(len(train_set.input_ids) / training.batch_size)
+    global_batch_size = training.batch_size * share.count
+    batches_per_epoch = math.ceil(len(train_set.input_ids) / global_batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
     total_steps = training.max_train_steps or steps_per_epoch * training.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -98,18 +116,23 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     unused_generator, unused_rng = torch.Generator(), random.Random(training.seed)
     metadata = {**prompt_format.metadata(), "lora_trainer.base_model": str(config.model.base_model),
                 "lora_trainer.config": json.dumps(config.to_dict())}
-    run_log = RunLog(config.logging.logging_dir, saving.output_name)
+    run_log = RunLog(config.logging.logging_dir if share.is_main else None, saving.output_name)
+    # With several processes the model is wrapped in DDP, which averages the LoRA's gradients (the frozen base
+    # has none) at every optimizer step.
+    forward = accelerator.prepare(model) if share.count > 1 else model
 
     def save(folder: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
         """Save the adapter after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
         if not all(torch.isfinite(parameter).all() for parameter in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16.")
+        if not share.is_main:
+            return
         with_state = with_state and saving.save_state
 
         def write_state(tmp_folder: Path) -> None:
             save_state(tmp_folder, adapter_weights(model), optimizer, scheduler, step, epoch, next_batch,
-                       unused_generator, unused_rng)
+                       unused_generator, unused_rng, global_batch_size)
 
         events.on_busy(f"saving {folder.name}")
         what = f"the adapter of step {step}" + (" (with its training state)" if with_state else "")
@@ -123,12 +146,14 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
         events.on_saved(saved, step, epoch + 1)
 
     def evaluate(step: int) -> None:
-        if validation_set.input_ids:
+        if validation_set.input_ids and share.is_main:
             validation_loss = _mean_loss(model, validation_set, training.batch_size, tokenizer.pad_token_id, device)
             events.on_message(f"step {step}: validation loss {validation_loss:.4f}")
             run_log.log_validation(step, validation_loss)
 
     def sample(step: int) -> None:
+        if not share.is_main:
+            return
         events.on_busy("answering the sample prompts")
         answers = generate_answers(model, tokenizer, config.sampling.sample_prompts, prompt_format,
                                    config.sampling.sample_max_new_tokens)
@@ -138,6 +163,10 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     step, start_epoch, skip_batches = 0, 0, 0
     if saving.resume is not None:
         resume_point, weights = load_state(saving.resume, optimizer, scheduler, unused_generator, unused_rng)
+        if resume_point.global_batch_size not in (None, global_batch_size):
+            raise UserError(f"the resume state {saving.resume} was saved by a run whose batches held "
+                            f"{resume_point.global_batch_size} sequences (batch_size x processes), this run's hold "
+                            f"{global_batch_size}: resume with the same batch_size and number of processes")
         load_adapter_weights(model, weights, f"the resume state {saving.resume}")
         step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
         events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
@@ -147,7 +176,9 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
         plan_lines.append(f"validation: {validation_set.summary(data_config.max_seq_length)}")
     plan_lines.append(f"prompt template {prompt_format.template}; LoRA rank {config.network.lora_rank} on "
                       f"{', '.join(config.network.target_modules)}: {sum(p.numel() for p in trainable):,} "
-                      f"parameters; {total_steps} steps over {epochs} epoch(s)")
+                      f"parameters; {total_steps} steps over {epochs} epoch(s)"
+                      + (f"; {share.count} processes: a global batch of {global_batch_size} is {training.batch_size} "
+                         "per process" if share.count > 1 else ""))
     events.on_start(RunPlan(total_steps, epochs, steps_per_epoch, "\n".join(plan_lines)))
 
     model.train()
@@ -163,20 +194,25 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
         for epoch in range(start_epoch, epochs):
             order = list(range(len(train_set.input_ids)))
             random.Random(f"{training.seed}-{epoch}").shuffle(order)
-            batches = [order[start:start + training.batch_size] for start in range(0, len(order), training.batch_size)]
+            batches = [order[start:start + global_batch_size] for start in range(0, len(order), global_batch_size)]
             for batch_index, indices in enumerate(batches):
                 if epoch == start_epoch and batch_index < skip_batches:
                     continue
-                # --- one forward/backward pass; the optimizer steps every `gradient_accumulation_steps` ---
+                # --- one forward/backward pass (of this process's rows of the global batch); the optimizer
+                # steps every `gradient_accumulation_steps`, when the processes' gradients are averaged ---
                 in_step = True
-                batch = collate([train_set.input_ids[i] for i in indices], [train_set.labels[i] for i in indices],
+                rows, loss_weight = share.rows(len(indices), [_trained_tokens(train_set.labels[i]) for i in indices])
+                own = [indices[row] for row in rows]
+                batch = collate([train_set.input_ids[i] for i in own], [train_set.labels[i] for i in own],
                                 tokenizer.pad_token_id)
-                loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
-                (loss / training.gradient_accumulation_steps).backward()
+                end_of_epoch = batch_index + 1 == len(batches)
+                steps_now = not (batch_index + 1) % training.gradient_accumulation_steps or end_of_epoch
+                with nullcontext() if steps_now else accelerator.no_sync(forward):
+                    loss = forward(**{name: tensor.to(device) for name, tensor in batch.items()}).loss * loss_weight
+                    (loss / training.gradient_accumulation_steps).backward()
                 loss_sum += loss.detach()
                 losses_in_sum += 1
-                end_of_epoch = batch_index + 1 == len(batches)
-                if (batch_index + 1) % training.gradient_accumulation_steps and not end_of_epoch:
+                if not steps_now:
                     continue
                 if config.optimizer.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
@@ -189,7 +225,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                 # --- report (reading the loss back only every few steps keeps the device busy) ---
                 report_loss = None
                 if step % config.logging.log_every_n_steps == 0 or step == total_steps:
-                    report_loss = (loss_sum / losses_in_sum).item()
+                    report_loss = mean_over_processes(accelerator, loss_sum / losses_in_sum).item()
                     if not math.isfinite(report_loss):
                         raise UserError(f"the loss became {report_loss} by step {step}; nothing more was saved. "
                                         "Lower the learning rate, or train in bf16/fp32 instead of fp16.")
@@ -203,18 +239,19 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                 report = StepReport(
                     step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
                     learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
-                    samples_per_second=steps_per_second * training.batch_size * training.gradient_accumulation_steps,
+                    samples_per_second=steps_per_second * global_batch_size * training.gradient_accumulation_steps,
                     seconds_elapsed=time.time() - started_at, seconds_left=seconds_per_step * (total_steps - step))
                 events.on_step(report)
                 if report_loss is not None:
                     run_log.log_step(report)
 
                 # --- saves, evals, samples, stop (their time is left out of the speed) ---
-                stopping = events.should_stop()
+                stopping, save_asked, interrupting = agree(accelerator, events.should_stop(), events.save_requested(),
+                                                           events.interrupt_requested())
                 if step >= total_steps or stopping:
                     break
                 paused_at = time.perf_counter()
-                if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or events.save_requested():
+                if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or save_asked:
                     save(final_folder.with_name(f"{saving.output_name}-s{step:06d}"), step, epoch, batch_index + 1)
                 if end_of_epoch:
                     evaluate(step)
@@ -225,7 +262,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                         step % config.sampling.sample_every_n_steps == 0:
                     sample(step)
                 window_start += time.perf_counter() - paused_at
-                if events.interrupt_requested():
+                if interrupting:
                     raise KeyboardInterrupt
             if step >= total_steps or stopping:
                 break
@@ -250,7 +287,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     if config.sampling.sample_prompts:
         sample(step)
     run_log.close()
-    if saving.merge:
+    if saving.merge and share.is_main:
         events.on_busy("merging the adapter into the base model")
         merged = save_merged_model(model, tokenizer, final_folder.with_name(f"{saving.output_name}-merged"))
         result.model = model.get_base_model()
@@ -289,3 +326,8 @@ def _mean_loss(model, examples: TokenizedExamples, batch_size: int, pad_token_id
             tokens += count
     model.train(was_training)
     return total / max(1, tokens)
+
+
+def _trained_tokens(labels: list[int]) -> int:
+    """How many tokens of a sequence its loss is a mean over: those with a label, after the shift by one."""
+    return sum(label != IGNORED_LABEL for label in labels[1:])

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.config_template import config_template
@@ -17,12 +21,19 @@ from lora_trainer.data.dataset import Batch, TrainingData
 from lora_trainer.data.disk_cache import DiskCache
 from lora_trainer.data.sources import gather_images
 from lora_trainer.errors import UserError
-from lora_trainer.files import remove_stale_temporaries
+from lora_trainer.files import atomic_write_text, remove_stale_temporaries
 from lora_trainer.lora.files import LoraFile, check_matches_network, read_lora, save_diffusers_layout, save_kohya
 from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, network_from_file, never_run_keys
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
+from lora_trainer.train.distributed import (
+    agree,
+    gather_objects,
+    make_accelerator,
+    mean_over_processes,
+    process_share,
+)
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
 from lora_trainer.train.max_norm import scale_weight_norms
@@ -74,7 +85,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     events = events or TrainingEvents()
     training, saving, sampling = config.training, config.saving, config.sampling
     check_run_paths(config)
-    if leftovers := remove_stale_temporaries(saving.output_dir):
+    accelerator = make_accelerator(training.mixed_precision, backend.device, training.distributed_timeout_seconds)
+    share = process_share(accelerator, training.batch_size)
+    if share.count > 1 and backend.device.type == "cuda" and accelerator.device != backend.device:
+        raise UserError(f"under a launcher this process trains on {accelerator.device}, but the model is on "
+                        f"{backend.device}: leave the config's device unset (or cuda) so that each process takes "
+                        "its own GPU")
+    if share.is_main and (leftovers := remove_stale_temporaries(saving.output_dir)):
         events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
                           f"{saving.output_dir}.")
     started_at = time.time()
@@ -85,16 +102,17 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
     # --- data and plan ---
     dataset = config.dataset
-    if dataset.class_prompt:
+    if dataset.class_prompt and share.is_main:
         events.on_message(f"Drawing the missing class images of {dataset.class_prompt!r} with the base model...")
         write_class_images(dataset.reg_data_dir, dataset.class_prompt, dataset.num_class_images,
                            lambda prompt, seed: backend.generate(prompt, "", seed, sampling.sample_steps,
                                                                  dataset.resolution, dataset.resolution, 7.0),
                            progress=lambda done, total: events.on_message(f"Drew class image {done}/{total}."))
+    accelerator.wait_for_everyone()  # the others read the class images the main process drew
     sources = gather_images(dataset, training.seed)
     scan, reg_records, held_out = sources.scan, sources.reg_records, sources.held_out
-    data = TrainingData(scan, config, backend.latent_scale, reg_records)
-    validation = ValidationSet(held_out, config, backend.latent_scale) if held_out else None
+    data = TrainingData(scan, config, backend.latent_scale, reg_records, share.count)
+    validation = ValidationSet(held_out, config, backend.latent_scale) if held_out and share.is_main else None
     steps_per_epoch = math.ceil(data.batches_per_epoch() / training.gradient_accumulation_steps)
     total_steps = training.max_train_steps or steps_per_epoch * training.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -103,7 +121,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     if final_path.exists() and saving.resume is None:
         raise UserError(f"{final_path} already exists; choose another output_name or move the old file")
 
-    prompts = sample_prompts(config)
+    prompts = sample_prompts(config) if share.is_main else []
     if config.model.clip_skip is not None and config.model.clip_skip != (backend.clip_skip or 1):
         raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
@@ -124,16 +142,16 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     parameter_groups = lora_parameter_groups(network, config.optimizer)
     trainable = [p for group in parameter_groups for p in group["params"]]
 
-    accelerator = _accelerator(config, backend.device)
     if training.mixed_precision != "no" and not accelerator.native_amp:
         events.on_message(f"Note: mixed_precision {training.mixed_precision} has no effect on {backend.device.type}: "
                           "this run computes in fp32.")
     optimizer = make_optimizer(config, parameter_groups)
+    # The scheduler is stepped here, once per optimizer step: accelerate's would step once per process.
     scheduler = make_scheduler(config, optimizer, total_steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    optimizer = accelerator.prepare(optimizer)
     metadata = run_metadata(config, network, backend.family, backend.prediction_type, backend.model_name,
                             backend.clip_skip, scan, data, total_steps, epochs, started_at)
-    run_log = RunLog(config.logging.logging_dir, saving.output_name)
+    run_log = RunLog(config.logging.logging_dir if share.is_main else None, saving.output_name)
     result.log_folder = run_log.folder
     run_log.log_text("config", config_template(config))
 
@@ -158,6 +176,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         interrupted save does not wait for it)."""
         if not all(torch.isfinite(p).all() for p in trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. {nan_advice}")
+        if not share.is_main:
+            return
         if with_state:
             validate(step)
         measured = dict(result.validation_losses)
@@ -172,7 +192,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                       saving.save_precision)
             if with_state:
                 save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
-                           epoch, next_batch, noise_generator, data_rng)
+                           epoch, next_batch, noise_generator, data_rng, data.global_batch_size)
             return saved
 
         events.on_busy(f"saving {path.name}")
@@ -200,15 +220,24 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     step, start_epoch, skip_batches = 0, 0, 0
     with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
         network.train()
-        # --- caches: VAE latents and text-encoder outputs, computed once ---
+        # --- caches: VAE latents and text-encoder outputs, computed once (per process: its rows change with
+        # every epoch; with the disk cache, each process encodes a share and all read the whole from disk) ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
             disk = DiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
                 else None
-            encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
-            if disk is not None:
-                events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
-                                  f"{encoded} encoded.")
+            if disk is not None and share.count > 1:
+                own_share = range(share.index, len(data.examples), share.count)
+                encoded = data.cache_latents(backend.encode_images, disk=disk, indices=own_share)
+                accelerator.wait_for_everyone()
+                data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+                events.on_message(f"Latents: {encoded} of this process's {len(own_share)} encoded, the rest read "
+                                  f"from the disk cache, where each of the {share.count} processes put its share.")
+            else:
+                encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+                if disk is not None:
+                    events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
+                                      f"{encoded} encoded.")
         if validation is not None:
             validation.encode(backend)
         text_cache: dict[str, TextConditioning] = {}
@@ -223,21 +252,27 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
         if saving.resume is not None:
             resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
+            if resume_point.global_batch_size not in (None, data.global_batch_size):
+                raise UserError(f"the resume state {saving.resume} was saved by a run whose batches held "
+                                f"{resume_point.global_batch_size} images (batch_size x processes), this run's hold "
+                                f"{data.global_batch_size}: resume with the same batch_size and number of processes")
             check_matches_network(LoraFile(weights, {}), network, f"the resume state {saving.resume}")
             network.load_kohya_state_dict(weights)
             step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
             events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
 
         skipped_list = None
-        if scan.skipped:
+        if scan.skipped and share.is_main:
             skipped_list = scan.write_skipped_list(
                 Path(config.logging.logging_dir or saving.output_dir) / f"{saving.output_name}-skipped.txt")
         held_out_line = f"; {len(validation)} held out for the validation loss" if validation else ""
         reg_line = f"; {len(reg_records)} regularisation images" if reg_records else ""
+        processes_line = (f"; {share.count} processes: a global batch of {data.global_batch_size} is "
+                          f"{training.batch_size} per process" if share.count > 1 else "")
         plan = RunPlan(total_steps, epochs, steps_per_epoch,
                        f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
-                       f"parameters; {total_steps} steps over {epochs} epoch(s)")
+                       f"parameters; {total_steps} steps over {epochs} epoch(s){processes_line}")
         events.on_start(plan)
         validate(step)
         if sampling.sample_at_first and prompts and step == 0:
@@ -248,7 +283,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if loss_settings.zero_terminal_snr:
             alphas_cumprod = zero_terminal_snr(alphas_cumprod)
 
-        def training_loss(batch: Batch) -> torch.Tensor:
+        def training_loss(batch: Batch, global_rows: int, rows: range) -> torch.Tensor:
+            """The loss of `batch`: rows `rows` of a global batch of `global_rows`, whose noise and timesteps are
+            all drawn (the same on every process), so that the run does not depend on how many processes share
+            it."""
             if batch.latents is not None:
                 latents = batch.latents.to(backend.device)
             else:
@@ -258,14 +296,17 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                               padding=text_cache[""].context)
             else:
                 text = backend.encode_text(batch.captions)
-            noise = sample_noise(latents, loss_settings.noise_offset, noise_generator)
+            noise = sample_noise(latents.new_empty((global_rows, *latents.shape[1:])), loss_settings.noise_offset,
+                                 noise_generator)
             if loss_settings.multires_noise_iterations:
                 noise = add_multires_noise(noise, loss_settings.multires_noise_iterations,
                                            loss_settings.multires_noise_discount, noise_generator).to(latents.dtype)
-            timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],),
+            timesteps = torch.randint(0, len(alphas_cumprod), (global_rows,),
                                       generator=noise_generator, device=backend.device)
             input_noise = perturbed_input_noise(noise, loss_settings.ip_noise_gamma, noise_generator) \
                 if loss_settings.ip_noise_gamma else noise
+            own = slice(rows.start, rows.stop)
+            noise, timesteps, input_noise = noise[own], timesteps[own], input_noise[own]
             noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
             with accelerator.autocast():
                 prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
@@ -281,6 +322,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                   huber_c)
 
         start_training_weights(optimizer)  # after a resume, whose state was saved with the evaluation weights
+        # With several processes the LoRA network is wrapped in DDP, whose all-reduce averages its gradients at
+        # every optimizer step. Its forward is the whole loss, hooks included: the base model's layers call the
+        # network's modules, and text encoding does too when the text encoder is trained.
+        batch_loss = _BatchLoss(network, training_loss)
+        if share.count > 1:
+            batch_loss = accelerator.prepare(batch_loss)
+        shard_lines: list[str] = []
         loss_sum = torch.zeros((), device=backend.device)
         losses_in_sum = 0
         window_start, window_step = time.perf_counter(), step
@@ -291,23 +339,30 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         try:
             for epoch in range(start_epoch, epochs):
                 batches = data.epoch_plan(epoch)
+                trained_examples: list[int] = []
                 for batch_index, indices in enumerate(batches):
                     if epoch == start_epoch and batch_index < skip_batches:
                         continue
-                    # --- one forward/backward pass; the optimizer steps every `gradient_accumulation_steps` ---
+                    # --- one forward/backward pass (of this process's rows of the global batch); the optimizer
+                    # steps every `gradient_accumulation_steps`, when the processes' gradients are averaged ---
                     in_step = True
-                    batch = data.load_batch(indices, data_rng)
-                    loss = training_loss(batch)
-                    accelerator.backward(loss / training.gradient_accumulation_steps)
+                    rows, loss_weight = share.rows(len(indices))
+                    trained_examples += [indices[row] for row in rows] if loss_weight else []
+                    batch = data.load_batch(indices, data_rng, rows)
+                    end_of_epoch = batch_index + 1 == len(batches)
+                    steps_now = not (batch_index + 1) % training.gradient_accumulation_steps or end_of_epoch
+                    with nullcontext() if steps_now else accelerator.no_sync(batch_loss):
+                        loss = batch_loss(batch, len(indices), rows) * loss_weight
+                        accelerator.backward(loss / training.gradient_accumulation_steps)
                     loss_sum += loss.detach()
                     losses_in_sum += 1
-                    end_of_epoch = batch_index + 1 == len(batches)
-                    if (batch_index + 1) % training.gradient_accumulation_steps and not end_of_epoch:
+                    if not steps_now:
                         continue
                     # With clipping off, an infinite bound still measures the norm for the log.
                     gradient_norm = accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm or math.inf)
                     optimizer.step()
-                    scheduler.step()
+                    if not optimizer.step_was_skipped:  # fp16's gradient scaler skips steps with inf gradients
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     if config.optimizer.scale_weight_norms:
                         keys_scaled, largest_norm = scale_weight_norms(network, config.optimizer.scale_weight_norms)
@@ -317,7 +372,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     # --- report (reading the loss back only every few steps keeps the device busy) ---
                     report_loss = None
                     if step % config.logging.log_every_n_steps == 0 or step == total_steps:
-                        report_loss = (loss_sum / losses_in_sum).item()
+                        report_loss = mean_over_processes(accelerator, loss_sum / losses_in_sum).item()
                         if not math.isfinite(report_loss):
                             raise UserError(f"the loss became {report_loss} by step {step}; nothing more was "
                                             f"saved. {nan_advice}")
@@ -331,7 +386,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     report = StepReport(
                         step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
                         learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
-                        samples_per_second=(steps_per_second * training.batch_size
+                        samples_per_second=(steps_per_second * data.global_batch_size
                                             * training.gradient_accumulation_steps),
                         seconds_elapsed=time.time() - started_at,
                         seconds_left=seconds_per_step * (total_steps - step))
@@ -346,12 +401,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         run_log.log_step(report, scalars)
 
                     # --- saves, samples, stop (their time is left out of the speed) ---
-                    stopping = events.should_stop()
+                    stopping, save_asked, interrupting = agree(accelerator, events.should_stop(),
+                                                               events.save_requested(), events.interrupt_requested())
                     if step >= total_steps or stopping:
                         break
                     paused_at = time.perf_counter()
-                    if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or \
-                            events.save_requested():
+                    if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or save_asked:
                         save(Path(saving.output_dir) / f"{saving.output_name}-s{step:06d}.safetensors", step,
                              epoch, batch_index + 1)
                     if saving.save_every_n_epochs and end_of_epoch and (epoch + 1) % saving.save_every_n_epochs == 0:
@@ -363,8 +418,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     if step % validate_every == 0:
                         validate(step)
                     window_start += time.perf_counter() - paused_at
-                    if events.interrupt_requested():
+                    if interrupting:
                         raise KeyboardInterrupt
+                if share.count > 1:
+                    shard_lines.append(_shard_line(epoch, gather_objects(accelerator, trained_examples), data))
+                    if run_log.folder is not None:
+                        atomic_write_text(run_log.folder / "shards.jsonl", "".join(shard_lines))
                 if step >= total_steps or stopping:
                     break
         except KeyboardInterrupt:
@@ -424,11 +483,21 @@ def _encode_captions(backend: DiffusionBackend, folders: dict[str, Path], disk: 
     return cache, len(missing)
 
 
-def _accelerator(config: TrainConfig, device: torch.device):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+class _BatchLoss(nn.Module):
+    """The LoRA network as a module whose forward is a batch's training loss (`loss_of_batch`), which DDP can
+    wrap: the network's parameters are its only ones, the frozen base is reached through the hooks."""
 
-    # One process may train many times (the WebUI): accelerate keeps global state that pins the first
-    # run's precision, so it is reset for every run.
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=config.training.mixed_precision, cpu=device.type == "cpu")
+    def __init__(self, network: LoraNetwork, loss_of_batch: Callable[[Batch, int, range], torch.Tensor]):
+        super().__init__()
+        self.network = network
+        self.loss_of_batch = loss_of_batch
+
+    def forward(self, batch: Batch, global_rows: int, rows: range) -> torch.Tensor:
+        return self.loss_of_batch(batch, global_rows, rows)
+
+
+def _shard_line(epoch: int, examples_of_processes: list[list[int]], data: TrainingData) -> str:
+    """One JSON line of the shards log: the images each process trained in `epoch`."""
+    return json.dumps({"epoch": epoch + 1, "processes": [[str(data.examples[index].record.path) for index in examples]
+                                                         for examples in examples_of_processes]}) + "\n"
+

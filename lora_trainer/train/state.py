@@ -23,11 +23,14 @@ class ResumePoint:
     step: int
     epoch: int
     next_batch: int
+    global_batch_size: int | None = None
+    """Examples per forward pass of all processes together, which the batch counts are in (None: a state saved
+    before it was recorded)."""
 
 
 def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                scheduler, step: int, epoch: int, next_batch: int, noise_generator: torch.Generator,
-               data_rng: random.Random) -> Path:
+               data_rng: random.Random, global_batch_size: int | None = None) -> Path:
     """Write everything `load_state` needs to continue this run exactly."""
     state = {
         "lora_weights": lora_weights,
@@ -36,6 +39,7 @@ def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer: t
         "step": step,
         "epoch": epoch,
         "next_batch": next_batch,
+        "global_batch_size": global_batch_size,
         "noise_generator": noise_generator.get_state(),
         "data_rng": data_rng.getstate(),
         "torch_rng": torch.get_rng_state(),
@@ -70,4 +74,5 @@ def load_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler, noise_
                         "LoRA, optimizer and scheduler settings") from None
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return ResumePoint(state["step"], state["epoch"], state["next_batch"]), state["lora_weights"]
+    return (ResumePoint(state["step"], state["epoch"], state["next_batch"], state.get("global_batch_size")),
+            state["lora_weights"])

@@ -1,0 +1,221 @@
+"""Data-parallel training: two CPU processes (gloo) train the tiny model together, started as torchrun starts
+them (RANK, WORLD_SIZE, MASTER_PORT, ...) but forked from the test process, which has imported everything
+already: a fresh interpreter per process would take most of the test's time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_shapes_dataset
+
+from lora_trainer.cli import main
+
+pytest.importorskip("diffusers")
+
+
+def _config(tmp_path: Path, **keys) -> Path:
+    """A run of the tiny sd1 model on seven images (one bucket) with flips, caption shuffling and offset noise, so
+    that the augmentation and noise streams matter; `keys` add to or replace its settings."""
+    from lora_trainer.tiny import save_tiny_model
+
+    model, dataset = tmp_path / "tiny", tmp_path / "dataset"
+    if not model.exists():
+        save_tiny_model(model, "sd1")
+        write_shapes_dataset(dataset, count=7)
+    settings = dict(train_data_dir=dataset, base_model=model, resolution=32, bucket_step=8, lora_rank=4,
+                    learning_rate=1e-3, flip_aug="true", shuffle_caption="true", noise_offset=0.05,
+                    gradient_accumulation_steps=2, max_train_steps=3, log_every_n_steps=1, device="cpu")
+    settings.update(keys)
+    config = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    config.write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
+    return config
+
+
+def _start_processes(config: Path, count: int, output: Path) -> list[int]:
+    """Fork `count` processes that train `config` together; each writes its stdout and stderr to
+    `output/rank-N.out` and `.err`. Returns their process ids."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output.mkdir(exist_ok=True)
+    pids = []
+    for rank in range(count):
+        pid = os.fork()
+        if pid == 0:
+            exit_code = 1
+            try:
+                from accelerate.state import AcceleratorState, PartialState
+
+                # The test process may have trained alone already: its accelerate state says one process.
+                AcceleratorState._reset_state()
+                PartialState._reset_state()
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count),
+                                  RANK=str(rank), LOCAL_RANK=str(rank))
+                sys.stdout = open(output / f"rank-{rank}.out", "w", buffering=1)  # noqa: SIM115
+                sys.stderr = open(output / f"rank-{rank}.err", "w", buffering=1)  # noqa: SIM115
+                exit_code = main(["train", "--config", str(config)])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exit_code)
+        pids.append(pid)
+    return pids
+
+
+def _exit_code(pid: int, timeout: float) -> int | None:
+    """The exit code of forked process `pid` once it ends, or None if it is still running after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.1)
+    return None
+
+
+def _lora(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp_path, capsys):
+    # The VAE's latents are samples: the two processes each encode a share into the disk cache, which the
+    # process alone then reads, so that both runs train on the same latents.
+    two = _config(tmp_path, batch_size=2, output_dir=tmp_path / "two", logging_dir=tmp_path / "logs",
+                  save_every_n_steps=2, cache_latents_to_disk="true")
+    pids = _start_processes(two, 2, tmp_path / "processes")
+    exit_codes = [_exit_code(pid, 300) for pid in pids]
+    assert exit_codes == [0, 0], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    one = _config(tmp_path, batch_size=4, output_dir=tmp_path / "one", logging_dir="null",
+                  cache_latents_to_disk="true")
+    assert main(["train", "--config", str(one)]) == 0
+
+    alone, together = _lora(tmp_path / "one" / "lora.safetensors"), _lora(tmp_path / "two" / "lora.safetensors")
+    assert alone.keys() == together.keys()
+    # LoRA's up matrices start at zero: runs that learned nothing would match trivially.
+    assert max(alone[key].abs().max().item() for key in alone if "lora_up" in key) > 1e-3
+    # fp32 tolerance: the gradients are summed in another order, and Adam magnifies that where a gradient is
+    # near zero (about 2e-6 here); one flip or caption order drawn differently moves the weights by about 6e-3.
+    assert max((alone[key] - together[key]).abs().max().item() for key in alone) < 2e-5
+
+    # Written once, by the main process: one summary, the files of one run, one log folder.
+    outputs = [(tmp_path / "processes" / f"rank-{rank}.out").read_text() for rank in range(2)]
+    assert "done: 3 steps" in outputs[0] and outputs[1] == ""
+    # The latents were encoded once, each process taking its share: the main one 4 of the 7 images.
+    assert "Latents: 4 of this process's 4 encoded" in outputs[0]
+    assert "Latents: 7 read from the disk cache, 0 encoded." in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["lora-s000002.safetensors",
+                                                                           "lora.safetensors"]
+    [log_folder] = (tmp_path / "logs").iterdir()
+    assert len(list(log_folder.glob("events.out.tfevents.*"))) == 1
+
+    # Each epoch (global batches of 4 and 3 images), the processes trained disjoint shares of all the images.
+    epochs = [json.loads(line) for line in (log_folder / "shards.jsonl").read_text().splitlines()]
+    images = sorted(str(path) for path in (tmp_path / "dataset").glob("*.png"))
+    assert [epoch["epoch"] for epoch in epochs] == [1, 2, 3]
+    for epoch in epochs:
+        first, second = epoch["processes"]
+        assert len(first) == 4 and len(second) == 3  # the 3-image batch: two rows and one
+        assert sorted(first + second) == images
+
+
+def _wait_for_training(processes_folder: Path) -> None:
+    """Wait until the main process has printed the plan: the caches are filled and the steps begin."""
+    main_output = processes_folder / "rank-0.out"
+    deadline = time.monotonic() + 120
+    while not (main_output.exists() and "steps over" in main_output.read_text()):
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    time.sleep(1)
+
+
+def _end(pids: list[int]) -> None:
+    """Kill and reap the forked processes that are still there."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):  # it ended and was reaped already
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_ctrl_c_that_reaches_one_process_stops_both_and_the_main_one_saves(tmp_path):
+    config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
+                     logging_dir="null", save_state="true")
+    pids = _start_processes(config, 2, tmp_path / "processes")
+    try:
+        _wait_for_training(tmp_path / "processes")
+        os.kill(pids[1], signal.SIGINT)  # not the main process, which must learn of it from the other
+        exit_codes = [_exit_code(pid, 60) for pid in pids]
+    finally:
+        _end(pids)
+    assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    saved = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert len(saved) == 2 and saved[0].startswith("lora-interrupted-s") and saved[1].endswith(".state")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(signum, tmp_path):
+    timeout = 5
+    config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
+                     logging_dir="null", distributed_timeout_seconds=timeout)
+    main_pid, other_pid = _start_processes(config, 2, tmp_path / "processes")
+    try:
+        _wait_for_training(tmp_path / "processes")
+        os.kill(other_pid, signum)
+        exit_code = _exit_code(main_pid, timeout + 60)  # a margin for a loaded machine, far from forever
+    finally:
+        _end([main_pid, other_pid])
+    errors = (tmp_path / "processes" / "rank-0.err").read_text()
+    assert exit_code == 2, errors[-3000:]
+    assert "another training process died, or did not answer within distributed_timeout_seconds (5 s)" in errors
+    assert "Traceback" not in errors
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_two_processes_train_the_same_language_model_adapter_as_one_with_the_same_global_batch(tmp_path):
+    pytest.importorskip("peft")
+    from llm_models import COLOUR_TASK, save_tiny_llama, write_jsonl
+
+    base = save_tiny_llama(tmp_path / "base")
+    # Answers of one to three words: the sequences' trained tokens differ, which the processes' losses weigh.
+    records = [dict(record, output=" ".join([record["output"]] * (1 + index % 3)))
+               for index, record in enumerate(COLOUR_TASK.training_records())]
+    data = write_jsonl(tmp_path / "colours.jsonl", records)
+
+    def config(name: str, batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"task: llm\nbase_model: {base}\ntrain_data: {data}\noutput_dir: {tmp_path / name}\n"
+                        f"logging_dir: null\nlora_dropout: 0.0\nlearning_rate: 1.0e-2\n"
+                        f"batch_size: {batch_size}\ngradient_accumulation_steps: 2\nmax_train_steps: 3\n")
+        return path
+
+    pids = _start_processes(config("two", 3), 2, tmp_path / "processes")
+    exit_codes = [_exit_code(pid, 300) for pid in pids]
+    assert exit_codes == [0, 0], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    assert main(["train", "--config", str(config("one", 6))]) == 0
+
+    alone, together = (_lora(tmp_path / name / "lora" / "adapter_model.safetensors") for name in ("one", "two"))
+    assert alone.keys() == together.keys()
+    assert max(alone[key].abs().max().item() for key in alone if "lora_B" in key) > 1e-3
+    assert max((alone[key] - together[key]).abs().max().item() for key in alone) < 2e-5
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["lora"]
+
+
+def test_a_timeout_that_is_not_positive_is_refused():
+    from lora_trainer.config import load_config
+    from lora_trainer.errors import UserError
+
+    with pytest.raises(UserError, match="distributed_timeout_seconds"):
+        load_config(None, {"distributed_timeout_seconds": 0}, [])
