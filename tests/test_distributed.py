@@ -108,8 +108,9 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
     # LoRA's up matrices start at zero: runs that learned nothing would match trivially.
     assert max(alone[key].abs().max().item() for key in alone if "lora_up" in key) > 1e-3
     # fp32 tolerance: the gradients are summed in another order, and Adam magnifies that where a gradient is
-    # near zero (about 2e-6 here); one flip or caption order drawn differently moves the weights by about 6e-3.
-    assert max((alone[key] - together[key]).abs().max().item() for key in alone) < 2e-5
+    # near zero (about 3e-5 on kohya's layer set, 2e-6 on attention alone); one flip or caption order drawn
+    # differently moves the weights by about 6e-3.
+    assert max((alone[key] - together[key]).abs().max().item() for key in alone) < 1e-4
 
     # Written once, by the main process: one summary, the files of one run, one log folder.
     outputs = [(tmp_path / "processes" / f"rank-{rank}.out").read_text() for rank in range(2)]

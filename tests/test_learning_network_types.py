@@ -18,7 +18,7 @@ TYPE_SETTINGS = {"locon": dict(conv_rank=4, learning_rate=5e-3), "loha": dict(lo
                  "lokr": dict(conv_rank=4), "dora": {}}
 """Beyond `concept_config` (rank 8, lr 1e-2, 200 steps): the types with convolutions adapt them at rank 4, and
 LoHa, whose rank counts twice, has rank 4. LoCon, which also adapts every resnet's time embedding and shortcut
-(as kohya's does), learns at 5e-3: at 1e-2 the tiny base's time embeddings drift and the concept fades."""
+(as kohya's does), learns at 5e-3 (at 1e-2 on that layer set the concept appeared in fewer seeds)."""
 
 
 @pytest.mark.parametrize("network_type", TYPE_SETTINGS)
