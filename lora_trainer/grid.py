@@ -126,6 +126,10 @@ def cell_box(grid_size: tuple[int, int], rows: int, columns: int, cell_size: tup
     return left, top, left + cell_width, top + cell_height
 
 
+MAX_STEPS, MAX_SIDE, MAX_CELLS = 150, 2048, 400
+"""The largest grid: the WebUI's own limits on steps and image sides, and at most 400 images."""
+
+
 @dataclass
 class GridPlan:
     """A strength x file (or strength x seed) comparison: columns are strengths, rows are LoRA files,
@@ -147,6 +151,14 @@ class GridPlan:
             raise UserError("a grid needs at least one LoRA file, one strength and one seed")
         if len(self.loras) > 1 and len(self.seeds) > 1:
             raise UserError("grid rows are either LoRA files or seeds: pick several files or several seeds")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise UserError(f"a grid's sampling steps must be 1 to {MAX_STEPS} (the WebUI's range), got {self.steps}")
+        if not all(8 <= side <= MAX_SIDE and side % 8 == 0 for side in (self.width, self.height)):
+            raise UserError(f"a grid's width and height must be multiples of 8 from 8 to {MAX_SIDE}, got "
+                            f"{self.width}x{self.height}")
+        if len(self.strengths) * max(len(self.loras), len(self.seeds)) > MAX_CELLS:
+            raise UserError(f"a grid of {len(self.strengths)} strengths x {max(len(self.loras), len(self.seeds))} "
+                            f"rows has more than {MAX_CELLS} images: fewer strengths, files or seeds")
         for path in self.loras:
             if not tag_can_name(Path(path).stem):
                 raise UserError(f"{Path(path).name}: a <lora:name:weight> tag cannot name a LoRA whose name has "

@@ -108,3 +108,13 @@ def test_every_strength_reaches_the_renderer_even_in_exponent_form(strength, tmp
     plan = GridPlan("a castle", [tmp_path / "style.safetensors"], strengths=[strength])
     [(name, weight)] = LORA_TAG.findall(plan.request(plan.loras[0], 1, strength).prompt)
     assert (name, float(weight)) == ("style", strength)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"steps": 0}, "steps must be 1 to 150"), ({"steps": 1000}, "steps must be 1 to 150"),
+    ({"width": 100000}, "multiples of 8 from 8 to 2048"), ({"height": 30}, "multiples of 8"),
+    ({"strengths": [index / 100 for index in range(101)], "seeds": list(range(5))}, "more than 400 images"),
+])
+def test_a_grid_beyond_the_webuis_limits_is_refused_before_it_renders(settings, message):
+    with pytest.raises(UserError, match=message):
+        GridPlan("a cat", ["style.safetensors"], **settings)
