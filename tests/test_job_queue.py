@@ -37,6 +37,19 @@ def test_a_job_that_was_running_is_interrupted_after_a_restart_naming_its_last_s
     assert restored.state == "interrupted" and "run-s000100.safetensors" in restored.message
 
 
+def test_the_tabs_queue_table_names_the_file_an_interrupted_job_saved_last(tmp_path):
+    from lora_trainer.tab.queue import queue_html
+
+    queue = _queue(tmp_path)
+    job = queue.submit(CaptionJob(tmp_path, CaptionOptions()))
+    entries = json.loads(queue.path.read_text())
+    saved = [str(tmp_path / "Lora" / f"run-s{step:06d}.safetensors") for step in (100, 200)]
+    entries["jobs"][0].update(state="running", kind="train", saved=saved)
+    queue.path.write_text(json.dumps(entries))
+    table = queue_html(_queue(tmp_path).jobs())
+    assert "<td>interrupted</td><td>run-s000200.safetensors</td>" in table and job.id in table
+
+
 def test_an_unreadable_queue_file_is_kept_aside_and_the_queue_starts_empty(tmp_path, capsys):
     folder = FakeHost(None, tmp_path / "Lora").queue_dir()
     folder.mkdir(parents=True)

@@ -24,6 +24,7 @@ from lora_trainer.tab.dataset import dataset_contents, prepare_default_folder, s
 from lora_trainer.tab.form import (
     HOST_OWNED_KEYS,
     MAIN_KEYS,
+    SUBSET_COLUMNS,
     config_from_form,
     default_config,
     form_fields,
@@ -228,6 +229,12 @@ def test_the_subsets_table_holds_a_row_per_folder_and_empty_cells_take_the_datas
     assert (dogs.repeats, dogs.keep_tokens, dogs.shuffle_caption, dogs.caption_extension) == (2, 1, True, None)
     with pytest.raises(UserError, match="repeats"):
         config_from_form({"subsets": [[str(tmp_path / "dogs"), "many", "", "", "", "", "", ""]]})
+
+
+def test_a_config_without_subsets_shows_one_empty_row_so_the_table_keeps_its_column_names():
+    config = config_from_dict(dict(train_data_dir=Path("/data/cats")))
+    assert form_values(config)["subsets"] == [[""] * len(SUBSET_COLUMNS)]
+    assert config_from_form(form_values(config)).dataset.subsets == []
 
 
 def test_empty_optional_fields_mean_the_default_and_others_are_read_as_yaml():

@@ -199,8 +199,9 @@ def _to_widget(field: FormField, value: Any) -> Any:
     if field.kind == "mapping":
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip() if value else ""
     if field.kind == "table":
+        # At least one row: gradio 3 titles the columns of a table updated with no rows 0, 1, 2, ...
         return [["" if getattr(subset, column) is None else str(getattr(subset, column)) for column in SUBSET_COLUMNS]
-                for subset in value]
+                for subset in value] or [[""] * len(SUBSET_COLUMNS)]
     return str(value) if field.kind in ("text", "number") else value
 
 

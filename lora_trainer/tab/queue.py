@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from lora_trainer.errors import UserError
@@ -25,9 +26,15 @@ def queue_html(jobs: list[QueuedJob]) -> str:
         return '<div class="lora-trainer-queue">No jobs yet. Start buttons and the HTTP API add jobs here.</div>'
     rows = "".join(f'<tr class="lora-trainer-queue-{job.state}"><td><code>{html.escape(job.id)}</code></td>'
                    f"<td>{html.escape(job.kind)}</td><td>{html.escape(job.name)}</td>"
-                   f"<td>{html.escape(job.state)}</td></tr>" for job in shown)
+                   f"<td>{html.escape(job.state)}</td><td>{html.escape(_last_saved(job))}</td></tr>"
+                   for job in shown)
     return ('<div class="lora-trainer-queue"><table><thead><tr><th>Job</th><th>Kind</th><th>Name</th>'
-            f"<th>State</th></tr></thead><tbody>{rows}</tbody></table></div>")
+            f"<th>State</th><th>Last saved</th></tr></thead><tbody>{rows}</tbody></table></div>")
+
+
+def _last_saved(job: QueuedJob) -> str:
+    """The file a training job saved last (what an interrupted or stopped run leaves to resume from), or ""."""
+    return PurePath(job.saved[-1]).name if job.saved else ""
 
 
 def queued_choices(jobs: list[QueuedJob]) -> list[str]:
