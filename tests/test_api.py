@@ -174,6 +174,10 @@ def _three_jobs_in_order(client, tmp_path: Path, base_lora: Path, clip_arch: str
     jobs = [stopped, *ended]
     for earlier, later in zip(jobs, jobs[1:]):
         assert earlier["ended_at"] <= later["started_at"]  # one at a time, in submission order
+    # Once later jobs have run, the training still reports how far it got and its losses.
+    after = client.get(f"/jobs/{train['id']}").json()
+    assert after["step"] == stopped["step"] >= 2 and after["total_steps"] == 1000
+    assert after["losses"] and after["losses"][-1] == stopped["losses"][-1]
     captions = [path.read_text() for path in sorted((tmp_path / "datasets" / "shapes").glob("*.txt"))]
     assert len(captions) == 4 and all(text.startswith("sks, ") for text in captions)
     picture = client.get(f"/jobs/{grid['id']}/grid")

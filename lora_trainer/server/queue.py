@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 import uuid
@@ -28,6 +29,8 @@ ENDED_STATES = {"finished": "done", "stopped": "stopped", "failed": "failed"}
 KEPT_ENDED_JOBS = 50
 """The newest this many ended jobs stay listed; older ones drop out of the file."""
 QUEUE_FILE = "queue.json"
+KEPT_LOSSES = 500
+"""The most loss points an ended training job keeps in the queue file."""
 
 
 class NotFound(UserError):
@@ -56,6 +59,12 @@ class QueuedJob:
     """The files a training job has saved so far (still there), oldest first."""
     grid: str | None = None
     """The grid a grid job saved."""
+    step: int = 0
+    """How far a training job got: its last step of `total_steps`, in `epoch`."""
+    total_steps: int = 0
+    epoch: int = 0
+    losses: list[list[float]] = field(default_factory=list)
+    """[step, loss] of a training job, at most `KEPT_LOSSES` points (evenly thinned), kept when it ends."""
     submitted_at: float = 0.0
     started_at: float | None = None
     ended_at: float | None = None
@@ -172,6 +181,9 @@ class JobQueue:
                 return
             if job.kind == "train":
                 job.saved = [str(path) for path in status.saved]
+                job.step, job.total_steps, job.epoch = status.step, status.total_steps, status.epoch
+                if not status.running:
+                    job.losses = [[step, loss] for step, loss in _thinned(status.losses, KEPT_LOSSES)]
             if not status.running:
                 job.state, job.message, job.ended_at = ENDED_STATES[status.state], status.message, time.time()
                 if job.kind == "grid" and status.grid_path is not None:
@@ -190,6 +202,14 @@ class JobQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         jobs = [dataclasses.asdict(job) for job in self._jobs]
         atomic_write_text(self.path, json.dumps({"jobs": jobs}, indent=1))
+
+
+def _thinned(points: list, most: int) -> list:
+    """At most `most` of `points`, evenly spread, the last one always kept."""
+    if len(points) <= most:
+        return list(points)
+    stride = math.ceil(len(points) / most)
+    return points[::-1][::stride][::-1]
 
 
 def _load(path: Path) -> list[QueuedJob]:

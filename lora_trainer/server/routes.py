@@ -273,7 +273,8 @@ def _job_info(job: QueuedJob, queue: JobQueue | None, host: Host) -> JobInfo:
     values: dict[str, Any] = dict(id=job.id, kind=job.kind, name=job.name, state=job.state, message=job.message,
                                   place=queue.place(job.id) if queue is not None else -1, saved=saved,
                                   grid=Path(job.grid).name if job.grid else None, settings=job.spec,
-                                  submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at)
+                                  submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at,
+                                  step=job.step, total_steps=job.total_steps, epoch=job.epoch, losses=job.losses)
     status = queue.live_status(job.id) if queue is not None else None
     if status is not None:
         values.update(step=status.step, total_steps=status.total_steps, epoch=status.epoch,
