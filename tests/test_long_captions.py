@@ -48,6 +48,9 @@ class ChunkingBackend(DiffusionBackend):
     def vae_fingerprint(self) -> str:
         return self.inner.vae_fingerprint()
 
+    def text_encoder_fingerprint(self) -> str:
+        return self.inner.text_encoder_fingerprint() + "|chunks of 75 tokens"
+
     def encode_text(self, captions: list[str]) -> TextConditioning:
         tokens = [self.tokenizer(caption, add_special_tokens=False).input_ids for caption in captions]
         chunks = [[ids[start:start + 75] for start in range(0, len(ids), 75)] or [[]] for ids in tokens]
