@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from lora_trainer.errors import UserError
+from lora_trainer.models.layout import UNetLayout
 
 ModelFamily = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -80,6 +81,15 @@ class LoraRoot:
     """Maps a module path inside `module` to the diffusers path of the same layer."""
 
 
+@dataclass
+class ModelParts:
+    """The model's networks: what the memory plan counts and what may leave the device after caching."""
+
+    unet: nn.Module
+    text_encoders: list[nn.Module]
+    vae: nn.Module
+
+
 class DiffusionBackend(ABC):
     """One loaded Stable Diffusion model, seen the way the trainer needs it."""
 
@@ -102,6 +112,14 @@ class DiffusionBackend(ABC):
     @abstractmethod
     def lora_roots(self) -> list[LoraRoot]:
         """The UNet and text encoder(s) as LoRA attachment points."""
+
+    @abstractmethod
+    def model_parts(self) -> ModelParts:
+        """The UNet, the text encoder(s) and the VAE."""
+
+    @abstractmethod
+    def unet_layout(self) -> UNetLayout:
+        """The UNet's levels, residual blocks and transformer depths (for the memory plan)."""
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,12 @@ from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_diffusers_t
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
+    ModelParts,
     TextConditioning,
     frozen_parameters,
     module_fingerprint,
 )
+from lora_trainer.models.layout import UNetLayout, layout_of_diffusers_unet
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -137,6 +139,12 @@ class DiffusersBackend(DiffusionBackend):
                   for prefix, component, encoder in zip(prefixes, ["text_encoder", "text_encoder_2"],
                                                         self.text_encoders)]
         return roots
+
+    def model_parts(self) -> ModelParts:
+        return ModelParts(self.unet, list(self.text_encoders), self.pipeline.vae)
+
+    def unet_layout(self) -> UNetLayout:
+        return layout_of_diffusers_unet(self.unet.config)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

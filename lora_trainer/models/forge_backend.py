@@ -30,10 +30,12 @@ from lora_trainer.lora.naming import hf_clip_path
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
+    ModelParts,
     TextConditioning,
     frozen_parameters,
     module_fingerprint,
 )
+from lora_trainer.models.layout import UNetLayout, layout_of_original_unet
 from lora_trainer.models.webui_backend import (
     CHECKPOINTED_BLOCKS,
     SIZE_EMBEDDING_DIM,
@@ -95,6 +97,12 @@ class ForgeBackend(DiffusionBackend):
             roots.append(LoraRoot(prefix, component, getattr(encoders, name).transformer, is_text_encoder=True,
                                   kohya_path=hf_clip_path, peft_path=hf_clip_path))
         return roots
+
+    def model_parts(self) -> ModelParts:
+        return ModelParts(self.unet, [self._patchers.clip.cond_stage_model], self._patchers.vae.first_stage_model)
+
+    def unet_layout(self) -> UNetLayout:
+        return layout_of_original_unet(self.unet)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         latents = self.engine.encode_first_stage(pixels.to(self.device))

@@ -26,10 +26,12 @@ from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_compvis_to_
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
+    ModelParts,
     TextConditioning,
     frozen_parameters,
     module_fingerprint,
 )
+from lora_trainer.models.layout import UNetLayout, layout_of_original_unet
 
 GenerateImage = Callable[[str, str, int, int, int, int, float], Image.Image]
 """(prompt, negative_prompt, seed, steps, width, height, guidance_scale) -> image, rendered by the host."""
@@ -120,6 +122,13 @@ class WebUIBackend(DiffusionBackend):
             roots.append(LoraRoot("lora_te", "text_encoder", open_clip_model, is_text_encoder=True,
                                   kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path))
         return roots
+
+    def model_parts(self) -> ModelParts:
+        conditioning = self.model.conditioner if self.family == "sdxl" else self.model.cond_stage_model
+        return ModelParts(self.unet, [conditioning], self.model.first_stage_model)
+
+    def unet_layout(self) -> UNetLayout:
+        return layout_of_original_unet(self.unet)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

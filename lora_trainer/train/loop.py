@@ -26,6 +26,7 @@ from lora_trainer.models.base import DiffusionBackend, TextConditioning
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
 from lora_trainer.train.max_norm import scale_weight_norms
+from lora_trainer.train.memory import plan_run_memory
 from lora_trainer.train.noise import (
     add_multires_noise,
     debiased_estimation_weights,
@@ -107,6 +108,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     if config.model.clip_skip is not None and config.model.clip_skip != (backend.clip_skip or 1):
         raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
+
+    memory = plan_run_memory(config, backend)
+    if not memory.fits:
+        events.on_message(memory.line())
 
     # --- LoRA on the model ---
     if config.network.dim_from_weights:
@@ -230,7 +235,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         plan = RunPlan(total_steps, epochs, steps_per_epoch,
                        f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
-                       f"parameters; {total_steps} steps over {epochs} epoch(s)")
+                       f"parameters; {total_steps} steps over {epochs} epoch(s)\n{memory.line()}")
         events.on_start(plan)
         validate(step)
         if sampling.sample_at_first and prompts and step == 0:
