@@ -324,3 +324,24 @@ def test_the_hosts_clip_skip_is_recorded_in_the_file(models, shapes_dataset, tmp
 
     assert clip_skip_of(WebUIBackend(models["sd1"], clip_skip=2), "skip2") == "2"
     assert clip_skip_of(WebUIBackend(models["sd1"]), "unset") == "None"
+
+
+def test_parking_the_cached_vae_and_text_encoder_leaves_every_tensor_as_it_was(models, shapes_dataset, tmp_path):
+    model = models["sdxl"]
+    before = _snapshot(model)
+    devices = [(name, tensor.device, tensor.dtype) for name, tensor in model.state_dict(keep_vars=True).items()]
+    train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1), WebUIBackend(model))
+    assert _snapshot(model) == before
+    assert [(name, tensor.device, tensor.dtype) for name, tensor in model.state_dict(keep_vars=True).items()] == devices
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_unet_layout_is_read_from_the_original_module_tree(family, models):
+    from lora_trainer.models.layout import UNetLayout
+
+    unet = models[family].model.diffusion_model
+    channels = tuple(unet.model_channels * multiplier for multiplier in unet.channel_mult)
+    context = 64 if family == "sdxl" else 32
+    # The tiny SD1/SD2 UNets attend at the finest level, the tiny SDXL one at the second (as SDXL's first has none).
+    attending = (0, 1) if family == "sdxl" else (1, 0)
+    assert WebUIBackend(models[family]).unet_layout() == UNetLayout(channels, 2, attending, 1, context, family != "sd1")

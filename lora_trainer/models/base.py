@@ -100,6 +100,9 @@ class DiffusionBackend(ABC):
     model_name: str
     latent_scale: int
     """Pixels per latent cell along each side, including the UNet's own downsampling need."""
+    parks_idle_parts: bool = True
+    """Whether the run may park the VAE and frozen text encoders in CPU memory after caching (not where the host's
+    own memory manager decides where its models live)."""
     clip_skip: int | None = None
     """The CLIP layers the text conditioning skips, counted as kohya's `clip_skip` (2: the penultimate layer),
     when the host sets it; None when it is the model's own choice."""

@@ -60,6 +60,8 @@ class ForgeBackend(DiffusionBackend):
     setting, which Forge applies to every CLIP encoder (SDXL's at least at 2).
     """
 
+    parks_idle_parts = False
+
     def __init__(self, engine, generate_image: GenerateImage | None = None, model_name: str = "",
                  clip_skip: int | None = None):
         self.engine = engine

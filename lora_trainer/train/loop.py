@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
+from lora_trainer.models.parking import ParkedModules
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
 from lora_trainer.train.max_norm import scale_weight_norms
@@ -150,7 +152,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             return
         events.on_busy("measuring the validation loss")
         network.eval()
-        loss = validation.loss(backend, accelerator.autocast)
+        with parked.lent():
+            loss = validation.loss(backend, accelerator.autocast)
         network.train()
         result.validation_losses.append((step, loss))
         events.on_validation(step, loss)
@@ -193,7 +196,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
         network.eval()
-        with evaluation_weights(optimizer):
+        with evaluation_weights(optimizer), parked.lent():
             images = render_samples(backend, prompts)
         network.train()
         result.samples += save_samples(Path(saving.output_dir) / SAMPLES_FOLDER, saving.output_name, step, prompts,
@@ -202,7 +205,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         events.on_sample(step, images, [sample.prompt for sample in prompts])
 
     step, start_epoch, skip_batches = 0, 0, 0
-    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
+    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0), ExitStack() as parking:
         network.train()
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
@@ -218,6 +221,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         text_cache: dict[str, TextConditioning] = {}
         if config.uses_text_encoder_cache:
             text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
+
+        parked = parking.enter_context(_idle_parts_parked(backend, data.uses_latent_cache, bool(text_cache)))
 
         if saving.resume is not None:
             resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
@@ -412,6 +417,14 @@ def _encode_captions(backend: DiffusionBackend, captions: set[str]) -> dict[str,
         else:
             cache.update((caption, backend.encode_text([caption])) for caption in group)
     return cache
+
+
+def _idle_parts_parked(backend: DiffusionBackend, latents_cached: bool, captions_cached: bool) -> ParkedModules:
+    """The VAE (once the latents are cached) and the text encoders (once the captions are) parked in CPU memory
+    for the run, where the backend allows it."""
+    parts = backend.model_parts()
+    idle = ([parts.vae] if latents_cached else []) + (parts.text_encoders if captions_cached else [])
+    return ParkedModules(idle if backend.parks_idle_parts else [], backend.device)
 
 
 def _accelerator(config: TrainConfig, device: torch.device):

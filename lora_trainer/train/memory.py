@@ -55,6 +55,8 @@ class ModelFootprint:
     """Pixels per latent cell along each side."""
     lora_parameters: int
     """Parameters of the LoRA network the config asks for."""
+    parks_idle_parts: bool = True
+    """The VAE and frozen text encoders leave the device after caching (`DiffusionBackend.parks_idle_parts`)."""
     resident_bytes: int = 0
     """Bytes of the model already on the training device (they count as available: the run reuses them)."""
 
@@ -216,9 +218,9 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     optimizer state, the activations of a batch and a workspace."""
     training, dataset, network = config.training, config.dataset, config.network
     weights = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
-    if network.train_text_encoder or not config.uses_text_encoder_cache:
+    if network.train_text_encoder or not config.uses_text_encoder_cache or not footprint.parks_idle_parts:
         weights += footprint.text_encoder_bytes
-    if not dataset.cache_latents or dataset.random_crop:
+    if not dataset.cache_latents or dataset.random_crop or not footprint.parks_idle_parts:
         weights += footprint.vae_bytes
     state_bytes = OPTIMIZER_STATE_BYTES.get(config.optimizer.optimizer_type, 8)
     lora = footprint.lora_parameters * (4 + 4 + state_bytes)
@@ -299,7 +301,7 @@ def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelF
         text_encoder_width_layers=sum(layer.normalized_shape[0] for encoder in parts.text_encoders
                                       for layer in encoder.modules() if isinstance(layer, nn.LayerNorm)) // 2,
         layout=backend.unet_layout(), vae_scale=backend.latent_scale // unet_scale,
-        lora_parameters=lora_parameter_count(backend, network),
+        lora_parameters=lora_parameter_count(backend, network), parks_idle_parts=backend.parks_idle_parts,
         resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device))
 
 
