@@ -492,6 +492,9 @@ class TrainConfig:
         if network.network_type == "dora" and self.optimizer.scale_weight_norms:
             raise UserError("scale_weight_norms scales the LoRA's up/down matrices, which under dora does not scale "
                             "its weight change: use it with lora or locon")
+        if self.model.fp8_base and network.network_type == "dora":
+            raise UserError("dora reads the UNet's own weights, which fp8_base stores in fp8: use another "
+                            "network_type, or turn fp8_base off")
         if network.dim_from_weights and network.init_lora_weights is None:
             raise UserError("dim_from_weights takes the network's shape from init_lora_weights: set that to a "
                             "LoRA file")

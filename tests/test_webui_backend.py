@@ -345,3 +345,20 @@ def test_the_unet_layout_is_read_from_the_original_module_tree(family, models):
     # The tiny SD1/SD2 UNets attend at the finest level, the tiny SDXL one at the second (as SDXL's first has none).
     attending = (0, 1) if family == "sdxl" else (1, 0)
     assert WebUIBackend(models[family]).unet_layout() == UNetLayout(channels, 2, attending, 1, context, family != "sd1")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_fp8_storage_trains_the_loaded_model_and_leaves_it_bit_identical(family, models, shapes_dataset, tmp_path):
+    from lora_trainer.models.fp8 import FP8, fp8_layers
+
+    model = models[family]
+    before = _snapshot(model)
+    stored = set()
+
+    class Watch(TrainingEvents):
+        def on_start(self, plan):
+            stored.update(layer.weight.dtype for layer in fp8_layers(model.model.diffusion_model))
+
+    result = train(_config(shapes_dataset, tmp_path / "out", fp8_base=True), WebUIBackend(model), Watch())
+    assert stored == {FP8} and result.last_loss is not None
+    assert _snapshot(model) == before

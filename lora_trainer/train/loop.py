@@ -24,6 +24,7 @@ from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
+from lora_trainer.models.fp8 import fp8_weights
 from lora_trainer.models.parking import ParkedModules
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
@@ -205,8 +206,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         events.on_sample(step, images, [sample.prompt for sample in prompts])
 
     step, start_epoch, skip_batches = 0, 0, 0
-    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0), ExitStack() as parking:
+    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0), ExitStack() as run_stack:
         network.train()
+        if config.model.fp8_base:
+            run_stack.enter_context(fp8_weights(backend.model_parts().unet))
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")
@@ -222,7 +225,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if config.uses_text_encoder_cache:
             text_cache = _encode_captions(backend, {example.record.caption for example in data.examples})
 
-        parked = parking.enter_context(_idle_parts_parked(backend, data.uses_latent_cache, bool(text_cache)))
+        parked = run_stack.enter_context(_idle_parts_parked(backend, data.uses_latent_cache, bool(text_cache)))
 
         if saving.resume is not None:
             resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
