@@ -47,6 +47,7 @@ from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.samples import SAMPLES_FOLDER, render_samples, sample_prompts, save_samples
+from lora_trainer.train.spill import SpillWatch, memory_share_reader
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 from lora_trainer.train.validation import DEFAULT_MEASUREMENTS, ValidationSet
@@ -291,6 +292,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         losses_in_sum = 0
         window_start, window_step = time.perf_counter(), step
         seconds_per_step = 0.0
+        spill_watch = SpillWatch(memory_share_reader(backend.device))
         stopping = False
         resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
         in_step = False
@@ -333,6 +335,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         now = time.perf_counter()
                         seconds_per_step = (now - window_start) / max(1, step - window_step)
                         window_start, window_step = now, step
+                        if spilling := spill_watch.observe(seconds_per_step):
+                            events.on_message(spilling)
                     steps_per_second = 1 / seconds_per_step if seconds_per_step else 0.0
                     report = StepReport(
                         step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
