@@ -165,3 +165,16 @@ def test_caching_and_a_frozen_text_encoder_leave_only_the_unet_s_weights():
     assert cached.weights == footprint.unet_bytes
     assert uncached.weights == footprint.unet_bytes + footprint.vae_bytes
     assert estimate_memory(_sdxl_config(resolution=512, fp8_base=True), footprint).weights == footprint.unet_fp8_bytes
+
+
+def test_under_autocast_the_normalisation_inputs_count_four_bytes_and_the_rest_two():
+    count = activation_elements(layout_of_diffusers_unet(meta_unet("sd1").config), 64, 64, checkpointing=False)
+    assert 0 < count.normalised < count.peak
+    assert count.bytes(4) == 4 * count.peak
+    assert count.bytes(2) == 2 * count.peak + 2 * count.normalised
+
+
+def test_fp8_storage_keeps_no_convolution_inputs():
+    layout = layout_of_diffusers_unet(meta_unet("sd1").config)
+    stored = activation_elements(layout, 64, 64, checkpointing=False, convolutions_keep_inputs=False)
+    assert stored.peak < activation_elements(layout, 64, 64, checkpointing=False).peak

@@ -7,7 +7,9 @@ autograd keeps for the backward pass (counted per UNet block from the UNet's lay
 a workspace allowance. The activation count follows what PyTorch saves: a convolution keeps its input even when
 frozen, a frozen linear layer keeps nothing, GroupNorm, LayerNorm and SiLU keep their inputs, fused attention
 keeps q, k, v and its output, LoRA keeps its layer's input. Checked against a meta-device trace of autograd's
-saved tensors for the full-size SD1.5, SD2 and SDXL UNets (tests/test_memory.py): within 10%.
+saved tensors for the full-size SD1.5, SD2 and SDXL UNets in fp32 (tests/test_memory.py): within 8% (measured
+-2% to +5%). Under fp16/bf16 autocast the normalisation inputs count at fp32, as autocast's op lists say (not
+traced: the meta device has no autocast).
 """
 
 from __future__ import annotations
@@ -131,15 +133,23 @@ def gigabytes(size: int) -> str:
 @dataclass(frozen=True)
 class ActivationCount:
     """Elements of one sample's activations: those kept from the forward pass until the backward pass, and,
-    under gradient checkpointing, those of the block being recomputed (the largest block counts)."""
+    under gradient checkpointing, those of the block being recomputed (the largest block counts). `normalised`
+    says how many of either are the inputs of GroupNorm, LayerNorm and the SiLU after a GroupNorm, which
+    fp16/bf16 autocast keeps in fp32."""
 
     kept: int
     recomputed: int
+    normalised: int
 
     @property
     def peak(self) -> int:
         """Both together: the most alive at once."""
         return self.kept + self.recomputed
+
+    def bytes(self, element_bytes: int) -> int:
+        """The peak in bytes, `element_bytes` per element (2 under fp16/bf16 autocast, 4 in fp32), the
+        normalised elements at 4."""
+        return self.peak * element_bytes + self.normalised * (4 - element_bytes)
 
 
 def activation_elements(layout: UNetLayout, latent_height: int, latent_width: int, checkpointing: bool,
@@ -153,28 +163,36 @@ def activation_elements(layout: UNetLayout, latent_height: int, latent_width: in
     kept."""
     pixels = latent_height * latent_width
     conv_input = 1 if convolutions_keep_inputs or conv_lora else 0
-    # The attention's GroupNorm input, and the inputs of 1x1-convolution projections in and out.
-    attention_outer = 1 if layout.linear_projection else 1 + 2 * conv_input
-    kept, largest_block = 0, 0
+    # The attention's projections in and out: 1x1 convolutions keep their inputs, linear layers do not.
+    projections = 0 if layout.linear_projection else 2 * conv_input
+    totals = {"kept": 0, "normalised": 0}
+    largest = (0, 0)  # the largest block: (elements, normalised elements)
 
-    def residual(channels_in: int, channels_out: int, level_pixels: int) -> int:
-        # Each half: GroupNorm input, SiLU input, convolution input.
-        return (2 + conv_input) * (channels_in + channels_out) * level_pixels
+    def add(elements: int, normalised: int = 0) -> None:
+        totals["kept"] += elements
+        totals["normalised"] += normalised
 
-    def transformer_block(channels: int, level_pixels: int) -> int:
-        # LayerNorm inputs (3), LoRA inputs (2 norm outputs, 2 attention outputs), self-attention q, k, v and
-        # output (4), cross-attention q and output (2), GEGLU's projection (8) and GELU output (4), less the
-        # attention outputs LoRA shares with them (2, as traced); and the text's keys and values.
-        return 24 * channels * level_pixels + 2 * CONTEXT_TOKENS * channels
+    def residual(channels_in: int, channels_out: int, level_pixels: int) -> tuple[int, int]:
+        # Each half: GroupNorm input and SiLU input (normalised), convolution input.
+        normalised = 2 * (channels_in + channels_out) * level_pixels
+        return normalised + conv_input * (channels_in + channels_out) * level_pixels, normalised
 
-    def block(elements: int, block_input: int) -> None:
-        nonlocal kept, largest_block
-        kept += block_input if checkpointing else elements
-        largest_block = max(largest_block, elements)
+    def transformer_block(channels: int, level_pixels: int) -> tuple[int, int]:
+        # LayerNorm inputs (3, normalised), LoRA inputs (2 norm outputs, 2 attention outputs), self-attention q,
+        # k, v and output (4), cross-attention q and output (2), GEGLU's projection (8) and GELU output (4), less
+        # the attention outputs LoRA shares with them (2, as traced); and the text's keys and values.
+        return 24 * channels * level_pixels + 2 * CONTEXT_TOKENS * channels, 3 * channels * level_pixels
+
+    def block(counted: tuple[int, int], block_input: int) -> None:
+        nonlocal largest
+        if checkpointing:
+            add(block_input)
+        else:
+            add(*counted)
+        largest = max(largest, counted)
 
     def attention(channels: int, level_pixels: int, depth: int) -> None:
-        nonlocal kept
-        kept += attention_outer * channels * level_pixels
+        add((1 + projections) * channels * level_pixels, channels * level_pixels)  # GroupNorm input, projections
         for _ in range(depth):
             block(transformer_block(channels, level_pixels), channels * level_pixels)
 
@@ -191,7 +209,7 @@ def activation_elements(layout: UNetLayout, latent_height: int, latent_width: in
                 attention(channels, level_pixels, layout.transformer_depth[level])
             skips.append(channels)
         if level < levels - 1:
-            kept += channels * level_pixels * conv_input  # the downsampling convolution's input
+            add(channels * level_pixels * conv_input)  # the downsampling convolution's input
             skips.append(channels)
     level_pixels = pixels // 4 ** (levels - 1)
     block(residual(channels, channels, level_pixels), channels * level_pixels)
@@ -207,9 +225,10 @@ def activation_elements(layout: UNetLayout, latent_height: int, latent_width: in
             if layout.transformer_depth[level]:
                 attention(channels, level_pixels, layout.transformer_depth[level])
         if level > 0:
-            kept += channels * pixels // 4 ** (level - 1) * conv_input  # the upsampling convolution's input
-    kept += (2 + conv_input) * channels * pixels  # the output's GroupNorm, SiLU and convolution
-    return ActivationCount(kept, largest_block if checkpointing else 0)
+            add(channels * pixels // 4 ** (level - 1) * conv_input)  # the upsampling convolution's input
+    add((2 + conv_input) * channels * pixels, 2 * channels * pixels)  # the output's GroupNorm, SiLU, convolution
+    recomputed, recomputed_normalised = largest if checkpointing else (0, 0)
+    return ActivationCount(totals["kept"], recomputed, totals["normalised"] + recomputed_normalised)
 
 
 def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEstimate:
@@ -226,12 +245,14 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     lora = footprint.lora_parameters * (4 + 4 + state_bytes)
     element_bytes = 2 if training.mixed_precision != "no" else 4
     latent_side = dataset.resolution // footprint.vae_scale
-    per_sample = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
-                                     conv_lora=network.effective_conv_rank > 0,
-                                     convolutions_keep_inputs=not config.model.fp8_base).peak
+    unet = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
+                               conv_lora=network.effective_conv_rank > 0,
+                               convolutions_keep_inputs=not config.model.fp8_base)
+    per_sample = unet.bytes(element_bytes)
     if network.train_text_encoder:
-        per_sample += TEXT_ENCODER_ELEMENTS_PER_TOKEN_WIDTH * CONTEXT_TOKENS * footprint.text_encoder_width_layers
-    activations = per_sample * training.batch_size * element_bytes
+        per_sample += (TEXT_ENCODER_ELEMENTS_PER_TOKEN_WIDTH * CONTEXT_TOKENS * footprint.text_encoder_width_layers
+                       * element_bytes)
+    activations = per_sample * training.batch_size
     workspace = WORKSPACE_BYTES + int(FRAGMENTATION * activations)
     return MemoryEstimate(weights, lora, activations, workspace)
 
