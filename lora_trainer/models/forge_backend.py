@@ -61,6 +61,8 @@ class ForgeBackend(DiffusionBackend):
     """
 
     parks_idle_parts = False
+    fp8_base_refusal = ("fp8_base does not work in Forge, whose UNet is built from its own operations: turn it off "
+                        "(Forge's Diffusion in Low Bits stores weights in fp8 for generating, not for training)")
 
     def __init__(self, engine, generate_image: GenerateImage | None = None, model_name: str = "",
                  clip_skip: int | None = None):

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_trainer.errors import UserError
-from lora_trainer.models.webui_backend import temporary_attributes
 
 FP8 = torch.float8_e4m3fn
 
@@ -72,10 +71,11 @@ def _conv_forward(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_layers(module: nn.Module) -> list[nn.Module]:
-    """The linear and (zero-padded, numerically padded) convolution layers of `module` that fp8 storage covers."""
+    """The linear and (zero-padded, numerically padded) convolution layers of `module` that fp8 storage covers;
+    not those whose forward something else has replaced for the run."""
     return [layer for layer in module.modules()
-            if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
-                                                and not isinstance(layer.padding, str))]
+            if "forward" not in vars(layer) and (isinstance(layer, nn.Linear) or (
+                isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)))]
 
 
 @contextmanager
@@ -85,19 +85,18 @@ def fp8_weights(module: nn.Module) -> Iterator[None]:
     class's again."""
     layers = fp8_layers(module)
     if not layers:
-        raise UserError("fp8_base found no torch linear or convolution layers in this UNet (Forge builds its own "
-                        "layer types); turn fp8_base off")
-    forwards = [(layer, "forward", partial(_linear_forward if isinstance(layer, nn.Linear) else _conv_forward, layer))
-                for layer in layers]
+        raise UserError("fp8_base found no torch linear or convolution layers in this UNet; turn fp8_base off")
     originals: list[tuple[nn.Module, torch.Tensor]] = []
     try:
         with torch.no_grad():
             for layer in layers:
-                originals.append((layer, layer.weight.data.to("cpu", copy=True)))
+                original = layer.weight.data.to("cpu", copy=True)
                 layer.weight.data = layer.weight.data.to(FP8)
-        with temporary_attributes(forwards):
-            yield
+                layer.forward = partial(_linear_forward if isinstance(layer, nn.Linear) else _conv_forward, layer)
+                originals.append((layer, original))
+        yield
     finally:
         with torch.no_grad():
             for layer, original in originals:
+                del layer.forward
                 layer.weight.data = original.to(layer.weight.device)

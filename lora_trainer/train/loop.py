@@ -24,7 +24,6 @@ from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
-from lora_trainer.models.fp8 import fp8_weights
 from lora_trainer.models.parking import ParkedModules
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
@@ -189,7 +188,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         with evaluation_weights(optimizer):
             saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
         result.saved.append(saved)
-        events.on_saved(saved, step, epoch + 1)
+        with parked.lent():  # the host may render a preview with the new file
+            events.on_saved(saved, step, epoch + 1)
         if saving.keep_last_n_saves:
             for removed in prune_saves(result.saved, saving.keep_last_n_saves, final_path):
                 result.saved.remove(removed)
@@ -210,7 +210,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     with backend.training_mode(training.gradient_checkpointing), network.applied(1.0), ExitStack() as run_stack:
         network.train()
         if config.model.fp8_base:
-            run_stack.enter_context(fp8_weights(backend.model_parts().unet))
+            run_stack.enter_context(backend.fp8_storage())
         # --- caches: VAE latents and text-encoder outputs, computed once ---
         if data.uses_latent_cache:
             events.on_message(f"Caching latents of {len(data.examples)} images...")

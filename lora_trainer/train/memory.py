@@ -47,7 +47,8 @@ class ModelFootprint:
 
     unet_bytes: int
     unet_fp8_bytes: int
-    """The UNet's bytes with its linear and convolution weights stored as fp8 (`fp8_base`)."""
+    """The UNet's bytes with its linear and convolution weights stored as fp8 (`fp8_base`); `unet_bytes` where
+    the backend cannot."""
     text_encoder_bytes: int
     vae_bytes: int
     text_encoder_width_layers: int
@@ -267,7 +268,7 @@ def plan_memory(config: TrainConfig, footprint: ModelFootprint, available: int |
     combined: dict[str, Any] = {}
     words: list[str] = []
     best: Suggestion | None = None
-    for changes, saver in _memory_savers(config):
+    for changes, saver in _memory_savers(config, footprint):
         candidate = _suggestion(config, footprint, changes, saver)
         if candidate.estimate.total <= available:
             return MemoryPlan(estimate, available, candidate)
@@ -283,7 +284,7 @@ def _suggestion(config: TrainConfig, footprint: ModelFootprint, changes: dict[st
     return Suggestion(dict(changes), words, estimate_memory(config.updated(**changes), footprint))
 
 
-def _memory_savers(config: TrainConfig) -> list[tuple[dict[str, Any], str]]:
+def _memory_savers(config: TrainConfig, footprint: ModelFootprint) -> list[tuple[dict[str, Any], str]]:
     """The changes that lower the estimate, cheapest in speed and quality first."""
     training, dataset = config.training, config.dataset
     savers: list[tuple[dict[str, Any], str]] = []
@@ -296,7 +297,7 @@ def _memory_savers(config: TrainConfig) -> list[tuple[dict[str, Any], str]]:
     if config.optimizer.optimizer_type in ("adamw", "prodigy", "dadaptation") and \
             config.optimizer.optimizer_class is None:
         savers.append(({"optimizer_type": "adamw8bit"}, "use the 8-bit AdamW optimizer (adamw8bit)"))
-    if not config.model.fp8_base:
+    if not config.model.fp8_base and footprint.unet_fp8_bytes < footprint.unet_bytes:
         savers.append(({"fp8_base": True}, "store the UNet in fp8 (fp8_base)"))
     if training.batch_size > 1:
         savers.append(({"batch_size": 1, "gradient_accumulation_steps":
@@ -317,7 +318,8 @@ def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelF
     parts = backend.model_parts()
     unet_scale = 2 ** (len(backend.unet_layout().level_channels) - 1)
     return ModelFootprint(
-        unet_bytes=tensor_bytes([parts.unet]), unet_fp8_bytes=fp8_bytes(parts.unet),
+        unet_bytes=tensor_bytes([parts.unet]),
+        unet_fp8_bytes=tensor_bytes([parts.unet]) if backend.fp8_base_refusal else fp8_bytes(parts.unet),
         text_encoder_bytes=tensor_bytes(parts.text_encoders), vae_bytes=tensor_bytes([parts.vae]),
         text_encoder_width_layers=sum(layer.normalized_shape[0] for encoder in parts.text_encoders
                                       for layer in encoder.modules() if isinstance(layer, nn.LayerNorm)) // 2,
