@@ -46,6 +46,8 @@ def test_dora_cannot_read_fp8_weights_and_is_refused():
 def test_fp8_storage_trains_like_full_precision_and_leaves_the_unet_bit_identical(shapes_dataset, tmp_path,
                                                                                    tokenizer_folder):
     pytest.importorskip("diffusers")
+    from safetensors import safe_open
+
     from lora_trainer.models.diffusers_backend import DiffusersBackend
     from lora_trainer.tiny import tiny_sd_pipeline
     from lora_trainer.train.loop import train
@@ -72,7 +74,9 @@ def test_fp8_storage_trains_like_full_precision_and_leaves_the_unet_bit_identica
         config = config_from_dict(dict(train_data_dir=shapes_dataset, resolution=32, bucket_step=8, lora_rank=4,
                                        learning_rate=5e-3, batch_size=2, max_train_steps=20, log_every_n_steps=5,
                                        output_dir=tmp_path / str(fp8_base), logging_dir=None, fp8_base=fp8_base))
-        train(config, DiffusersBackend(pipeline, "cpu"), events)
+        saved = train(config, DiffusersBackend(pipeline, "cpu"), events).saved[-1]
+        with safe_open(str(saved), framework="pt") as lora_file:
+            assert lora_file.metadata()["ss_fp8_base"] == str(fp8_base)
         curves[fp8_base] = events.losses
         assert events.stored == ({FP8} if fp8_base else {torch.float32})
         assert _bits(pipeline.unet) == before

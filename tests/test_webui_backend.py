@@ -367,3 +367,20 @@ def test_fp8_storage_trains_the_loaded_model_and_leaves_it_bit_identical(family,
     result = train(_config(shapes_dataset, tmp_path / "out", fp8_base=True), WebUIBackend(model), Watch())
     assert stored == {FP8} and result.last_loss is not None
     assert _snapshot(model) == before
+
+
+@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr", "dora"])
+def test_the_memory_plan_counts_the_lora_parameters_without_moving_the_random_stream(network_type, models):
+    from lora_trainer.train.memory import lora_parameter_count
+
+    # SD2's OpenCLIP attention takes every type but dora, which SD1's CLIP takes.
+    backend = WebUIBackend(models["sd1" if network_type == "dora" else "sd2"])
+    network = config_from_dict({"network_type": network_type, "lora_rank": 4, "conv_rank": 2,
+                                "train_text_encoder": True}).network
+    torch.manual_seed(0)
+    counted = lora_parameter_count(backend, network)
+    drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), drawn)
+    built = LoraNetwork(find_lora_targets(backend.lora_roots(), network))
+    assert counted == sum(parameter.numel() for parameter in built.parameters())

@@ -14,7 +14,8 @@ traced: the meta device has no autocast).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -329,13 +330,24 @@ def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelF
 
 
 def lora_parameter_count(backend: DiffusionBackend, network: NetworkConfig) -> int:
-    """Parameters of the LoRA network `network` describes on `backend`'s model (built on the meta device)."""
+    """Parameters of the LoRA network `network` describes on `backend`'s model, built on meta-device stand-ins of
+    its layers: nothing is allocated on the model's device and no random stream moves."""
     if network.dim_from_weights:
-        return sum(parameter.numel() for parameter in
-                   network_from_file(backend.lora_roots(), network.init_lora_weights).parameters())
-    with torch.device("meta"):
-        lora = LoraNetwork(find_lora_targets(backend.lora_roots(), network))
-    return sum(parameter.numel() for parameter in lora.parameters())
+        with torch.random.fork_rng(devices=[]):
+            lora = network_from_file(backend.lora_roots(), network.init_lora_weights)
+        return sum(parameter.numel() for parameter in lora.parameters())
+    stand_ins: dict[int, nn.Module] = {}
+    targets = [replace(target, layer=stand_ins.setdefault(id(target.layer), _on_meta(target.layer)))
+               for target in find_lora_targets(backend.lora_roots(), network)]
+    return sum(parameter.numel() for parameter in LoraNetwork(targets).parameters())
+
+
+def _on_meta(layer: nn.Module) -> nn.Module:
+    """A copy of `layer` whose parameters and buffers are empty meta tensors of the same shapes."""
+    memo = {id(tensor): (nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=False)
+                         if isinstance(tensor, nn.Parameter) else torch.empty_like(tensor, device="meta"))
+            for tensor in [*layer.parameters(), *layer.buffers()]}
+    return copy.deepcopy(layer, memo)
 
 
 def tensor_bytes(modules: list[nn.Module], device: torch.device | None = None) -> int:
