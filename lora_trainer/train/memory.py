@@ -15,7 +15,7 @@ traced: the meta device has no autocast).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -99,12 +99,11 @@ class Suggestion:
 @dataclass(frozen=True)
 class MemoryPlan:
     """The estimate, the memory the device has for the run (None: not known, e.g. on the CPU) and, when the
-    estimate does not fit, the smallest change found that makes it fit (or the best one found)."""
+    estimate does not fit, the cheapest change found that makes it fit (or all the savers together)."""
 
     estimate: MemoryEstimate
     available: int | None
     suggestion: Suggestion | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
