@@ -244,7 +244,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         plan = RunPlan(total_steps, epochs, steps_per_epoch,
                        f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
-                       f"parameters; {total_steps} steps over {epochs} epoch(s)\n{memory.line()}")
+                       f"parameters; {total_steps} steps over {epochs} epoch(s)\n{memory.line()}", memory)
         events.on_start(plan)
         validate(step)
         if sampling.sample_at_first and prompts and step == 0:
