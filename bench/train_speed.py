@@ -7,9 +7,11 @@
 
 Both contenders get the same model weights (built from one seed, random: nothing is downloaded), the same
 captioned images, batch size, rank, alpha, learning rate, optimizer settings and precision. Each run is a
-fresh subprocess, so peak memory (CUDA max allocated on a GPU, peak RSS on the CPU) is that contender's
-own. Samples/s is the median of several timed windows after a warm-up; time to first step runs from
-handing the in-memory model to the trainer until its first optimizer step has finished, caches included.
+fresh subprocess, so peak memory (CUDA max allocated on a GPU, with the allocator's peak reserved, and peak RSS
+on the CPU) is that contender's own; on a GPU, our rows also give the memory plan's estimated peak and its
+error against the peak reserved. Samples/s is the median of several timed windows after a warm-up; time to
+first step runs from handing the in-memory model to the trainer until its first optimizer step has finished,
+caches included.
 Nothing here asserts a speed: CI may run the tiny workload once as a smoke check.
 """
 
@@ -305,8 +307,9 @@ class StepClock:
 
 # --- the contenders (each runs in its own child process) --------------------------------------------------
 
-def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int], float | None]:
-    """The library's trainer with the defaults a user gets. Returns samples per step and the last loss."""
+def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int], float | None, float]:
+    """The library's trainer with the defaults a user gets. Returns samples per step, the last loss and the
+    memory plan's estimated peak (GiB)."""
     from lora_trainer.config import config_from_dict
     from lora_trainer.data.dataset import TrainingData
     from lora_trainer.data.scan import scan_dataset
@@ -319,6 +322,7 @@ def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int],
 
         def on_start(self, plan: RunPlan) -> None:
             clock.phase("training")
+            estimates.append(plan.memory.estimate.total / 2**30)
 
         def on_step(self, report: StepReport) -> None:
             clock.tick(report.step)
@@ -336,6 +340,7 @@ def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int],
         cache_latents=True, cache_text_encoder_outputs=not settings.train_text_encoder,
         output_dir=Path(settings.output_dir), output_name="bench", logging_dir=None, seed=settings.seed,
         device=settings.device))
+    estimates: list[float] = []
     clock.start()
     backend = _backend(settings, model)
     result = train(config, backend, TimedEvents())
@@ -343,7 +348,7 @@ def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int],
     data = TrainingData(scan_dataset(config.dataset.train_data_dir), config, backend.latent_scale)
     epochs = -(-settings.total_steps // data.batches_per_epoch())
     batch_sizes = [len(batch) for epoch in range(epochs) for batch in data.epoch_plan(epoch)]
-    return batch_sizes, result.last_loss
+    return batch_sizes, result.last_loss, estimates[0]
 
 
 def _backend(settings: RunSettings, model):
@@ -357,8 +362,8 @@ def _backend(settings: RunSettings, model):
     return DiffusersBackend(model, settings.device, weight_dtype, model_name=settings.workload)
 
 
-def run_reference(settings: RunSettings, pipeline, clock: StepClock) -> tuple[list[int], float | None]:
-    """The documented diffusers + peft loop (bench/reference_loop.py)."""
+def run_reference(settings: RunSettings, pipeline, clock: StepClock) -> tuple[list[int], float | None, None]:
+    """The documented diffusers + peft loop (bench/reference_loop.py); it has no memory estimate."""
     from bench.reference_loop import ReferenceSettings, train_reference
 
     batch_sizes: list[int] = []
@@ -374,7 +379,7 @@ def run_reference(settings: RunSettings, pipeline, clock: StepClock) -> tuple[li
         max_steps=settings.total_steps, seed=settings.seed)
     clock.start()
     loss = train_reference(pipeline, reference, torch.device(settings.device), on_step)
-    return batch_sizes, loss
+    return batch_sizes, loss, None
 
 
 def child_main(settings_path: Path, result_path: Path) -> None:
@@ -390,7 +395,7 @@ def child_main(settings_path: Path, result_path: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     clock = StepClock(settings)
     contender = run_reference if settings.contender == "reference" else run_ours
-    batch_sizes, last_loss = contender(settings, model, clock)
+    batch_sizes, last_loss, estimated_peak = contender(settings, model, clock)
     rates = clock.window_rates(batch_sizes)
     result = {
         "settings": asdict(settings),
@@ -401,6 +406,8 @@ def child_main(settings_path: Path, result_path: Path) -> None:
         "startup_phases": clock.phases,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+        "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_cuda else None,
+        "estimated_peak_gib": estimated_peak,
         "last_loss": last_loss,
     }
     result_path.write_text(json.dumps(result, indent=1))
@@ -463,13 +470,17 @@ def summarise(results: list[dict]) -> list[dict]:
     for result in results:
         settings = RunSettings(**result["settings"])
         row = rows.setdefault((*_setting_key(settings), settings.contender), {
-            "settings": settings, "windows": [], "cpu_windows": [], "first_step": [], "rss_mib": [], "cuda_gib": []})
+            "settings": settings, "windows": [], "cpu_windows": [], "first_step": [], "rss_mib": [], "cuda_gib": [],
+            "reserved_gib": [], "estimate_gib": []})
         row["windows"] += result["window_samples_per_second"]
         row["cpu_windows"] += result["window_samples_per_cpu_second"]
         row["first_step"].append(result["seconds_to_first_step"])
         row["rss_mib"].append(result["peak_rss_mib"])
         if result["peak_cuda_allocated_gib"] is not None:
             row["cuda_gib"].append(result["peak_cuda_allocated_gib"])
+            row["reserved_gib"].append(result["peak_cuda_reserved_gib"])
+        if result.get("estimated_peak_gib") is not None:
+            row["estimate_gib"].append(result["estimated_peak_gib"])
     for row in rows.values():
         row["samples_per_second"] = statistics.median(row["windows"])
         row["samples_per_cpu_second"] = statistics.median(row["cpu_windows"])
@@ -488,8 +499,11 @@ def markdown_table(rows: list[dict], peak_tflops: float | None) -> str:
              f"| peak memory | first step (s) | {last} |", "|" + "---|" * (12 + on_cpu)]
     for row in rows:
         settings = row["settings"]
-        memory = (f"{max(row['cuda_gib']):.2f} GiB (CUDA)" if row["cuda_gib"]
-                  else f"{max(row['rss_mib']):.0f} MiB (RSS)")
+        memory = (f"{max(row['cuda_gib']):.2f} GiB (CUDA; reserved {max(row['reserved_gib']):.2f})"
+                  if row["cuda_gib"] else f"{max(row['rss_mib']):.0f} MiB (RSS)")
+        if row["cuda_gib"] and row["estimate_gib"]:
+            estimate = row["estimate_gib"][0]
+            memory += f"; estimate {estimate:.2f}, {estimate / max(row['reserved_gib']) - 1:+.0%} of reserved"
         utilisation = mfu(settings, row["samples_per_second"], peak_tflops)
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
         if on_cpu:

@@ -193,6 +193,9 @@ class ModelConfig:
     """Condition on the text encoder's output this many layers from the end, as kohya and the WebUI count
     (2: the penultimate layer, then the final layer norm). SD1/SD2 only; in the WebUI, its Clip skip
     setting decides."""
+    fp8_base: bool = False
+    """Store the frozen UNet weights in fp8 (e4m3) and upcast each layer's weight as it runs: the UNet takes half
+    the memory of fp16 (kohya's fp8_base). The model is restored exactly afterwards; not with dora."""
 
     def __post_init__(self) -> None:
         _check_group(self)
@@ -519,6 +522,9 @@ class TrainConfig:
         if network.network_type == "dora" and self.optimizer.scale_weight_norms:
             raise UserError("scale_weight_norms scales the LoRA's up/down matrices, which under dora does not scale "
                             "its weight change: use it with lora or locon")
+        if self.model.fp8_base and network.network_type == "dora":
+            raise UserError("dora reads the UNet's own weights, which fp8_base stores in fp8: use another "
+                            "network_type, or turn fp8_base off")
         if network.dim_from_weights and network.init_lora_weights is None:
             raise UserError("dim_from_weights takes the network's shape from init_lora_weights: set that to a "
                             "LoRA file")

@@ -27,6 +27,7 @@ def test_train_from_a_yaml_config_with_a_command_line_override(shapes_dataset, t
     assert (tmp_path / "out" / "cli.safetensors").is_file()
     out = capsys.readouterr().out
     assert "done: 2 steps in 0m" in out
+    assert "Memory: ~" in out and "estimated peak" in out  # the plan line
     assert f"LoRA files: {tmp_path / 'out' / 'cli.safetensors'}" in out
     assert "in a prompt: <lora:cli:0.8>" in out
 

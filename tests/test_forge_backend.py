@@ -222,3 +222,13 @@ def test_the_vae_fingerprint_follows_forges_vae_and_its_latent_scaling(engines):
         assert backend.vae_fingerprint() != fingerprint
     finally:
         vae.scaling_factor = scaling
+
+
+def test_fp8_base_is_refused_and_the_memory_plan_reads_forges_unet(engines, shapes_dataset, tmp_path):
+    from lora_trainer.models.layout import layout_of_original_unet
+
+    backend = ForgeBackend(engines["sdxl"])
+    unet = backend.unet
+    assert layout_of_original_unet(unet).level_channels == tuple(unet.model_channels * m for m in unet.channel_mult)
+    with pytest.raises(UserError, match="fp8_base"):
+        train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1, fp8_base=True), backend)

@@ -17,7 +17,8 @@ from conftest import write_shapes_dataset
 from PIL import Image
 
 from lora_trainer.config import TrainConfig, config_from_dict
-from lora_trainer.models.base import DiffusionBackend, LoraRoot, TextConditioning
+from lora_trainer.models.base import DiffusionBackend, LoraRoot, ModelParts, TextConditioning
+from lora_trainer.models.layout import UNetLayout
 from lora_trainer.train.loop import train
 
 LONG_CAPTION = "zz, " + ", ".join(["a very detailed red square shape"] * 16)
@@ -41,6 +42,12 @@ class ChunkingBackend(DiffusionBackend):
 
     def lora_roots(self) -> list[LoraRoot]:
         return self.inner.lora_roots()
+
+    def model_parts(self) -> ModelParts:
+        return self.inner.model_parts()
+
+    def unet_layout(self) -> UNetLayout:
+        return self.inner.unet_layout()
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.inner.encode_images(pixels)

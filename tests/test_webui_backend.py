@@ -152,7 +152,11 @@ def test_a_lora_merged_by_the_webui_is_undone_before_training(family, models, sh
 
     at_start = StateAtStart()
     train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1), WebUIBackend(model), at_start)
-    assert at_start.hashes == clean
+    # The cached VAE and text encoder are parked (empty) while training; everything else is the clean weights.
+    parked = hashlib.sha256(b"").hexdigest()
+    in_use = {name: digest for name, digest in at_start.hashes.items() if digest != parked}
+    assert in_use == {name: clean[name] for name in in_use}
+    assert all(name in in_use for name in clean if name.startswith("model.diffusion_model."))
     assert _state_hashes(model) == clean
     assert all(layer.network_current_names == () for layer in layers)
     # The extension kept its backups, so its next generation with the same LoRA merges it exactly as before.
@@ -334,3 +338,59 @@ def test_the_hosts_clip_skip_is_recorded_in_the_file(models, shapes_dataset, tmp
 
     assert clip_skip_of(WebUIBackend(models["sd1"], clip_skip=2), "skip2") == "2"
     assert clip_skip_of(WebUIBackend(models["sd1"]), "unset") == "None"
+
+
+def test_parking_the_cached_vae_and_text_encoder_leaves_every_tensor_as_it_was(models, shapes_dataset, tmp_path):
+    model = models["sdxl"]
+    before = _snapshot(model)
+    devices = [(name, tensor.device, tensor.dtype) for name, tensor in model.state_dict(keep_vars=True).items()]
+    train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1), WebUIBackend(model))
+    assert _snapshot(model) == before
+    assert [(name, tensor.device, tensor.dtype) for name, tensor in model.state_dict(keep_vars=True).items()] == devices
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_unet_layout_is_read_from_the_original_module_tree(family, models):
+    from lora_trainer.models.layout import UNetLayout
+
+    unet = models[family].model.diffusion_model
+    channels = tuple(unet.model_channels * multiplier for multiplier in unet.channel_mult)
+    context = 64 if family == "sdxl" else 32
+    # The tiny SD1/SD2 UNets attend at the finest level, the tiny SDXL one at the second (as SDXL's first has none).
+    attending = (0, 1) if family == "sdxl" else (1, 0)
+    assert WebUIBackend(models[family]).unet_layout() == UNetLayout(channels, 2, attending, 1, context, family != "sd1")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_fp8_storage_trains_the_loaded_model_and_leaves_it_bit_identical(family, models, shapes_dataset, tmp_path):
+    from lora_trainer.models.fp8 import FP8
+
+    model = models[family]
+    before = _snapshot(model)
+    stored = set()
+
+    class Watch(TrainingEvents):
+        def on_start(self, plan):
+            stored.update(layer.weight.dtype for layer in model.model.diffusion_model.modules()
+                          if isinstance(layer, (nn.Linear, nn.Conv2d)))
+
+    result = train(_config(shapes_dataset, tmp_path / "out", fp8_base=True), WebUIBackend(model), Watch())
+    assert stored == {FP8} and result.last_loss is not None
+    assert _snapshot(model) == before
+
+
+@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr", "dora"])
+def test_the_memory_plan_counts_the_lora_parameters_without_moving_the_random_stream(network_type, models):
+    from lora_trainer.train.memory import lora_parameter_count
+
+    # SD2's OpenCLIP attention takes every type but dora, which SD1's CLIP takes.
+    backend = WebUIBackend(models["sd1" if network_type == "dora" else "sd2"])
+    network = config_from_dict({"network_type": network_type, "lora_rank": 4, "conv_rank": 2,
+                                "train_text_encoder": True}).network
+    torch.manual_seed(0)
+    counted = lora_parameter_count(backend, network)
+    drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), drawn)
+    built = LoraNetwork(find_lora_targets(backend.lora_roots(), network))
+    assert counted == sum(parameter.numel() for parameter in built.parameters())

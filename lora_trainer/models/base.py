@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 
 from lora_trainer.errors import UserError
+from lora_trainer.models.fp8 import fp8_weights
+from lora_trainer.models.layout import UNetLayout
 
 ModelFamily = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -83,6 +85,15 @@ class LoraRoot:
     on run for nothing); None: all of them."""
 
 
+@dataclass
+class ModelParts:
+    """The model's networks: what the memory plan counts and what may leave the device after caching."""
+
+    unet: nn.Module
+    text_encoders: list[nn.Module]
+    vae: nn.Module
+
+
 class DiffusionBackend(ABC):
     """One loaded Stable Diffusion model, seen the way the trainer needs it."""
 
@@ -93,6 +104,11 @@ class DiffusionBackend(ABC):
     model_name: str
     latent_scale: int
     """Pixels per latent cell along each side, including the UNet's own downsampling need."""
+    parks_idle_parts: bool = True
+    """Whether the run may park the VAE and frozen text encoders in CPU memory after caching (not where the host's
+    own memory manager decides where its models live)."""
+    fp8_base_refusal: str | None = None
+    """Why `fp8_base` cannot hold this backend's UNet in fp8, as the error says it (None: it can)."""
     clip_skip: int | None = None
     """The CLIP layers the text conditioning skips, counted as kohya's `clip_skip` (2: the penultimate layer),
     when the host sets it; None when it is the model's own choice."""
@@ -105,6 +121,21 @@ class DiffusionBackend(ABC):
     @abstractmethod
     def lora_roots(self) -> list[LoraRoot]:
         """The UNet and text encoder(s) as LoRA attachment points."""
+
+    @abstractmethod
+    def model_parts(self) -> ModelParts:
+        """The UNet, the text encoder(s) and the VAE."""
+
+    @abstractmethod
+    def unet_layout(self) -> UNetLayout:
+        """The UNet's levels, residual blocks and transformer depths (for the memory plan)."""
+
+    def fp8_storage(self) -> AbstractContextManager[None]:
+        """The UNet's linear and convolution weights held in fp8 for the block (`fp8_base`), restored exactly
+        afterwards."""
+        if self.fp8_base_refusal:
+            raise UserError(self.fp8_base_refusal)
+        return fp8_weights(self.model_parts().unet)
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

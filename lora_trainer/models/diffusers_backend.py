@@ -17,10 +17,12 @@ from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_diffusers_t
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
+    ModelParts,
     TextConditioning,
     frozen_parameters,
     module_fingerprint,
 )
+from lora_trainer.models.layout import UNetLayout, layout_of_diffusers_unet
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -145,6 +147,12 @@ class DiffusersBackend(DiffusionBackend):
         if self.family == "sdxl":
             return layers - 1 if index == 0 else None  # the second's last layer makes the pooled output
         return layers - self.clip_skip + 1 if self.clip_skip and self.clip_skip > 1 else None
+
+    def model_parts(self) -> ModelParts:
+        return ModelParts(self.unet, list(self.text_encoders), self.pipeline.vae)
+
+    def unet_layout(self) -> UNetLayout:
+        return layout_of_diffusers_unet(self.unet.config)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

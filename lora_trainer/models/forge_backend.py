@@ -31,10 +31,12 @@ from lora_trainer.lora.naming import hf_clip_path
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
+    ModelParts,
     TextConditioning,
     frozen_parameters,
     module_fingerprint,
 )
+from lora_trainer.models.layout import UNetLayout, layout_of_original_unet
 from lora_trainer.models.webui_backend import (
     CHECKPOINTED_BLOCKS,
     SIZE_EMBEDDING_DIM,
@@ -58,6 +60,10 @@ class ForgeBackend(DiffusionBackend):
     `generate_image` renders sample images through Forge's own pipeline; `clip_skip` is the WebUI's Clip skip
     setting, which Forge applies to every CLIP encoder (SDXL's at least at 2).
     """
+
+    parks_idle_parts = False
+    fp8_base_refusal = ("fp8_base does not work in Forge, whose UNet is built from its own operations: turn it off "
+                        "(Forge's Diffusion in Low Bits stores weights in fp8 for generating, not for training)")
 
     def __init__(self, engine, generate_image: GenerateImage | None = None, model_name: str = "",
                  clip_skip: int | None = None):
@@ -106,6 +112,12 @@ class ForgeBackend(DiffusionBackend):
             return None
         skip = max(self._clip_skip_setting or text_engine.clip_skip, text_engine.minimal_clip_skip)
         return transformer.config.num_hidden_layers - skip + 1 if skip > 1 else None
+
+    def model_parts(self) -> ModelParts:
+        return ModelParts(self.unet, [self._patchers.clip.cond_stage_model], self._patchers.vae.first_stage_model)
+
+    def unet_layout(self) -> UNetLayout:
+        return layout_of_original_unet(self.unet)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         latents = self.engine.encode_first_stage(pixels.to(self.device))

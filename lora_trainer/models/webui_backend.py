@@ -26,10 +26,12 @@ from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path, unet_compvis_to_
 from lora_trainer.models.base import (
     DiffusionBackend,
     LoraRoot,
+    ModelParts,
     TextConditioning,
     frozen_parameters,
     module_fingerprint,
 )
+from lora_trainer.models.layout import UNetLayout, layout_of_original_unet
 
 GenerateImage = Callable[[str, str, int, int, int, int, float], Image.Image]
 """(prompt, negative_prompt, seed, steps, width, height, guidance_scale) -> image, rendered by the host."""
@@ -123,6 +125,13 @@ class WebUIBackend(DiffusionBackend):
                                   kohya_path=open_clip_hf_path, peft_path=open_clip_hf_path,
                                   text_layers_used=_open_clip_layers_used(embedder)))
         return roots
+
+    def model_parts(self) -> ModelParts:
+        conditioning = self.model.conditioner if self.family == "sdxl" else self.model.cond_stage_model
+        return ModelParts(self.unet, [conditioning], self.model.first_stage_model)
+
+    def unet_layout(self) -> UNetLayout:
+        return layout_of_original_unet(self.unet)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

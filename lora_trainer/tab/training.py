@@ -27,6 +27,7 @@ from lora_trainer.tab.form import (
 from lora_trainer.tab.notices import notice
 from lora_trainer.tab.presets import load_preset, preset_names, save_preset
 from lora_trainer.tab.queue import submit_job
+from lora_trainer.train.memory import plan_run_memory
 
 MAIN_ROWS = (("network_type",), ("resolution", "lora_rank", "lora_alpha"), ("unet_lr", "epochs", "batch_size"),
              ("max_train_steps", "save_every_n_epochs", "keep_last_n_saves"), ("sample_prompts",),
@@ -39,6 +40,17 @@ def model_note(family: ModelFamily | None) -> str:
         return notice("No model is loaded: load a checkpoint in the WebUI before training.", error=True)
     return notice(f"Loaded model: {FAMILY_LABEL[family]}. Defaults: {FAMILY_RESOLUTION[family]} px, rank 16, "
                   "alpha 8, UNet learning rate 1e-4, 10 epochs.")
+
+
+def memory_estimate_note(host: Host, config: TrainConfig) -> str:
+    """The memory plan of training `config` on the loaded model, as the panel's notice: the estimated peak, what
+    the GPU has free and, when it does not fit, the setting that brings it under."""
+    try:
+        with host.busy("LoRA trainer: memory estimate"):
+            plan = plan_run_memory(config, host.loaded_model_backend())
+    except UserError as error:
+        return notice(str(error), error=True)
+    return notice(plan.line(), error=not plan.fits)
 
 
 def advanced_groups() -> dict[str, list[str]]:
@@ -69,6 +81,7 @@ class TrainingPanel:
     stop_button: Any
     defaults_button: Any
     notice: Any
+    estimate_button: Any
 
     @property
     def runner(self) -> JobRunner:
@@ -116,11 +129,12 @@ class TrainingPanel:
             start_button = gr.Button("Start", variant="primary", elem_id="lora_trainer_start")
             save_now_button = gr.Button("Save now", interactive=False, elem_id="lora_trainer_save_now")
             stop_button = gr.Button("Stop", variant="stop", interactive=False, elem_id="lora_trainer_stop")
+            estimate_button = gr.Button("Estimate VRAM", elem_id="lora_trainer_estimate_memory")
         defaults_button = gr.Button("Defaults for the loaded model", size="sm", elem_id="lora_trainer_defaults")
         panel_notice = gr.HTML(elem_id="lora_trainer_notice")
         return cls(queue, host, presets_dir, fields, trigger_word, preset_choice, load_preset_button, preset_name,
                    overwrite_preset, save_preset_button, start_button, save_now_button, stop_button, defaults_button,
-                   panel_notice)
+                   panel_notice, estimate_button)
 
     @property
     def form(self) -> list:
@@ -169,6 +183,13 @@ class TrainingPanel:
                 return {self.notice: notice(str(error), error=True)}
             return {self.notice: submitted.pop("notice"), **submitted}
 
+        def estimate(*values) -> dict:
+            try:
+                config = self.config(values)
+            except UserError as error:
+                return {self.notice: notice(str(error), error=True)}
+            return {self.notice: memory_estimate_note(self.host, config)}
+
         def save_now() -> dict:
             self.runner.save_now()
             return {self.notice: notice("Saving at the next step.")}
@@ -202,6 +223,7 @@ class TrainingPanel:
 
         self.start_button.click(start, [progress.seen, self.trigger_word, *self.form],
                                 [self.notice, *progress.started_outputs])
+        self.estimate_button.click(estimate, self.form, [self.notice])
         self.save_now_button.click(save_now, None, [self.notice])
         self.stop_button.click(stop, None, [self.notice])
         self.save_preset_button.click(save_current_preset, [self.preset_name, self.overwrite_preset, *self.form],

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from lora_trainer.train.memory import MemoryPlan
 
 
 @dataclass
@@ -16,6 +20,8 @@ class RunPlan:
     epochs: int
     steps_per_epoch: int
     summary: str
+    memory: MemoryPlan | None = None
+    """The run's memory plan (its line is in `summary` too)."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from lora_trainer.lora.metadata import file_metadata, run_metadata
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, network_from_file, never_run_keys
 from lora_trainer.models.base import DiffusionBackend, TextConditioning
+from lora_trainer.models.parking import ParkedModules
 from lora_trainer.train.distributed import (
     agree,
     gather_objects,
@@ -37,6 +38,7 @@ from lora_trainer.train.distributed import (
 from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
 from lora_trainer.train.max_norm import scale_weight_norms
+from lora_trainer.train.memory import plan_run_memory
 from lora_trainer.train.noise import (
     add_multires_noise,
     debiased_estimation_weights,
@@ -54,6 +56,7 @@ from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.samples import SAMPLES_FOLDER, render_samples, sample_prompts, save_samples
+from lora_trainer.train.spill import SpillWatch, memory_share_reader
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 from lora_trainer.train.validation import DEFAULT_MEASUREMENTS, ValidationSet
@@ -126,6 +129,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
 
+    memory = plan_run_memory(config, backend)
+    if not memory.fits:
+        events.on_message(memory.line())
+
     # --- LoRA on the model ---
     if config.network.dim_from_weights:
         network = network_from_file(backend.lora_roots(), config.network.init_lora_weights,
@@ -164,7 +171,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             return
         events.on_busy("measuring the validation loss")
         network.eval()
-        loss = validation.loss(backend, accelerator.autocast)
+        with parked.lent():
+            loss = validation.loss(backend, accelerator.autocast)
         network.train()
         result.validation_losses.append((step, loss))
         events.on_validation(step, loss)
@@ -200,7 +208,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         with evaluation_weights(optimizer):
             saved = save_or_rescue(write, path.parent, what, result.saved[-1] if result.saved else None)
         result.saved.append(saved)
-        events.on_saved(saved, step, epoch + 1)
+        with parked.lent():  # the host may render a preview with the new file
+            events.on_saved(saved, step, epoch + 1)
         if saving.keep_last_n_saves:
             for removed in prune_saves(result.saved, saving.keep_last_n_saves, final_path):
                 result.saved.remove(removed)
@@ -209,7 +218,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     def sample(step: int) -> None:
         events.on_busy("rendering samples")
         network.eval()
-        with evaluation_weights(optimizer):
+        with evaluation_weights(optimizer), parked.lent():
             images = render_samples(backend, prompts)
         network.train()
         result.samples += save_samples(Path(saving.output_dir) / SAMPLES_FOLDER, saving.output_name, step, prompts,
@@ -218,8 +227,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         events.on_sample(step, images, [sample.prompt for sample in prompts])
 
     step, start_epoch, skip_batches = 0, 0, 0
-    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0):
+    with backend.training_mode(training.gradient_checkpointing), network.applied(1.0), ExitStack() as run_stack:
         network.train()
+        if config.model.fp8_base:
+            run_stack.enter_context(backend.fp8_storage())
         # --- caches: VAE latents and text-encoder outputs, computed once (per process: its rows change with
         # every epoch; with the disk cache, each process encodes a share and all read the whole from disk) ---
         if data.uses_latent_cache:
@@ -250,6 +261,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                 events.on_message(f"Text-encoder outputs: {len(text_cache) - 1 - encoded} read from the disk cache, "
                                   f"{encoded} encoded.")
 
+        parked = run_stack.enter_context(_idle_parts_parked(backend, data.uses_latent_cache, bool(text_cache)))
+
         if saving.resume is not None:
             resume_point, weights = load_state(saving.resume, optimizer, scheduler, noise_generator, data_rng)
             if resume_point.global_batch_size not in (None, data.global_batch_size):
@@ -272,7 +285,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         plan = RunPlan(total_steps, epochs, steps_per_epoch,
                        f"{scan.summary(skipped_list)}{held_out_line}{reg_line}\n{data.summary()}\n"
                        f"{len(network.lora_modules)} LoRA layers, {sum(p.numel() for p in trainable):,} "
-                       f"parameters; {total_steps} steps over {epochs} epoch(s){processes_line}")
+                       f"parameters; {total_steps} steps over {epochs} epoch(s){processes_line}\n{memory.line()}",
+                       memory)
         events.on_start(plan)
         validate(step)
         if sampling.sample_at_first and prompts and step == 0:
@@ -333,6 +347,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         losses_in_sum = 0
         window_start, window_step = time.perf_counter(), step
         seconds_per_step = 0.0
+        spill_watch = SpillWatch(memory_share_reader(backend.device))
         stopping = False
         resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
         in_step = False
@@ -382,6 +397,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                         now = time.perf_counter()
                         seconds_per_step = (now - window_start) / max(1, step - window_step)
                         window_start, window_step = now, step
+                        if spilling := spill_watch.observe(seconds_per_step):
+                            events.on_message(spilling)
                     steps_per_second = 1 / seconds_per_step if seconds_per_step else 0.0
                     report = StepReport(
                         step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
@@ -500,4 +517,12 @@ def _shard_line(epoch: int, examples_of_processes: list[list[int]], data: Traini
     """One JSON line of the shards log: the images each process trained in `epoch`."""
     return json.dumps({"epoch": epoch + 1, "processes": [[str(data.examples[index].record.path) for index in examples]
                                                          for examples in examples_of_processes]}) + "\n"
+
+
+def _idle_parts_parked(backend: DiffusionBackend, latents_cached: bool, captions_cached: bool) -> ParkedModules:
+    """The VAE (once the latents are cached) and the text encoders (once the captions are) parked in CPU memory
+    for the run, where the backend allows it."""
+    parts = backend.model_parts()
+    idle = ([parts.vae] if latents_cached else []) + (parts.text_encoders if captions_cached else [])
+    return ParkedModules(idle if backend.parks_idle_parts else [], backend.device)
 
