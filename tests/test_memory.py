@@ -40,17 +40,19 @@ TRACE_ERROR = 0.08
 """The activation count's stated error against the meta-device trace (measured: -2% to +5%)."""
 
 
-def _unet_lora(unet, conv_rank: int = 0) -> LoraNetwork:
+def _unet_lora(unet, conv_rank: int = 0, target_modules: tuple[str, ...] = ("kohya",)) -> LoraNetwork:
     root = LoraRoot("lora_unet", "unet", unet, is_text_encoder=False, kohya_path=str, peft_path=str)
+    network = NetworkConfig(lora_rank=16, conv_rank=conv_rank, target_modules=list(target_modules))
     with torch.device("meta"):
-        return LoraNetwork(find_lora_targets([root], NetworkConfig(lora_rank=16, conv_rank=conv_rank)))
+        return LoraNetwork(find_lora_targets([root], network))
 
 
-def _traced_activation_elements(family: str, checkpointing: bool, conv_rank: int = 0) -> int:
+def _traced_activation_elements(family: str, checkpointing: bool, conv_rank: int = 0,
+                                target_modules: tuple[str, ...] = ("kohya",)) -> int:
     """Elements autograd saves in one sample's forward pass through the full-size UNet with LoRA (fp32, so four
     bytes each)."""
     unet = meta_unet(family).requires_grad_(False)
-    lora = _unet_lora(unet, conv_rank)
+    lora = _unet_lora(unet, conv_rank, target_modules)
     if checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode
@@ -99,6 +101,16 @@ def test_the_activation_count_is_within_its_stated_error_of_a_meta_device_trace(
     print(f"{family} checkpointing={checkpointing}: traced {traced / 1e6:.1f}M, counted {counted / 1e6:.1f}M "
           f"({counted / traced - 1:+.1%})")
     assert abs(counted / traced - 1) <= TRACE_ERROR
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_count_follows_the_adapted_layers_attention_only_keeps_less(family):
+    traced = _traced_activation_elements(family, False, target_modules=("attention",))
+    side = LATENT_SIDE[family]
+    counted = activation_elements(layout_of_diffusers_unet(meta_unet(family).config), side, side, False,
+                                  feed_forward_lora=False, projection_lora=False).kept
+    assert abs(counted / traced - 1) <= TRACE_ERROR
+    assert traced < _traced_activation_elements(family, False)
 
 
 def test_the_meta_device_trace_is_stable():

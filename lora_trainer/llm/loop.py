@@ -42,12 +42,12 @@ from lora_trainer.models.base import resolve_device
 from lora_trainer.train.distributed import (
     agree,
     make_accelerator,
-    mean_over_processes,
     process_device,
     process_share,
 )
-from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
+from lora_trainer.train.events import RunPlan, TrainingEvents
 from lora_trainer.train.loop import TrainingResult
+from lora_trainer.train.meter import StepMeter
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 from lora_trainer.train.preflight import check_writable_folder
 from lora_trainer.train.rescue import save_or_rescue
@@ -182,10 +182,9 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     events.on_start(RunPlan(total_steps, epochs, steps_per_epoch, "\n".join(plan_lines)))
 
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    losses_in_sum = 0
-    window_start, window_step = time.perf_counter(), step
-    seconds_per_step = 0.0
+    meter = StepMeter(device, step, total_steps, config.logging.log_every_n_steps,
+                      global_batch_size * training.gradient_accumulation_steps, started_at,
+                      "Lower the learning rate, or train in bf16/fp32 instead of fp16.")
     stopping = False
     resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
     in_step = False
@@ -210,8 +209,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                 with nullcontext() if steps_now else accelerator.no_sync(forward):
                     loss = forward(**{name: tensor.to(device) for name, tensor in batch.items()}).loss * loss_weight
                     (loss / training.gradient_accumulation_steps).backward()
-                loss_sum += loss.detach()
-                losses_in_sum += 1
+                meter.add(loss)
                 if not steps_now:
                     continue
                 if config.optimizer.max_grad_norm is not None:
@@ -222,27 +220,12 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                 step += 1
                 in_step, resume_at = False, (epoch, batch_index + 1)
 
-                # --- report (reading the loss back only every few steps keeps the device busy) ---
-                report_loss = None
-                if step % config.logging.log_every_n_steps == 0 or step == total_steps:
-                    report_loss = mean_over_processes(accelerator, loss_sum / losses_in_sum).item()
-                    if not math.isfinite(report_loss):
-                        raise UserError(f"the loss became {report_loss} by step {step}; nothing more was saved. "
-                                        "Lower the learning rate, or train in bf16/fp32 instead of fp16.")
-                    result.last_loss = report_loss
-                    loss_sum.zero_()
-                    losses_in_sum = 0
-                    now = time.perf_counter()
-                    seconds_per_step = (now - window_start) / max(1, step - window_step)
-                    window_start, window_step = now, step
-                steps_per_second = 1 / seconds_per_step if seconds_per_step else 0.0
-                report = StepReport(
-                    step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
-                    learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
-                    samples_per_second=steps_per_second * global_batch_size * training.gradient_accumulation_steps,
-                    seconds_elapsed=time.time() - started_at, seconds_left=seconds_per_step * (total_steps - step))
+                # --- report ---
+                report = meter.report(accelerator, step, epoch + 1, scheduler.get_last_lr()[0])
+                if report.loss is not None:
+                    result.last_loss = report.loss
                 events.on_step(report)
-                if report_loss is not None:
+                if report.loss is not None:
                     run_log.log_step(report)
 
                 # --- saves, evals, samples, stop (their time is left out of the speed) ---
@@ -250,18 +233,17 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                                                            events.interrupt_requested())
                 if step >= total_steps or stopping:
                     break
-                paused_at = time.perf_counter()
-                if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or save_asked:
-                    save(final_folder.with_name(f"{saving.output_name}-s{step:06d}"), step, epoch, batch_index + 1)
-                if end_of_epoch:
-                    evaluate(step)
-                    if saving.save_every_n_epochs and (epoch + 1) % saving.save_every_n_epochs == 0:
-                        save(final_folder.with_name(f"{saving.output_name}-e{epoch + 1:04d}"), step, epoch,
-                             batch_index + 1)
-                if config.sampling.sample_every_n_steps and config.sampling.sample_prompts and \
-                        step % config.sampling.sample_every_n_steps == 0:
-                    sample(step)
-                window_start += time.perf_counter() - paused_at
+                with meter.paused():
+                    if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or save_asked:
+                        save(final_folder.with_name(f"{saving.output_name}-s{step:06d}"), step, epoch, batch_index + 1)
+                    if end_of_epoch:
+                        evaluate(step)
+                        if saving.save_every_n_epochs and (epoch + 1) % saving.save_every_n_epochs == 0:
+                            save(final_folder.with_name(f"{saving.output_name}-e{epoch + 1:04d}"), step, epoch,
+                                 batch_index + 1)
+                    if config.sampling.sample_every_n_steps and config.sampling.sample_prompts and \
+                            step % config.sampling.sample_every_n_steps == 0:
+                        sample(step)
                 if interrupting:
                     raise KeyboardInterrupt
             if step >= total_steps or stopping:

@@ -32,13 +32,13 @@ from lora_trainer.train.distributed import (
     agree,
     gather_objects,
     make_accelerator,
-    mean_over_processes,
     process_share,
 )
-from lora_trainer.train.events import RunPlan, StepReport, TrainingEvents
+from lora_trainer.train.events import RunPlan, TrainingEvents
 from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
 from lora_trainer.train.max_norm import scale_weight_norms
 from lora_trainer.train.memory import plan_run_memory
+from lora_trainer.train.meter import StepMeter
 from lora_trainer.train.noise import (
     add_multires_noise,
     debiased_estimation_weights,
@@ -343,10 +343,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         if share.count > 1:
             batch_loss = accelerator.prepare(batch_loss)
         shard_lines: list[str] = []
-        loss_sum = torch.zeros((), device=backend.device)
-        losses_in_sum = 0
-        window_start, window_step = time.perf_counter(), step
-        seconds_per_step = 0.0
+        meter = StepMeter(backend.device, step, total_steps, config.logging.log_every_n_steps,
+                          data.global_batch_size * training.gradient_accumulation_steps, started_at, nan_advice)
         spill_watch = SpillWatch(memory_share_reader(backend.device))
         stopping = False
         resume_at = (start_epoch, skip_batches)  # (epoch, next batch) after the last finished step
@@ -369,8 +367,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     with nullcontext() if steps_now else accelerator.no_sync(batch_loss):
                         loss = batch_loss(batch, len(indices), rows) * loss_weight
                         accelerator.backward(loss / training.gradient_accumulation_steps)
-                    loss_sum += loss.detach()
-                    losses_in_sum += 1
+                    meter.add(loss)
                     if not steps_now:
                         continue
                     # With clipping off, an infinite bound still measures the norm for the log.
@@ -384,31 +381,14 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                     step += 1
                     in_step, resume_at = False, (epoch, batch_index + 1)
 
-                    # --- report (reading the loss back only every few steps keeps the device busy) ---
-                    report_loss = None
-                    if step % config.logging.log_every_n_steps == 0 or step == total_steps:
-                        report_loss = mean_over_processes(accelerator, loss_sum / losses_in_sum).item()
-                        if not math.isfinite(report_loss):
-                            raise UserError(f"the loss became {report_loss} by step {step}; nothing more was "
-                                            f"saved. {nan_advice}")
-                        result.last_loss = report_loss
-                        loss_sum.zero_()
-                        losses_in_sum = 0
-                        now = time.perf_counter()
-                        seconds_per_step = (now - window_start) / max(1, step - window_step)
-                        window_start, window_step = now, step
-                        if spilling := spill_watch.observe(seconds_per_step):
+                    # --- report ---
+                    report = meter.report(accelerator, step, epoch + 1, scheduler.get_last_lr()[0])
+                    if report.loss is not None:
+                        result.last_loss = report.loss
+                        if spilling := spill_watch.observe(meter.seconds_per_step):
                             events.on_message(spilling)
-                    steps_per_second = 1 / seconds_per_step if seconds_per_step else 0.0
-                    report = StepReport(
-                        step=step, total_steps=total_steps, epoch=epoch + 1, loss=report_loss,
-                        learning_rate=scheduler.get_last_lr()[0], steps_per_second=steps_per_second,
-                        samples_per_second=(steps_per_second * data.global_batch_size
-                                            * training.gradient_accumulation_steps),
-                        seconds_elapsed=time.time() - started_at,
-                        seconds_left=seconds_per_step * (total_steps - step))
                     events.on_step(report)
-                    if report_loss is not None:
+                    if report.loss is not None:
                         scalars = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
                         if gradient_norm is not None:
                             scalars["gradient_norm"] = float(gradient_norm)
@@ -422,19 +402,19 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                                                events.save_requested(), events.interrupt_requested())
                     if step >= total_steps or stopping:
                         break
-                    paused_at = time.perf_counter()
-                    if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or save_asked:
-                        save(Path(saving.output_dir) / f"{saving.output_name}-s{step:06d}.safetensors", step,
-                             epoch, batch_index + 1)
-                    if saving.save_every_n_epochs and end_of_epoch and (epoch + 1) % saving.save_every_n_epochs == 0:
-                        save(Path(saving.output_dir) / f"{saving.output_name}-e{epoch + 1:04d}.safetensors", step,
-                             epoch, batch_index + 1)
-                    if sampling.sample_every_n_steps and prompts and \
-                            step % sampling.sample_every_n_steps == 0:
-                        sample(step)
-                    if step % validate_every == 0:
-                        validate(step)
-                    window_start += time.perf_counter() - paused_at
+                    with meter.paused():
+                        if (saving.save_every_n_steps and step % saving.save_every_n_steps == 0) or save_asked:
+                            save(Path(saving.output_dir) / f"{saving.output_name}-s{step:06d}.safetensors", step,
+                                 epoch, batch_index + 1)
+                        if saving.save_every_n_epochs and end_of_epoch and \
+                                (epoch + 1) % saving.save_every_n_epochs == 0:
+                            save(Path(saving.output_dir) / f"{saving.output_name}-e{epoch + 1:04d}.safetensors",
+                                 step, epoch, batch_index + 1)
+                        if sampling.sample_every_n_steps and prompts and \
+                                step % sampling.sample_every_n_steps == 0:
+                            sample(step)
+                        if step % validate_every == 0:
+                            validate(step)
                     if interrupting:
                         raise KeyboardInterrupt
                 if share.count > 1:

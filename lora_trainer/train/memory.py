@@ -153,10 +153,22 @@ class ActivationCount:
         return self.peak * element_bytes + self.normalised * (4 - element_bytes)
 
 
+FEED_FORWARD_LORA_INPUTS = 5
+"""Channels of activations per pixel that LoRA on a transformer block's feed-forward layers keeps."""
+
+
+def _adapts(target_modules: list[str], layer_names: tuple[str, ...]) -> bool:
+    """Whether `target_modules` adapts any of `layer_names` (names matched as suffixes, as targets are)."""
+    return any(name == target or name.endswith("." + target) for name in layer_names for target in target_modules)
+
+
 def activation_elements(layout: UNetLayout, latent_height: int, latent_width: int, checkpointing: bool,
-                        conv_lora: bool = False, convolutions_keep_inputs: bool = True) -> ActivationCount:
-    """What autograd keeps for the backward pass of one sample through the UNet with LoRA on its attention (and
-    with `conv_lora`, on its convolutions), at a latent of `latent_height` x `latent_width`, in elements.
+                        conv_lora: bool = False, convolutions_keep_inputs: bool = True,
+                        feed_forward_lora: bool = True, projection_lora: bool = True) -> ActivationCount:
+    """What autograd keeps for the backward pass of one sample through the UNet with LoRA on its attention, its
+    feed-forward layers (`feed_forward_lora`) and the transformers' projections in and out (`projection_lora`),
+    as kohya's default layers are, and with `conv_lora` on its resnets, at a latent of `latent_height` x
+    `latent_width`, in elements.
 
     With `checkpointing`, each residual and transformer block keeps only its input, and one block at a time
     recomputes its own activations in the backward pass. `convolutions_keep_inputs` off is fp8 storage, whose
@@ -165,7 +177,7 @@ def activation_elements(layout: UNetLayout, latent_height: int, latent_width: in
     pixels = latent_height * latent_width
     conv_input = 1 if convolutions_keep_inputs or conv_lora else 0
     # The attention's projections in and out: 1x1 convolutions keep their inputs, linear layers do not.
-    projections = 0 if layout.linear_projection else 2 * conv_input
+    projections = 2 * conv_input if not layout.linear_projection else 2 if projection_lora else 0
     totals = {"kept": 0, "normalised": 0}
     largest = (0, 0)  # the largest block: (elements, normalised elements)
 
@@ -182,7 +194,10 @@ def activation_elements(layout: UNetLayout, latent_height: int, latent_width: in
         # LayerNorm inputs (3, normalised), LoRA inputs (2 norm outputs, 2 attention outputs), self-attention q,
         # k, v and output (4), cross-attention q and output (2), GEGLU's projection (8) and GELU output (4), less
         # the attention outputs LoRA shares with them (2, as traced); and the text's keys and values.
-        return 24 * channels * level_pixels + 2 * CONTEXT_TOKENS * channels, 3 * channels * level_pixels
+        # LoRA on the feed-forward layers keeps their inputs too: the third norm's output and GEGLU's (4).
+        feed_forward = FEED_FORWARD_LORA_INPUTS if feed_forward_lora else 0
+        return (24 + feed_forward) * channels * level_pixels + 2 * CONTEXT_TOKENS * channels, \
+            3 * channels * level_pixels
 
     def block(counted: tuple[int, int], block_input: int) -> None:
         nonlocal largest
@@ -248,6 +263,8 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     latent_side = dataset.resolution // footprint.vae_scale
     unet = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
                                conv_lora=network.effective_conv_rank > 0,
+                               feed_forward_lora=_adapts(network.target_modules, ("ff.net.0.proj", "ff.net.2")),
+                               projection_lora=_adapts(network.target_modules, ("proj_in", "proj_out")),
                                convolutions_keep_inputs=not config.model.fp8_base)
     per_sample = unet.bytes(element_bytes)
     if network.train_text_encoder:
