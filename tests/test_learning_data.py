@@ -110,7 +110,10 @@ def test_masks_keep_a_watermark_out_of_what_the_lora_learns(tmp_path, tokenizer_
     measured = {}
     for masked in (False, True):
         backend = _backend(tokenizer_folder)
-        config = concept_config(concept, tmp_path / f"masked-{masked}", masked_loss=masked)
+        # Attention only: at this learning rate kohya's larger layer set learned neither the watermark nor the
+        # concept as well on the tiny base (cyan 0.0% unmasked, magenta 62% / 50%).
+        config = concept_config(concept, tmp_path / f"masked-{masked}", masked_loss=masked,
+                                target_modules=["attention"])
         with network_from_file(backend.lora_roots(), train(config, backend).saved[-1]).applied(1.0):
             drawn = [_draw(backend, f"a {trigger} circle", seed) for seed in SEEDS]
         measured[masked] = (np.mean([_share_of("cyan", image.crop((0, 0, 12, 12))) for image in drawn]),
