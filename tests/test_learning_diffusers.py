@@ -85,7 +85,7 @@ def test_at_strength_zero_the_image_is_exactly_the_bases(family, trained):
 def test_a_text_encoder_lora_alone_teaches_the_concept(tokenizer_folder, concept_dataset, tmp_path):
     backend = _backend("sd1", tokenizer_folder)
     config = concept_config(concept_dataset, tmp_path, train_text_encoder=True, unet_lr=0.0,
-                            text_encoder_lr=1e-2, max_train_steps=150, text_encoder_target_modules=["attention"])
+                            text_encoder_lr=1e-2, text_encoder_target_modules=["attention"])
     network = network_from_file(backend.lora_roots(), train(config, backend).saved[-1])
     colour, trigger = CONCEPT
     with network.applied(1.0):
