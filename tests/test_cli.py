@@ -93,21 +93,18 @@ def test_a_damaged_resume_state_says_so(shapes_dataset, tmp_path, capsys):
     assert f"resume: {state / 'training_state.pt'} cannot be read" in capsys.readouterr().err
 
 
-def test_a_resume_state_of_another_rank_says_what_differs(shapes_dataset, tmp_path, capsys):
-    config = _tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1, save_state="true")
-    assert main(["train", "--config", str(config)]) == 0
-    assert main(["train", "--config", str(config), "--output_name", "again", "--lora_rank", "8",
-                 "--resume", str(tmp_path / "out" / "lora.state")]) == 2
-    assert "does not match this run: rank differs" in capsys.readouterr().err
-
-
-def test_a_resume_state_of_another_global_batch_size_is_refused(shapes_dataset, tmp_path, capsys):
+@pytest.mark.parametrize(("change", "message"), [
+    (["--lora_rank", "8"], "does not match this run: rank differs"),
     # Its batch counts are in batches of another size: resuming would skip the wrong images.
+    (["--batch_size", "1"], "batches held 2 images (batch_size x processes), this run's hold 1"),
+], ids=["rank", "global-batch-size"])
+def test_a_resume_state_of_another_rank_or_global_batch_size_says_what_differs(change, message, shapes_dataset,
+                                                                                tmp_path, capsys):
     config = _tiny_run_config(tmp_path, shapes_dataset, max_train_steps=1, save_state="true")
     assert main(["train", "--config", str(config)]) == 0
-    assert main(["train", "--config", str(config), "--output_name", "again", "--batch_size", "1",
+    assert main(["train", "--config", str(config), "--output_name", "again", *change,
                  "--resume", str(tmp_path / "out" / "lora.state")]) == 2
-    assert "batches held 2 images (batch_size x processes), this run's hold 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def _model_must_not_load(*arguments, **options):

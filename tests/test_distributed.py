@@ -220,3 +220,20 @@ def test_a_timeout_that_is_not_positive_is_refused():
 
     with pytest.raises(UserError, match="distributed_timeout_seconds"):
         load_config(None, {"distributed_timeout_seconds": 0}, [])
+
+
+@pytest.mark.parametrize("message", ["Application timeout caused pair closure",
+                                     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error",
+                                     "Connection closed by peer [127.0.0.1]:29500"])
+def test_a_collective_error_from_the_backward_pass_reads_as_a_lost_process(message, monkeypatch):
+    # DDP's all-reduce raises these as plain RuntimeErrors from inside loss.backward().
+    from lora_trainer.errors import UserError
+    from lora_trainer.train import distributed
+
+    monkeypatch.setattr(distributed, "_launched_several", lambda: True)
+    with pytest.raises(UserError, match="another training process died"):
+        with distributed.reporting_lost_processes(5):
+            raise RuntimeError(message)
+    with pytest.raises(RuntimeError, match="a bug of our own"):
+        with distributed.reporting_lost_processes(5):
+            raise RuntimeError("a bug of our own")

@@ -121,12 +121,17 @@ def reporting_lost_processes(timeout_seconds: float) -> Iterator[None]:
         raise
 
 
+LOST_PROCESS_MARKERS = ("gloo", "NCCL", "pair closure", "Connection closed by peer", "Connection reset by peer")
+"""Words in the errors of a collective call whose peer died or stopped answering."""
+
+
 def _is_lost_process(error: BaseException) -> bool:
     """Whether `error` is a collective call that failed because another process died or stopped answering."""
     if torch.distributed.is_available() and isinstance(error, torch.distributed.DistError):
         return True
-    # DDP's all-reduce in the backward pass raises the backend's own error as a plain RuntimeError.
-    return any(backend in str(error) for backend in ("gloo", "NCCL"))
+    # DDP's all-reduce in the backward pass raises the backend's own error as a plain RuntimeError, which does not
+    # always name the backend (gloo's "Application timeout caused pair closure").
+    return any(marker in str(error) for marker in LOST_PROCESS_MARKERS)
 
 
 def _lost_process_error(error: BaseException, timeout_seconds: float) -> UserError:
