@@ -45,7 +45,8 @@ def find_lora_targets(roots: list[LoraRoot], network: NetworkConfig) -> list[Lor
             is_linear_or_1x1 = weight.dim() == 2 or weight.shape[-2:] == (1, 1)
             if not _runs(root, path):
                 continue
-            if is_linear_or_1x1 and (_matches(path, root.kohya_path(path), suffixes) or path in in_conv_blocks):
+            targeted = matches_targets((path, root.kohya_path(path)), suffixes)
+            if is_linear_or_1x1 and (targeted or path in in_conv_blocks):
                 found.append(_target(root, path, layer, part, network, network.lora_rank,
                                      network.effective_lora_alpha))
             elif path in in_conv_blocks and weight.shape[-2:] == (3, 3):
@@ -110,9 +111,10 @@ def _keys(root: LoraRoot, path: str) -> tuple[str, str]:
     return kohya_key(root.prefix, root.kohya_path(path)), f"{root.peft_prefix}.{root.peft_path(path)}"
 
 
-def _matches(path: str, kohya_path: str, suffixes: list[str]) -> bool:
-    """Whether the layer's path, or its path as kohya files name it (`mlp.c_fc` is `mlp.fc1`), ends with a suffix."""
-    return any(name == suffix or name.endswith("." + suffix) for name in (path, kohya_path) for suffix in suffixes)
+def matches_targets(paths: tuple[str, ...], suffixes: list[str]) -> bool:
+    """Whether any of a layer's `paths` (its own, or as kohya files name it: `mlp.c_fc` is `mlp.fc1`) ends with
+    one of the `target_modules` suffixes."""
+    return any(name == suffix or name.endswith("." + suffix) for name in paths for suffix in suffixes)
 
 
 def network_from_file(roots: list[LoraRoot], path: Path, dropout: float = 0.0) -> LoraNetwork:

@@ -23,7 +23,7 @@ from torch import nn
 
 from lora_trainer.config import NetworkConfig, TrainConfig
 from lora_trainer.lora.network import LoraNetwork
-from lora_trainer.lora.targets import find_lora_targets, network_from_file
+from lora_trainer.lora.targets import find_lora_targets, matches_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend
 from lora_trainer.models.layout import UNetLayout
 
@@ -157,11 +157,6 @@ FEED_FORWARD_LORA_INPUTS = 5
 """Channels of activations per pixel that LoRA on a transformer block's feed-forward layers keeps."""
 
 
-def _adapts(target_modules: list[str], layer_names: tuple[str, ...]) -> bool:
-    """Whether `target_modules` adapts any of `layer_names` (names matched as suffixes, as targets are)."""
-    return any(name == target or name.endswith("." + target) for name in layer_names for target in target_modules)
-
-
 def activation_elements(layout: UNetLayout, latent_height: int, latent_width: int, checkpointing: bool,
                         conv_lora: bool = False, convolutions_keep_inputs: bool = True,
                         feed_forward_lora: bool = True, projection_lora: bool = True) -> ActivationCount:
@@ -263,8 +258,8 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     latent_side = dataset.resolution // footprint.vae_scale
     unet = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
                                conv_lora=network.effective_conv_rank > 0,
-                               feed_forward_lora=_adapts(network.target_modules, ("ff.net.0.proj", "ff.net.2")),
-                               projection_lora=_adapts(network.target_modules, ("proj_in", "proj_out")),
+                               feed_forward_lora=matches_targets(("ff.net.0.proj", "ff.net.2"), network.target_modules),
+                               projection_lora=matches_targets(("proj_in", "proj_out"), network.target_modules),
                                convolutions_keep_inputs=not config.model.fp8_base)
     per_sample = unet.bytes(element_bytes)
     if network.train_text_encoder:
