@@ -149,3 +149,15 @@ def test_the_text_disk_cache_needs_a_frozen_text_encoder():
 
     with pytest.raises(UserError, match="cache_text_encoder_outputs_to_disk needs the text-encoder cache"):
         config_from_dict({"cache_text_encoder_outputs_to_disk": True, "train_text_encoder": True})
+
+
+def test_an_encoders_fingerprint_reads_scalar_parameters_and_changes_with_them():
+    # The WebUI's text encoders hold 0-dimensional tensors (OpenCLIP's logit scale), which once failed to hash.
+    from lora_trainer.models.base import module_fingerprint
+
+    encoder = torch.nn.Linear(2, 2)
+    encoder.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.0)))
+    before = module_fingerprint(encoder)
+    with torch.no_grad():
+        encoder.scale.fill_(2.0)
+    assert module_fingerprint(encoder) != before
