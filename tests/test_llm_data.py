@@ -144,10 +144,16 @@ def test_raw_text_is_packed_into_blocks_and_examples_can_be_packed(tmp_path):
     assert [len(sequence) for sequence in packed.input_ids] == [20, 20, 10]  # 10 tokens each
 
 
-def test_qlora_on_a_cpu_says_it_needs_cuda(tmp_path):
+def test_qlora_with_a_bitsandbytes_without_kernels_for_the_device_says_so(tmp_path, monkeypatch):
+    functional = pytest.importorskip("bitsandbytes.functional")
+
+    def cuda_only(*args, **kwargs):  # what releases before bitsandbytes' CPU backend did on a CPU tensor
+        raise NotImplementedError("quantize_4bit is only implemented on CUDA")
+
+    monkeypatch.setattr(functional, "quantize_4bit", cuda_only)
     config = llm_config_from_dict({"base_model": str(save_tiny_llama(tmp_path / "base")), "load_in_4bit": True,
                                    "device": "cpu"})
-    with pytest.raises(UserError, match="load_in_4bit \\(QLoRA\\) needs a CUDA GPU"):
+    with pytest.raises(UserError, match="has no 4-bit layers for the cpu .*pip install -U bitsandbytes"):
         load_base_model(config.model, torch.device("cpu"))
 
 

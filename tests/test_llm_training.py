@@ -77,6 +77,26 @@ def test_a_tiny_model_learns_facts_it_answers_to_held_out_prompts(version_1):
     assert rate >= 0.9
 
 
+def test_qlora_on_a_four_bit_base_learns_the_facts_and_its_adapter_loads_on_that_base(base, tmp_path):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    data = write_jsonl(tmp_path / "colours.jsonl", COLOUR_TASK.training_records())
+    result = train_llm(run_config(base, data, tmp_path / "out", epochs=25, output_name="q", load_in_4bit=True))
+    assert isinstance(result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer,
+                      bitsandbytes.nn.Linear4bit)
+    assert answer_rate(result.model, result.tokenizer, COLOUR_TASK, adapter_prompt_format(result.saved[-1])) >= 0.9
+
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=four_bit, device_map={"": "cpu"}), result.saved[-1]).eval()
+    tokens = result.tokenizer(["What colour is the zorp ?"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**tokens).logits, result.model.eval()(**tokens).logits, atol=1e-5, rtol=0)
+
+
 def test_prompting_without_the_recorded_template_answers_worse(version_1):
     recorded = adapter_prompt_format(version_1.saved[-1])
     assert recorded == PromptFormat("llama2")

@@ -77,7 +77,7 @@ class ModelConfig:
     dtype: Dtype = "fp32"
     """Weights and compute of the base model; the LoRA weights stay fp32."""
     load_in_4bit: bool = False
-    """QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes, CUDA only)."""
+    """QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes), computed in `dtype`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     device: str | None = None

@@ -155,18 +155,30 @@ def save_merged_model(peft_model, tokenizer, folder: Path) -> Path:
 
 
 def _four_bit_config(config: ModelConfig, device: torch.device):
-    if device.type != "cuda":
-        raise UserError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers do not train on the "
-                        f"{device.type}. Set load_in_4bit: false (and dtype: bf16 or fp32) to train here")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
         raise UserError("load_in_4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes") from None
+    if device.type != "cuda" and not _quantizes_in_4bit_on(device):
+        raise UserError(f"load_in_4bit (QLoRA): bitsandbytes {bitsandbytes.__version__} has no 4-bit layers for "
+                        f"the {device.type} (its recent releases have them on the CPU: pip install -U bitsandbytes). "
+                        "Or set load_in_4bit: false (and dtype: bf16 or fp32) to train here")
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = _DTYPES[config.dtype] if config.dtype != "fp32" else torch.bfloat16
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=_DTYPES[config.dtype])
+
+
+def _quantizes_in_4bit_on(device: torch.device) -> bool:
+    """Whether the installed bitsandbytes has NF4 kernels for `device` (older releases: CUDA only); asked of the
+    library itself, as its releases differ in which devices they serve."""
+    from bitsandbytes.functional import quantize_4bit
+
+    try:
+        quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def _difference(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
