@@ -421,7 +421,7 @@ def test_captioning_progress_counts_images():
 
 
 def test_idle_status_and_durations():
-    assert "No job has run yet" in status_html(JobStatus())
+    assert "No job has run since the WebUI started" in status_html(JobStatus())
     assert [format_duration(s) for s in (0, 59.6, 61, 3600, 36061)] == ["0:00", "1:00", "1:01", "1:00:00", "10:01:01"]
 
 

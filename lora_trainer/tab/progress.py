@@ -59,7 +59,8 @@ def status_html(status: JobStatus) -> str:
     """The job's state (and what it is doing besides stepping), progress bar, speed, ETA, memory and latest
     message, as HTML. A failed job shows no progress: the message says what went wrong."""
     if status.state == "idle":
-        return '<div class="lora-trainer-status">No job has run yet.</div>'
+        return ('<div class="lora-trainer-status">No job has run since the WebUI started (the Job queue lists the '
+                'jobs of earlier sessions).</div>')
     title = f"{status.kind.capitalize()}: {status.state}"
     if status.running and status.activity:
         title += f" · {status.activity}"
