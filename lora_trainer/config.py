@@ -48,7 +48,7 @@ TEXT_ENCODER_TARGET_SETS = {
 AT_LEAST_ONE = ("lora_rank", "repeats", "resolution", "bucket_step", "batch_size", "gradient_accumulation_steps",
                 "epochs", "log_every_n_steps", "scheduler_num_cycles", "sample_steps")
 AT_LEAST_ONE_OR_NONE = ("max_train_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last_n_saves",
-                        "sample_every_n_steps", "clip_skip", "validate_every_n_steps")
+                        "sample_every_n_steps", "clip_skip", "validate_every_n_steps", "vae_batch_size")
 POSITIVE_OR_NONE = ("learning_rate", "lora_alpha", "conv_alpha", "max_grad_norm", "min_snr_gamma",
                     "prior_loss_weight", "sample_cfg_scale", "loraplus_lr_ratio", "scale_weight_norms")
 ZERO_LEAVES_UNTRAINED = ("unet_lr", "text_encoder_lr")
@@ -134,6 +134,10 @@ class DatasetConfig:
     """Probability of training an image with an empty caption."""
     cache_latents: bool = True
     """Encode every image with the VAE once, before training (not with random_crop)."""
+    vae_batch_size: int | None = None
+    """Images per VAE call while caching latents, mirror images included (kohya's key). Default: as many as
+    make a megapixel, at most 8 (4 at 512 px, 1 at 1024 px): the encoder holds about 2.5 GB of activations per
+    megapixel in fp32, which the memory plan counts."""
     cache_latents_to_disk: bool = False
     """Also keep the cached latents in a `.lora-trainer-latents` folder beside the images, named by the image's
     content, bucket, flips and the VAE, so that the next run with the same images starts at once."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
 from lora_trainer.config import config_from_dict
-from lora_trainer.data.dataset import TrainingData
+from lora_trainer.data.dataset import TrainingData, vae_images_per_call
 from lora_trainer.data.scan import scan_dataset
 
 
@@ -74,6 +75,32 @@ def test_flip_aug_caches_both_mirror_images(tmp_path):
     assert len(data.latent_cache) == 2 * len(data.examples)
     for index in range(len(data.examples)):
         assert torch.equal(data.latent_cache[(index, True)], data.latent_cache[(index, False)].flip(-1))
+
+
+@pytest.mark.parametrize("settings, bucket_side, images_per_call", [
+    ({}, 32, 8), ({}, 512, 4), ({}, 768, 1), ({}, 1024, 1), ({"vae_batch_size": 3}, 1024, 3)])
+def test_a_vae_call_encodes_about_a_megapixel_unless_vae_batch_size_says(settings, bucket_side, images_per_call):
+    dataset = config_from_dict({"train_data_dir": "data", **settings}).dataset
+    assert vae_images_per_call(dataset, (bucket_side, bucket_side)) == images_per_call
+
+
+@pytest.mark.parametrize("flip_aug, calls", [(False, [2, 2, 1]), (True, [2, 2, 2, 2, 2])])
+def test_caching_encodes_vae_batch_size_images_per_call_mirror_images_included(tmp_path, flip_aug, calls):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for number in range(5):
+        Image.new("RGB", (32, 32), (50 * number, 0, 0)).save(folder / f"{number}.png")
+    images_seen = []
+    encode = _fake_encoder("cpu")
+
+    def counting_encoder(pixels: torch.Tensor) -> torch.Tensor:
+        images_seen.append(len(pixels))
+        return encode(pixels)
+
+    data = _data(folder, flip_aug=flip_aug, vae_batch_size=2)
+    data.cache_latents(counting_encoder)
+    assert images_seen == calls
+    assert len(data.latent_cache) == sum(calls)
 
 
 def test_every_repeat_is_trained_once_per_epoch(tmp_path):

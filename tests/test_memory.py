@@ -4,6 +4,8 @@ downloaded: the models are built on the meta device from their published configs
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -26,12 +28,14 @@ from lora_trainer.models.base import LoraRoot  # noqa: E402
 from lora_trainer.models.layout import layout_of_diffusers_unet  # noqa: E402
 from lora_trainer.train.memory import (  # noqa: E402
     GIB,
+    LiveBytes,
     ModelFootprint,
     activation_elements,
     estimate_memory,
     fp8_bytes,
     plan_memory,
     tensor_bytes,
+    vae_encoder_bytes_per_pixel,
 )
 
 LATENT_SIDE = {"sd1": 64, "sd2": 96, "sdxl": 128}
@@ -190,3 +194,24 @@ def test_fp8_storage_keeps_no_convolution_inputs():
     layout = layout_of_diffusers_unet(meta_unet("sd1").config)
     stored = activation_elements(layout, 64, 64, checkpointing=False, convolutions_keep_inputs=False)
     assert stored.peak < activation_elements(layout, 64, 64, checkpointing=False).peak
+
+
+def test_the_vae_encoders_peak_is_traced_per_pixel_and_grows_with_the_pixels():
+    vae = meta_vae()
+    per_pixel = vae_encoder_bytes_per_pixel(vae)
+    with torch.no_grad(), LiveBytes() as live:
+        vae.encoder(torch.empty(2, 3, 1024, 1024, device="meta"))
+    assert live.peak == pytest.approx(2 * 1024 * 1024 * per_pixel, rel=0.01)
+    assert 2.3 * GIB < 1024 * 1024 * per_pixel < 2.7 * GIB  # fp32: about 2.5 GB a megapixel
+
+
+def test_caching_many_large_images_per_vae_call_peaks_above_training_and_the_plan_says_what_helps():
+    footprint = replace(_footprint("sdxl"), vae_encoder_bytes_per_pixel=vae_encoder_bytes_per_pixel(meta_vae()))
+    eight_per_call = plan_memory(_sdxl_config(vae_batch_size=8, gradient_checkpointing=True), footprint, 16 * GIB)
+    assert eight_per_call.caching.total > eight_per_call.estimate.total and not eight_per_call.fits
+    assert eight_per_call.caching.activations == pytest.approx(8 * 2.5 * GIB, rel=0.05)
+    assert "caching the latents first" in eight_per_call.line() and "set vae_batch_size 1" in eight_per_call.line()
+    one_per_call = plan_memory(_sdxl_config(gradient_checkpointing=True), footprint, 16 * GIB)  # the default at 1024 px
+    assert one_per_call.fits and "vae_batch_size" not in one_per_call.line()
+    assert plan_memory(_sdxl_config(vae_batch_size=8, cache_latents=False, gradient_checkpointing=True), footprint,
+                       16 * GIB).caching is None

@@ -19,6 +19,18 @@ from lora_trainer.data.scan import DatasetScan, ImageRecord
 from lora_trainer.data.transforms import crop_like, crop_position, crop_to_bucket, process_caption, to_tensor
 from lora_trainer.errors import UserError
 
+VAE_CALL_PIXELS = 1024 * 1024
+"""Pixels per VAE call while caching latents, unless `vae_batch_size` says: the encoder's activations grow with
+them (about 2.5 GB per megapixel in fp32), its speed hardly does past this."""
+MAX_VAE_CALL_IMAGES = 8
+
+
+def vae_images_per_call(dataset: DatasetConfig, bucket: tuple[int, int]) -> int:
+    """How many images of size `bucket` (mirror images included) one VAE call encodes while caching latents."""
+    if dataset.vae_batch_size:
+        return dataset.vae_batch_size
+    return max(1, min(MAX_VAE_CALL_IMAGES, VAE_CALL_PIXELS // (bucket[0] * bucket[1])))
+
 
 @dataclass
 class Batch:
@@ -126,7 +138,7 @@ class TrainingData:
         start = epoch * len(training)
         return training + [regularisation[(start + offset) % len(regularisation)] for offset in range(len(training))]
 
-    def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 8,
+    def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor],
                       progress: Callable[[int, int], None] | None = None,
                       disk: DiskCache | None = None, indices: Iterable[int] | None = None) -> int:
         """Encode every image (only those of the examples `indices`, when given), and its mirror image with
@@ -134,7 +146,8 @@ class TrainingData:
         `disk`, latents kept there by an earlier run are read instead of encoded, and new ones are kept there.
         Returns how many images were encoded.
 
-        Images of one bucket are encoded `chunk_size` at a time: one VAE call per image is several times slower.
+        Images of one bucket are encoded several at a time (`vae_images_per_call`): one VAE call per small image
+        is several times slower.
         """
         self.latent_cache = {}
         selected = range(len(self.examples)) if indices is None else list(indices)
@@ -142,7 +155,9 @@ class TrainingData:
         for index in selected:
             by_bucket.setdefault(self.examples[index].bucket, []).append(index)
         done = encoded = 0
-        for indices in by_bucket.values():
+        for bucket, indices in by_bucket.items():
+            flips = 2 if any(self._options(self.examples[index]).flip_aug for index in indices) else 1
+            chunk_size = max(1, vae_images_per_call(self.config.dataset, bucket) // flips)
             for start in range(0, len(indices), chunk_size):
                 chunk = indices[start:start + chunk_size]
                 pixels, sizes, keys, new_entries = [], [], [], []

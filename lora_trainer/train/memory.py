@@ -20,8 +20,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lora_trainer.config import NetworkConfig, TrainConfig
+from lora_trainer.data.dataset import vae_images_per_call
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, matches_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend
@@ -63,6 +67,9 @@ class ModelFootprint:
     """The VAE and frozen text encoders leave the device after caching (`DiffusionBackend.parks_idle_parts`)."""
     resident_bytes: int = 0
     """Bytes of the model already on the training device (they count as available: the run reuses them)."""
+    vae_encoder_bytes_per_pixel: float | None = None
+    """The most bytes the VAE's encoder holds at once per input pixel (`vae_encoder_bytes_per_pixel`); None
+    when it could not be traced (the caching peak is then not estimated)."""
 
 
 @dataclass(frozen=True)
@@ -104,15 +111,24 @@ class MemoryPlan:
     estimate: MemoryEstimate
     available: int | None
     suggestion: Suggestion | None = None
+    caching: MemoryEstimate | None = None
+    """The peak while the latents are cached, before training (every part of the model on the device and the
+    VAE's encoder at work), when it is higher than the training estimate."""
 
     @property
     def fits(self) -> bool:
-        """Whether the estimate is within the available memory (True when that is unknown)."""
-        return self.available is None or self.estimate.total <= self.available
+        """Whether the estimate (and the caching peak) is within the available memory (True when that is
+        unknown)."""
+        return self.available is None or max(self.estimate.total, self.caching.total if self.caching else 0) \
+            <= self.available
 
     def line(self) -> str:
         """The plan line: the estimate, the free memory, and what brings it under."""
         text = f"Memory: {self.estimate.describe()} estimated peak"
+        if self.caching is not None:
+            text += f"; caching the latents first: {self.caching.describe()}"
+            if self.available is not None and self.caching.total > self.available:
+                text += " (too much: set vae_batch_size 1, one image per VAE call)"
         if self.available is None:
             return text + "; the device's free memory is not known here."
         text += f", {gigabytes(self.available)} GB free for it"
@@ -270,12 +286,29 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     return MemoryEstimate(weights, lora, activations, workspace)
 
 
+def caching_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEstimate | None:
+    """The peak while the latents are cached (None when they are not): the whole model on the device, the LoRA,
+    and the VAE's encoder on one call's images (`vae_batch_size`) at the largest bucket."""
+    dataset = config.dataset
+    if not dataset.cache_latents or dataset.random_crop or footprint.vae_encoder_bytes_per_pixel is None:
+        return None
+    weights = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
+    side = dataset.resolution
+    activations = int(footprint.vae_encoder_bytes_per_pixel * side * side * vae_images_per_call(dataset, (side, side)))
+    return MemoryEstimate(weights + footprint.text_encoder_bytes + footprint.vae_bytes,
+                          footprint.lora_parameters * 4, activations,
+                          WORKSPACE_BYTES + int(FRAGMENTATION * activations))
+
+
 def plan_memory(config: TrainConfig, footprint: ModelFootprint, available: int | None) -> MemoryPlan:
     """The estimate and, when it exceeds `available`, the first of the usual memory savers (alone, else
-    together with the ones before it) that brings it under."""
+    together with the ones before it) that brings it under; the caching peak when it is the higher one."""
     estimate = estimate_memory(config, footprint)
-    plan = MemoryPlan(estimate, available)
-    if plan.fits:
+    caching = caching_memory(config, footprint)
+    if caching is not None and caching.total <= estimate.total:
+        caching = None
+    plan = MemoryPlan(estimate, available, caching=caching)
+    if available is None or estimate.total <= available:
         return plan
     combined: dict[str, Any] = {}
     words: list[str] = []
@@ -283,13 +316,13 @@ def plan_memory(config: TrainConfig, footprint: ModelFootprint, available: int |
     for changes, saver in _memory_savers(config, footprint):
         candidate = _suggestion(config, footprint, changes, saver)
         if candidate.estimate.total <= available:
-            return MemoryPlan(estimate, available, candidate)
+            return replace(plan, suggestion=candidate)
         combined.update(changes)
         words.append(saver)
         best = _suggestion(config, footprint, combined, ", ".join(words))
         if best.estimate.total <= available:
-            return MemoryPlan(estimate, available, best)
-    return MemoryPlan(estimate, available, best)
+            return replace(plan, suggestion=best)
+    return replace(plan, suggestion=best)
 
 
 def _suggestion(config: TrainConfig, footprint: ModelFootprint, changes: dict[str, Any], words: str) -> Suggestion:
@@ -337,7 +370,50 @@ def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelF
                                       for layer in encoder.modules() if isinstance(layer, nn.LayerNorm)) // 2,
         layout=backend.unet_layout(), vae_scale=backend.latent_scale // unet_scale,
         lora_parameters=lora_parameter_count(backend, network), parks_idle_parts=backend.parks_idle_parts,
-        resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device))
+        resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device),
+        vae_encoder_bytes_per_pixel=vae_encoder_bytes_per_pixel(parts.vae))
+
+
+VAE_TRACE_SIDE = 512
+
+
+def vae_encoder_bytes_per_pixel(vae: nn.Module) -> float | None:
+    """The most bytes the encoder of `vae` holds at once (its activations, in its own dtype), per pixel of one
+    input image: traced on a meta-device copy at 512 x 512, nothing allocated; the SD VAE's peak grows exactly
+    with the pixels (tests/test_memory.py). None when the encoder cannot run on the meta device: the WebUI's
+    xformers attention, Forge's, which asks the device how much memory is free (Forge splits its VAE calls to
+    fit anyway)."""
+    encoder = _on_meta(vae.encoder)
+    dtype = next(encoder.parameters()).dtype
+    try:
+        with torch.no_grad(), LiveBytes() as live:
+            encoder(torch.empty(1, 3, VAE_TRACE_SIDE, VAE_TRACE_SIDE, dtype=dtype, device="meta"))
+    except Exception:  # the host's own attention code, run where it was never meant to: an estimate is optional
+        return None
+    return live.peak / VAE_TRACE_SIDE**2
+
+
+class LiveBytes(TorchDispatchMode):
+    """While active, the most bytes of tensors created inside it that were alive at once (`peak`): each new
+    storage counts from the operation that made it until it is freed (views share their base's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: dict[StorageWeakRef, int] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outputs = func(*args, **(kwargs or {}))
+        for freed in [reference for reference in self.alive if reference.expired()]:
+            self.now -= self.alive.pop(freed)
+        for output in tree_leaves(outputs):
+            if isinstance(output, torch.Tensor):
+                reference = StorageWeakRef(output.untyped_storage())
+                if reference not in self.alive:
+                    self.alive[reference] = output.untyped_storage().nbytes()
+                    self.now += self.alive[reference]
+        self.peak = max(self.peak, self.now)
+        return outputs
 
 
 def lora_parameter_count(backend: DiffusionBackend, network: NetworkConfig) -> int:
