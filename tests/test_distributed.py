@@ -116,7 +116,7 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
     outputs = [(tmp_path / "processes" / f"rank-{rank}.out").read_text() for rank in range(2)]
     assert "done: 3 steps" in outputs[0] and outputs[1] == ""
     # The latents were encoded once, each process taking its share: the main one 4 of the 7 images.
-    assert "Latents: 4 of this process's 4 encoded" in outputs[0]
+    assert "Latents: this process encoded 4 of the 7 images" in outputs[0]
     assert "Latents: 7 read from the disk cache, 0 encoded." in capsys.readouterr().out
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["lora-s000002.safetensors",
                                                                            "lora.safetensors"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -140,61 +141,79 @@ class TrainingData:
 
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor],
                       progress: Callable[[int, int], None] | None = None,
-                      disk: DiskCache | None = None, indices: Iterable[int] | None = None) -> int:
-        """Encode every image (only those of the examples `indices`, when given), and its mirror image with
-        flip_aug, once and keep the latents; `progress(done, total)` is called after each chunk of images. With
-        `disk`, latents kept there by an earlier run are read instead of encoded, and new ones are kept there.
-        Returns how many images were encoded.
+                      disk: DiskCache | None = None, share: tuple[int, int] = (0, 1)) -> int:
+        """Encode every image, and its mirror image with flip_aug, once and keep the latents; `progress(done,
+        total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are read
+        instead of encoded, and new ones are kept there. Returns how many images were encoded.
 
         Images of one bucket are encoded several at a time (`vae_images_per_call`): one VAE call per small image
-        is several times slower.
+        is several times slower. With `share` (this process's index, the process count), only every count-th
+        chunk from the index-th is cached here (`cached_share` hands them to the other processes). Each chunk
+        draws the VAE's sampling noise from a seed of its own, so its latents are the same whichever process
+        encodes it.
         """
         self.latent_cache = {}
-        selected = range(len(self.examples)) if indices is None else list(indices)
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index in selected:
-            by_bucket.setdefault(self.examples[index].bucket, []).append(index)
-        done = encoded = 0
+        for index, example in enumerate(self.examples):
+            by_bucket.setdefault(example.bucket, []).append(index)
+        chunks: list[list[int]] = []
         for bucket, indices in by_bucket.items():
             flips = 2 if any(self._options(self.examples[index]).flip_aug for index in indices) else 1
             chunk_size = max(1, vae_images_per_call(self.config.dataset, bucket) // flips)
-            for start in range(0, len(indices), chunk_size):
-                chunk = indices[start:start + chunk_size]
-                pixels, sizes, keys, new_entries = [], [], [], []
-                for index in chunk:
-                    example = self.examples[index]
-                    crop = crop_position((example.record.width, example.record.height), example.bucket, False,
-                                         random.Random(0))
-                    flips = (False, True) if self._options(example).flip_aug else (False,)
-                    entry = disk.latents_path(example.record.path, example.bucket, flips) if disk else None
-                    kept = disk.load_latents(entry) if disk else None
-                    if kept is not None:  # no need to decode the image at all
-                        self.latent_cache.update(((index, flip), latents) for flip, latents in zip(flips, kept))
-                    else:
-                        image, _ = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
-                                                  random.Random(0))
-                        pixels += [to_tensor(image, flip) for flip in flips]
-                        keys += [(index, flip) for flip in flips]
-                        new_entries.append((entry, len(flips)))
-                    sizes.append(_size_conditioning(example, crop))
-                    if self.config.dataset.masked_loss:
-                        self.mask_cache.update(((index, flip), self._mask(example, crop, flip)) for flip in flips)
-                device = None
-                if pixels:
+            chunks += [indices[start:start + chunk_size] for start in range(0, len(indices), chunk_size)]
+        own_chunks = chunks[share[0]::share[1]]
+        total = sum(len(chunk) for chunk in own_chunks)
+        done = encoded = 0
+        for chunk in own_chunks:
+            pixels, sizes, keys, new_entries = [], [], [], []
+            for index in chunk:
+                example = self.examples[index]
+                crop = crop_position((example.record.width, example.record.height), example.bucket, False,
+                                     random.Random(0))
+                flips = (False, True) if self._options(example).flip_aug else (False,)
+                entry = disk.latents_path(example.record.path, example.bucket, flips) if disk else None
+                kept = disk.load_latents(entry) if disk else None
+                if kept is not None:  # no need to decode the image at all
+                    self.latent_cache.update(((index, flip), latents) for flip, latents in zip(flips, kept))
+                else:
+                    image, _ = crop_to_bucket(load_rgb_image(example.record.path), example.bucket, False,
+                                              random.Random(0))
+                    pixels += [to_tensor(image, flip) for flip in flips]
+                    keys += [(index, flip) for flip in flips]
+                    new_entries.append((entry, len(flips)))
+                sizes.append(_size_conditioning(example, crop))
+                if self.config.dataset.masked_loss:
+                    self.mask_cache.update(((index, flip), self._mask(example, crop, flip)) for flip in flips)
+            device = None
+            if pixels:
+                with _seeded_global_rng(self.config.training.seed + chunk[0]):
                     latents = encode_images(torch.stack(pixels))
-                    self.latent_cache.update(zip(keys, latents))
-                    device, position = latents.device, 0
-                    for entry, flip_count in new_entries:
-                        if disk is not None:
-                            disk.store_latents(entry, latents[position:position + flip_count])
-                        position += flip_count
-                    encoded += len(new_entries)
-                device = device or self.latent_cache[(chunk[0], False)].device
-                self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=device).unbind()))
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, len(selected))
+                self.latent_cache.update(zip(keys, latents))
+                device, position = latents.device, 0
+                for entry, flip_count in new_entries:
+                    if disk is not None:
+                        disk.store_latents(entry, latents[position:position + flip_count])
+                    position += flip_count
+                encoded += len(new_entries)
+            device = device or self.latent_cache[(chunk[0], False)].device
+            self._cached_sizes.update(zip(chunk, torch.tensor(sizes, device=device).unbind()))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
         return encoded
+
+    def cached_share(self) -> dict[str, dict]:
+        """What `cache_latents` kept here (latents, size conditionings, masks), in CPU memory, for the other
+        processes' `add_cached_share`."""
+        return {name: {key: tensor.cpu() for key, tensor in cache.items()}
+                for name, cache in (("latents", self.latent_cache), ("sizes", self._cached_sizes),
+                                    ("masks", self.mask_cache))}
+
+    def add_cached_share(self, share: dict[str, dict], device: torch.device) -> None:
+        """Keep another process's `cached_share` too, on `device`."""
+        for name, cache in (("latents", self.latent_cache), ("sizes", self._cached_sizes),
+                            ("masks", self.mask_cache)):
+            cache.update((key, tensor.to(device)) for key, tensor in share[name].items())
 
     def load_batch(self, indices: list[int], rng: random.Random, rows: range | None = None) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch, or only its `rows`: the augmentation
@@ -259,3 +278,13 @@ def _size_conditioning(example: _Example, crop: tuple[int, int]) -> list[float]:
     bucket_width, bucket_height = example.bucket
     return [float(example.record.height), float(example.record.width), float(crop[0]), float(crop[1]),
             float(bucket_height), float(bucket_width)]
+
+
+@contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    """The global random streams (the VAEs sample their latents from them) seeded with `seed` for the block and
+    as they were afterwards."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -237,13 +237,20 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             events.on_message(f"Caching latents of {len(data.examples)} images...")
             disk = DiskCache(backend.vae_fingerprint(), backend.device) if dataset.cache_latents_to_disk \
                 else None
-            if disk is not None and share.count > 1:
-                own_share = range(share.index, len(data.examples), share.count)
-                encoded = data.cache_latents(backend.encode_images, disk=disk, indices=own_share)
-                accelerator.wait_for_everyone()
-                data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
-                events.on_message(f"Latents: {encoded} of this process's {len(own_share)} encoded, the rest read "
-                                  f"from the disk cache, where each of the {share.count} processes put its share.")
+            if share.count > 1:
+                # Each process encodes its share of the chunks; the disk cache or a gather hands them to all.
+                encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk,
+                                             share=(share.index, share.count))
+                if disk is not None:
+                    accelerator.wait_for_everyone()
+                    data.cache_latents(backend.encode_images, disk=disk)
+                else:
+                    for index, other in enumerate(gather_objects(accelerator, data.cached_share())):
+                        if index != share.index:
+                            data.add_cached_share(other, backend.device)
+                events.on_message(f"Latents: this process encoded {encoded} of the {len(data.examples)} images, "
+                                  f"the other {share.count - 1} process(es) the rest"
+                                  + (" (shared through the disk cache)." if disk is not None else "."))
             else:
                 encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
                 if disk is not None:
