@@ -34,11 +34,17 @@ NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 CONV_NETWORK_TYPES = ("locon", "loha", "lokr")
 """Network types that adapt the UNet's 3x3 convolutions by default, as LyCORIS does."""
 
+FLUX_BLOCK_LAYERS = ["img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "txt_mod.lin",
+                     "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2", "linear1", "linear2", "modulation.lin"]
+"""Every linear layer of Flux's double and single stream blocks: kohya's default for Flux (networks/lora_flux.py)."""
 UNET_TARGET_SETS = {
-    "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+              *FLUX_BLOCK_LAYERS],
+    "attention": ["to_q", "to_k", "to_v", "to_out.0", "img_attn.qkv", "img_attn.proj", "txt_attn.qkv",
+                  "txt_attn.proj"],
 }
-"""Named UNet layer sets: kohya's default (every linear layer of the transformer blocks) and attention only."""
+"""Named UNet layer sets: kohya's default (every linear layer of the transformer blocks; of a UNet's or of Flux's)
+and attention only (Flux: its double blocks' attention; a single block's fused linear1 is not only attention)."""
 TEXT_ENCODER_TARGET_SETS = {
     "kohya": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],

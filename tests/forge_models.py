@@ -125,12 +125,13 @@ def _forge_clip(activation: str, memory_management) -> nn.Module:
     return clip
 
 
-def _forge_vae(memory_management) -> nn.Module:
+def _forge_vae(memory_management, **latent_format) -> nn.Module:
     from backend.nn.vae import IntegratedAutoencoderKL
     from backend.operations import using_forge_operations
 
     config = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1)
+    config.update(latent_format)
     with torch.inference_mode(False):
         weights = _perturbed(IntegratedAutoencoderKL.from_config(config).state_dict())
     with using_forge_operations(device=torch.device("cpu"), dtype=memory_management.vae_dtype()):
@@ -149,3 +150,79 @@ def _perturbed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tensor = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
         perturbed[name] = tensor.clone()
     return perturbed
+
+
+FLUX_CONFIG = dict(image_model="flux", in_channels=16, vec_in_dim=HIDDEN, context_in_dim=HIDDEN, hidden_size=32,
+                   mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000,
+                   qkv_bias=True, guidance_embed=True)
+"""A tiny Flux-dev transformer: the architecture of Forge's detection (16 latent channels, CLIP-L pooled vector,
+T5 sequence, double and single stream blocks, guidance embedding) at a width of 32."""
+T5_CONFIG = dict(num_layers=2, d_model=HIDDEN, d_ff=64, dense_act_fn="gelu_pytorch_tanh", is_gated_act=True,
+                 num_heads=4, model_type="t5", vocab_size=64)
+T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.()[]:"
+
+
+def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0):
+    """Forge's `Flux` diffusion engine of tiny size (Flux-dev: with guidance), as `forge_model_reload` leaves it:
+    Forge's Flux transformer, its CLIP-L and T5 encoders and a 16-channel VAE with Flux's latent scale and shift."""
+    import_forge()
+    from backend import memory_management
+    from backend.diffusion_engine.flux import Flux
+    from huggingface_guess import model_list
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with torch.inference_mode():  # as forge_model_reload()
+        components = {"transformer": _forge_flux_transformer(FLUX_CONFIG, memory_management),
+                      "vae": _forge_vae(memory_management, latent_channels=16, scaling_factor=0.3611,
+                                        shift_factor=0.1159),
+                      "text_encoder": _forge_clip("quick_gelu", memory_management),
+                      "text_encoder_2": _forge_t5(), "tokenizer": CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
+                      "tokenizer_2": t5_tokenizer()}
+        engine = Flux(model_list.Flux(FLUX_CONFIG), components)
+    engine.sd_checkpoint_info = types.SimpleNamespace(model_name="tiny-forge-flux")
+    return engine
+
+
+def t5_tokenizer():
+    """A T5 tokenizer (sentencepiece-style unigram over single characters, T5's pad 0 and end 1) small enough for
+    the tiny T5."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(character, -2.0) for character in T5_CHARACTERS]
+    unigram = Tokenizer(models.Unigram(pieces, unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=unigram, extra_ids=0, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>")
+
+
+def _forge_flux_transformer(config: dict, memory_management) -> nn.Module:
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.operations import using_forge_operations
+
+    arguments = {key: value for key, value in config.items() if key != "image_model"}
+    device, dtype = memory_management.get_torch_device(), torch.float32
+    with torch.inference_mode(False):
+        weights = _perturbed(IntegratedFluxTransformer2DModel(**arguments).state_dict())
+    with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
+        transformer = IntegratedFluxTransformer2DModel(**arguments).to(device=device, dtype=dtype)
+    transformer.load_state_dict(weights)
+    transformer.config = dict(config)
+    transformer.storage_dtype = transformer.computation_dtype = dtype
+    transformer.load_device = transformer.initial_device = device
+    transformer.offload_device = memory_management.unet_offload_device()
+    return transformer
+
+
+def _forge_t5() -> nn.Module:
+    from backend.nn.t5 import IntegratedT5
+    from backend.operations import using_forge_operations
+
+    with torch.inference_mode(False):
+        weights = _perturbed(IntegratedT5(T5_CONFIG).state_dict())
+    with using_forge_operations(device=torch.device("cpu"), dtype=torch.float32, manual_cast_enabled=True):
+        t5 = IntegratedT5(T5_CONFIG)
+    t5.load_state_dict(weights)
+    return t5

@@ -17,7 +17,7 @@ its memory manager, so that this module imports anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
@@ -49,6 +49,10 @@ from lora_trainer.models.webui_backend import (
 
 TRAINABLE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Weight storage a LoRA can be trained on; fp8, nf4/fp4 (bitsandbytes) and gguf are quantized."""
+QUANTIZED_KINDS = {"nf4": "nf4 (a bitsandbytes checkpoint)", "fp4": "fp4 (a bitsandbytes checkpoint)",
+                   "gguf": "GGUF (a .gguf checkpoint)", torch.float8_e4m3fn: "fp8 (float8_e4m3fn)",
+                   torch.float8_e5m2: "fp8 (float8_e5m2)"}
+"""The checkpoint types behind Forge's quantized storage dtypes, as the refusal names them."""
 TEXT_ENCODERS = {"sd1": [("clip_l", "lora_te", "text_encoder")], "sd2": [("clip_h", "lora_te", "text_encoder")],
                  "sdxl": [("clip_l", "lora_te1", "text_encoder"), ("clip_g", "lora_te2", "text_encoder_2")]}
 """Per family: Forge's name for each text encoder, its kohya prefix and its diffusers component."""
@@ -172,10 +176,8 @@ class ForgeBackend(DiffusionBackend):
             stack.enter_context(frozen_parameters(trees))
             stack.enter_context(_norms_see_copies(self.unet))
             if gradient_checkpointing:
-                blocks = [module for module in self.unet.modules() if type(module).__name__ in CHECKPOINTED_BLOCKS]
                 stack.enter_context(temporary_attributes(
-                    [(block, "forward", partial(checkpointed_forward, partial(_on_a_copy, block.forward)))
-                     for block in blocks]))
+                    [(block, "forward", forward) for block, forward in self._checkpointed_blocks()]))
             yield
 
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
@@ -184,6 +186,11 @@ class ForgeBackend(DiffusionBackend):
             raise UserError("this backend has no image generator, so it cannot render sample images; "
                             "leave sample_prompts empty")
         return self._generate_image(prompt, negative_prompt, seed, steps, width, height, guidance_scale)
+
+    def _checkpointed_blocks(self) -> list[tuple[nn.Module, Callable]]:
+        """Each block recomputed in the backward pass under gradient checkpointing, with its checkpointed forward."""
+        return [(block, partial(checkpointed_forward, partial(_on_a_copy, block.forward)))
+                for block in self.unet.modules() if type(block).__name__ in CHECKPOINTED_BLOCKS]
 
     def _load_models(self) -> None:
         """Forge's memory manager: the LoRA-free UNet and text encoders on the device, whole.
@@ -211,6 +218,19 @@ class ForgeBackend(DiffusionBackend):
         return self.engine.embedder(numbers.flatten()).reshape(numbers.shape[0], SIZE_NUMBERS * SIZE_EMBEDDING_DIM)
 
 
+def forge_backend(engine, generate_image: GenerateImage | None = None, model_name: str = "",
+                  clip_skip: int | None = None) -> ForgeBackend:
+    """The backend for Forge's loaded engine: `ForgeFluxBackend` for a Flux engine, `ForgeBackend` for SD1, SD2 and
+    SDXL (the WebUI's Clip skip reaches only those)."""
+    from backend.diffusion_engine.flux import Flux
+
+    if isinstance(engine, Flux):
+        from lora_trainer.models.forge_flux import ForgeFluxBackend
+
+        return ForgeFluxBackend(engine, generate_image, model_name)
+    return ForgeBackend(engine, generate_image, model_name, clip_skip)
+
+
 def _family(engine) -> str:
     if getattr(engine, "is_sdxl", False):
         return "sdxl"
@@ -219,15 +239,12 @@ def _family(engine) -> str:
     if getattr(engine, "is_sd1", False):
         return "sd1"
     raise UserError(f"the loaded model is a {type(engine).__name__}; the trainer trains SD1, SD2 and SDXL models "
-                    "in Forge (Flux, SD3 and Chroma are not supported yet)")
+                    "and Flux models in Forge (SD3 and Chroma are not supported yet)")
 
 
 def _refuse_untrainable(engine, k_model: nn.Module, unet: nn.Module) -> None:
     """Raise a `UserError` that says what to do when the loaded model is one this backend cannot train."""
-    if k_model.storage_dtype not in TRAINABLE_STORAGE_DTYPES:
-        raise UserError(f"the loaded model's weights are stored as {k_model.storage_dtype} (quantized), which cannot "
-                        "be trained; set Diffusion in Low Bits to Automatic (or a 16-bit choice), reload the model "
-                        "and start again")
+    refuse_quantized(k_model)
     if k_model.predictor.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"the loaded model predicts {k_model.predictor.prediction_type!r}; only eps and v models "
                         "can be trained")
@@ -236,6 +253,19 @@ def _refuse_untrainable(engine, k_model: nn.Module, unet: nn.Module) -> None:
                         "checkpoint to train a LoRA")
     if getattr(engine, "is_sdxl", False) and not hasattr(engine, "text_processing_engine_l"):
         raise UserError("the loaded SDXL model has no CLIP-L text encoder (a refiner?); load an SDXL base model")
+
+
+def refuse_quantized(k_model: nn.Module) -> None:
+    """Raise a `UserError` naming the checkpoint type when the loaded model's weights are quantized.
+
+    Training swaps each weight for a plain copy (`_plain_parameters`), which would drop the quantization state of
+    bitsandbytes' nf4/fp4 and of gguf parameters, and fp8 weights are not trained here either."""
+    storage = k_model.storage_dtype
+    if storage in TRAINABLE_STORAGE_DTYPES:
+        return
+    kind = QUANTIZED_KINDS.get(storage, f"{storage}")
+    raise UserError(f"the loaded model's weights are stored as {kind} (quantized), which cannot be trained; load a "
+                    "16-bit (bf16/fp16) checkpoint with Diffusion in Low Bits set to Automatic and start again")
 
 
 @contextmanager

@@ -19,8 +19,8 @@ from lora_trainer.config_template import config_field_docs
 from lora_trainer.errors import UserError
 from lora_trainer.models.base import ModelFamily
 
-FAMILY_RESOLUTION: dict[ModelFamily, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+FAMILY_RESOLUTION: dict[ModelFamily, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024}
+FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}
 HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "clip_skip")
 """Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
 setting): not in the form."""

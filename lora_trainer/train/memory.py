@@ -54,7 +54,8 @@ class ModelFootprint:
     vae_bytes: int
     text_encoder_width_layers: int
     """The text encoders' width times their layers, summed (what their activations scale with)."""
-    layout: UNetLayout
+    layout: UNetLayout | None
+    """None: not a UNet (Flux), whose activations the estimate leaves out."""
     vae_scale: int
     """Pixels per latent cell along each side."""
     lora_parameters: int
@@ -74,6 +75,8 @@ class MemoryEstimate:
     """LoRA parameters, their gradients and the optimizer's state."""
     activations: int
     workspace: int
+    activations_counted: bool = True
+    """False where the model's activations are not modelled (Flux): the estimate is then a lower bound."""
 
     @property
     def total(self) -> int:
@@ -82,9 +85,9 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """`~7.9 GB (weights 2.1, LoRA and optimizer 0.1, activations 5.2, workspace 0.5)`."""
+        activations = gigabytes(self.activations) if self.activations_counted else "not counted for this model"
         return (f"~{gigabytes(self.total)} GB (weights {gigabytes(self.weights)}, LoRA and optimizer "
-                f"{gigabytes(self.lora)}, activations {gigabytes(self.activations)}, workspace "
-                f"{gigabytes(self.workspace)})")
+                f"{gigabytes(self.lora)}, activations {activations}, workspace {gigabytes(self.workspace)})")
 
 
 @dataclass(frozen=True)
@@ -256,18 +259,21 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     lora = footprint.lora_parameters * (4 + 4 + state_bytes)
     element_bytes = 2 if training.mixed_precision != "no" else 4
     latent_side = dataset.resolution // footprint.vae_scale
-    unet = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
-                               conv_lora=network.effective_conv_rank > 0,
-                               feed_forward_lora=matches_targets(("ff.net.0.proj", "ff.net.2"), network.target_modules),
-                               projection_lora=matches_targets(("proj_in", "proj_out"), network.target_modules),
-                               convolutions_keep_inputs=not config.model.fp8_base)
-    per_sample = unet.bytes(element_bytes)
+    per_sample = 0
+    if footprint.layout is not None:
+        unet = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
+                                   conv_lora=network.effective_conv_rank > 0,
+                                   feed_forward_lora=matches_targets(("ff.net.0.proj", "ff.net.2"),
+                                                                     network.target_modules),
+                                   projection_lora=matches_targets(("proj_in", "proj_out"), network.target_modules),
+                                   convolutions_keep_inputs=not config.model.fp8_base)
+        per_sample = unet.bytes(element_bytes)
     if network.train_text_encoder:
         per_sample += (TEXT_ENCODER_ELEMENTS_PER_TOKEN_WIDTH * CONTEXT_TOKENS * footprint.text_encoder_width_layers
                        * element_bytes)
     activations = per_sample * training.batch_size
     workspace = WORKSPACE_BYTES + int(FRAGMENTATION * activations)
-    return MemoryEstimate(weights, lora, activations, workspace)
+    return MemoryEstimate(weights, lora, activations, workspace, activations_counted=footprint.layout is not None)
 
 
 def plan_memory(config: TrainConfig, footprint: ModelFootprint, available: int | None) -> MemoryPlan:
@@ -328,14 +334,15 @@ def plan_run_memory(config: TrainConfig, backend: DiffusionBackend) -> MemoryPla
 def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelFootprint:
     """What the estimate needs from `backend`'s model, for a LoRA network as `network` describes it."""
     parts = backend.model_parts()
-    unet_scale = 2 ** (len(backend.unet_layout().level_channels) - 1)
+    layout = backend.unet_layout()
+    unet_scale = 2 ** (len(layout.level_channels) - 1) if layout else 1
     return ModelFootprint(
         unet_bytes=tensor_bytes([parts.unet]),
         unet_fp8_bytes=tensor_bytes([parts.unet]) if backend.fp8_base_refusal else fp8_bytes(parts.unet),
         text_encoder_bytes=tensor_bytes(parts.text_encoders), vae_bytes=tensor_bytes([parts.vae]),
         text_encoder_width_layers=sum(layer.normalized_shape[0] for encoder in parts.text_encoders
                                       for layer in encoder.modules() if isinstance(layer, nn.LayerNorm)) // 2,
-        layout=backend.unet_layout(), vae_scale=backend.latent_scale // unet_scale,
+        layout=layout, vae_scale=backend.latent_scale // unet_scale,
         lora_parameters=lora_parameter_count(backend, network), parks_idle_parts=backend.parks_idle_parts,
         resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device))
 
