@@ -252,6 +252,10 @@ class ForgeHost(A1111Host):
         model = sd_models.model_data.sd_model
         if not hasattr(model, "forge_objects"):
             return None
+        from backend.diffusion_engine.flux import Flux
+
+        if isinstance(model, Flux):
+            return "flux"
         if model.is_sdxl:
             return "sdxl"
         return "sd2" if model.is_sd2 else "sd1" if model.is_sd1 else None

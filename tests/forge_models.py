@@ -10,6 +10,7 @@ read) is stood in for: it belongs to the WebUI host, not to Forge's model code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import types
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 FORGE_SOURCE_VARIABLE = "LORA_TRAINER_FORGE_SOURCE"
@@ -226,3 +228,57 @@ def _forge_t5() -> nn.Module:
         t5 = IntegratedT5(T5_CONFIG)
     t5.load_state_dict(weights)
     return t5
+
+
+def forge_trees(engine) -> dict[str, torch.nn.Module]:
+    """The engine's LoRA-free model trees: its diffusion model, its text encoders and its VAE."""
+    originals = engine.forge_objects_original
+    return {"unet": originals.unet.model, "clip": originals.clip.cond_stage_model,
+            "vae": originals.vae.first_stage_model}
+
+
+def forge_state_hashes(engine) -> dict[str, str]:
+    """A digest of every tensor of the engine's trees, by name."""
+    return {f"{tree}.{name}": hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                                             .numpy()).hexdigest()
+            for tree, module in forge_trees(engine).items() for name, tensor in module.state_dict().items()}
+
+
+def forge_snapshot(engine) -> dict:
+    """What training must leave as it was: weights (the same parameter objects), flags, modes, hooks, and the
+    engine's choice of patchers and LoRA."""
+    plain = (bool, int, float, str, tuple, type(None))
+    modules = [(f"{tree}.{name}", module) for tree, root in forge_trees(engine).items()
+               for name, module in root.named_modules()]
+    return {
+        "state": forge_state_hashes(engine),
+        "parameters": [(name, id(parameter), parameter.requires_grad, parameter.is_inference())
+                       for name, module in modules for parameter in module.parameters(recurse=False)],
+        "training": [(name, module.training) for name, module in modules],
+        "hooks": [(name, len(module._forward_hooks), len(module._forward_pre_hooks)) for name, module in modules],
+        "attributes": [(name, sorted(vars(module)), {key: value for key, value in vars(module).items()
+                                                     if isinstance(value, plain)}) for name, module in modules],
+        "engine": (engine.current_lora_hash, id(engine.forge_objects.unet), id(engine.forge_objects.clip)),
+    }
+
+
+def forge_lora_patches(engine, path):
+    """The file as Forge's Lora extension reads it: (UNet patches, CLIP patches, keys it could not place)."""
+    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+
+    originals = engine.forge_objects_original
+    unet_keys = model_lora_keys_unet(originals.unet.model, {})
+    clip_keys = model_lora_keys_clip(originals.clip.cond_stage_model, {})
+    unet_patches, unmatched = load_lora(load_file(str(path)), unet_keys)
+    clip_patches, unmatched = load_lora(unmatched, clip_keys)
+    return unet_patches, clip_patches, unmatched
+
+
+def prompt_with_loras(engine, loras: list) -> None:
+    """What Forge does for a prompt with these `(file, strength)` LoRA tags: patched clones of its patchers
+    (none without tags), merged into the weights when its memory manager loads them."""
+    from backend import memory_management
+    from fake_forge_host import apply_loras_as_forge
+
+    apply_loras_as_forge(engine, loras)
+    memory_management.load_models_gpu([engine.forge_objects.unet, engine.forge_objects.clip.patcher])

@@ -1,0 +1,158 @@
+"""Flux in Forge: a tiny Flux-dev engine built from Forge's own classes (tests/forge_models.py, skipped without
+Forge's source), trained through the Forge backend and read back by Forge's own LoRA loader."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_trainer.config import FLUX_BLOCK_LAYERS, TrainConfig, config_from_dict
+from lora_trainer.errors import UserError
+from lora_trainer.lora.naming import kohya_key
+from lora_trainer.lora.targets import network_from_file
+from lora_trainer.models.forge_backend import forge_backend
+from lora_trainer.models.forge_flux import ForgeFluxBackend
+from lora_trainer.train.loop import train
+from lora_trainer.train.memory import plan_run_memory
+from tests.forge_models import (
+    FLUX_CONFIG,
+    forge_lora_patches,
+    forge_snapshot,
+    prompt_with_loras,
+    tiny_forge_flux_engine,
+)
+from tests.measures import TINY_SIZES, fixed_noise_loss
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A tiny Forge Flux-dev engine that has rendered one image, as Forge does before any training."""
+    from fake_forge_host import euler_sample
+
+    from lora_trainer.tiny import write_clip_tokenizer_files
+
+    engine = tiny_forge_flux_engine(write_clip_tokenizer_files(tmp_path_factory.mktemp("forge-tokenizer")))
+    euler_sample(engine, "a warm-up prompt", seed=0, steps=1, width=32, height=32)
+    return engine
+
+
+def _config(dataset, output_dir, **overrides) -> TrainConfig:
+    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=16, lora_rank=4, learning_rate=2e-2,
+                    batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
+    settings.update(overrides)
+    return config_from_dict(settings)
+
+
+def test_forge_backend_gives_a_flux_engine_the_flux_backend(engine):
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+
+    backend = forge_backend(engine, clip_skip=2)
+    assert isinstance(backend, ForgeFluxBackend)
+    assert isinstance(backend.unet, IntegratedFluxTransformer2DModel)
+    assert (backend.family, backend.prediction_type, backend.clip_skip) == ("flux", "flow", None)
+    assert backend.flow_shift == pytest.approx(1.15)  # Forge's Flux-dev mu, at its 4096-token sequence
+    assert any(parameter.is_inference() for parameter in backend.unet.parameters())
+
+
+def test_trained_lora_lowers_the_flow_matching_loss_on_its_training_images(engine, shapes_dataset, tmp_path):
+    backend = forge_backend(engine)
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=40)
+    path = train(config, backend).saved[-1]
+    network = network_from_file(backend.lora_roots(), path)
+    with backend.training_mode(False):
+        with network.applied(0.0):
+            base_loss = fixed_noise_loss(backend, config)
+        with network.applied(1.0):
+            trained_loss = fixed_noise_loss(backend, config)
+    print(f"flux: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
+    assert trained_loss < 0.85 * base_loss
+
+
+def test_training_leaves_the_flux_model_bit_identical(engine, shapes_dataset, tmp_path):
+    before = forge_snapshot(engine)
+    result = train(_config(shapes_dataset, tmp_path / "out", train_text_encoder=True, gradient_checkpointing=True,
+                           validation_split=0.25, sample_prompts=["sks, a red shape"], sample_steps=2),
+                   forge_backend(engine, generate_image=_euler_render(engine)))
+    assert forge_snapshot(engine) == before
+    assert result.validation_losses and len(result.samples) == 1
+
+
+def _euler_render(engine):
+    from fake_forge_host import euler_sample
+
+    return lambda prompt, negative, seed, steps, width, height, guidance: euler_sample(engine, prompt, seed, steps,
+                                                                                        width, height)
+
+
+def test_saved_flux_files_carry_kohyas_names_and_load_in_forge_with_no_unmatched_key(engine, shapes_dataset,
+                                                                                      tmp_path):
+    backend = forge_backend(engine)
+    path = train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1, train_text_encoder=True),
+                 backend).saved[-1]
+    unet_patches, clip_patches, unmatched = forge_lora_patches(engine, path)
+    assert unmatched == {}
+    with safe_open(str(path), "pt") as saved:
+        layers = {key.partition(".")[0] for key in saved.keys()}
+        metadata = saved.metadata()
+    blocks = [f"double_blocks.{index}" for index in range(FLUX_CONFIG["depth"])] + \
+             [f"single_blocks.{index}" for index in range(FLUX_CONFIG["depth_single_blocks"])]
+    expected = {kohya_key("lora_unet", f"{block}.{layer}") for block in blocks for layer in FLUX_BLOCK_LAYERS
+                if (layer in ("linear1", "linear2", "modulation.lin")) == block.startswith("single")}
+    assert {layer for layer in layers if layer.startswith("lora_unet")} == expected
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in expected
+    assert len(unet_patches) + len(clip_patches) == len(layers)
+    assert {key.split(".")[0] for key in clip_patches} == {"clip_l"}
+    assert (metadata["ss_base_model_version"], metadata["modelspec.architecture"]) == ("flux1", "flux-1-dev/lora")
+
+
+def test_forge_applies_the_flux_file_at_strength_one_and_leaves_the_base_at_zero(engine, shapes_dataset, tmp_path):
+    backend = forge_backend(engine)
+    path = train(_config(shapes_dataset, tmp_path / "out", max_train_steps=3, learning_rate=5e-2), backend).saved[-1]
+    network = network_from_file(backend.lora_roots(), path)
+    torch.manual_seed(0)
+    latents, sigmas = torch.randn(1, 16, 16, 16), torch.tensor([0.5])
+
+    def prediction() -> torch.Tensor:
+        with torch.no_grad():
+            return backend.predict(latents, sigmas, backend.encode_text(["sks, a red shape"]), TINY_SIZES)
+
+    with backend.training_mode(False), network.applied(1.0):
+        hooked = prediction()
+    with backend.training_mode(False):
+        base = prediction()
+    prompt_with_loras(engine, [(path, 1.0)])
+    merged = prediction()
+    prompt_with_loras(engine, [(path, 0.0)])
+    at_zero = prediction()
+    prompt_with_loras(engine, [])
+    assert not torch.allclose(merged, base, atol=1e-4)
+    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(at_zero, base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("storage", "named"), [("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("gguf", "GGUF"),
+                                                (torch.float8_e4m3fn, "fp8")])
+def test_a_quantized_flux_checkpoint_is_refused_by_its_type(engine, storage, named):
+    engine = copy.copy(engine)
+    k_model = engine.forge_objects_original.unet.model
+    kept = k_model.storage_dtype
+    k_model.storage_dtype = storage
+    try:
+        with pytest.raises(UserError, match=named):
+            forge_backend(engine)
+    finally:
+        k_model.storage_dtype = kept
+
+
+def test_loss_settings_of_an_eps_schedule_are_refused_for_flux(engine, shapes_dataset, tmp_path):
+    with pytest.raises(UserError, match="min_snr_gamma"):
+        train(_config(shapes_dataset, tmp_path / "out", min_snr_gamma=5.0), forge_backend(engine))
+
+
+def test_the_memory_plan_counts_flux_weights_and_says_it_leaves_out_activations(engine, shapes_dataset, tmp_path):
+    plan = plan_run_memory(_config(shapes_dataset, tmp_path / "out"), forge_backend(engine))
+    assert plan.estimate.weights > 0 and plan.estimate.lora > 0
+    assert "activations not counted" in plan.line()
