@@ -16,6 +16,7 @@ from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.forge_backend import forge_backend
 from lora_trainer.models.forge_flux import ForgeFluxBackend
 from lora_trainer.train.loop import train
+from lora_trainer.train.loss import add_noise, diffusion_target
 from lora_trainer.train.memory import plan_run_memory
 from tests.forge_models import (
     FLUX_CONFIG,
@@ -55,6 +56,26 @@ def test_forge_backend_gives_a_flux_engine_the_flux_backend(engine):
     assert (backend.family, backend.prediction_type, backend.clip_skip) == ("flux", "flow", None)
     assert backend.flow_shift == pytest.approx(1.15)  # Forge's Flux-dev mu, at its 4096-token sequence
     assert any(parameter.is_inference() for parameter in backend.unet.parameters())
+
+
+def test_the_training_target_and_inputs_are_what_forges_flux_sampler_reads(engine):
+    backend = forge_backend(engine)
+    k_model = engine.forge_objects_original.unet.model
+    torch.manual_seed(0)
+    latents, noise, sigmas = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.8])
+    noisy = add_noise(latents, noise, sigmas, None, "flow")
+    torch.testing.assert_close(noisy, k_model.predictor.noise_scaling(sigmas.view(2, 1, 1, 1), noise, latents))
+    target = diffusion_target(latents, noise, sigmas, None, "flow")
+    torch.testing.assert_close(k_model.predictor.calculate_denoised(sigmas, target, noisy), latents)
+    forge_conditioning = engine.get_learned_conditioning(["sks, a red shape", "a blue shape"])
+    with backend.training_mode(False), torch.no_grad():
+        text = backend.encode_text(["sks, a red shape", "a blue shape"])
+        denoised = k_model.apply_model(noisy, sigmas, c_crossattn=text.context, y=text.pooled,
+                                       guidance=torch.ones(2), transformer_options={})
+        predicted = backend.predict(noisy, sigmas, text, TINY_SIZES)
+    torch.testing.assert_close(text.context, forge_conditioning["crossattn"])
+    torch.testing.assert_close(text.pooled, forge_conditioning["vector"])
+    torch.testing.assert_close(noisy - sigmas.view(2, 1, 1, 1) * predicted, denoised)
 
 
 def test_trained_lora_lowers_the_flow_matching_loss_on_its_training_images(engine, shapes_dataset, tmp_path):
