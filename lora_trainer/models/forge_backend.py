@@ -160,7 +160,7 @@ class ForgeBackend(DiffusionBackend):
     @contextmanager
     def training_mode(self, gradient_checkpointing: bool) -> Iterator[None]:
         engine = self.engine
-        trees = [self.unet, self._patchers.clip.cond_stage_model]
+        trees = self._graph_trees()
         with ExitStack() as stack:
             # The LoRA-free patchers for the run (samples render from them too); the next prompt's LoRA is
             # merged again by Forge, which reloads its own patchers.
@@ -186,6 +186,10 @@ class ForgeBackend(DiffusionBackend):
             raise UserError("this backend has no image generator, so it cannot render sample images; "
                             "leave sample_prompts empty")
         return self._generate_image(prompt, negative_prompt, seed, steps, width, height, guidance_scale)
+
+    def _graph_trees(self) -> list[nn.Module]:
+        """The module trees autograd runs through (their weights are swapped for plain copies while training)."""
+        return [self.unet, self._patchers.clip.cond_stage_model]
 
     def _checkpointed_blocks(self) -> list[tuple[nn.Module, Callable]]:
         """Each block recomputed in the backward pass under gradient checkpointing, with its checkpointed forward."""
