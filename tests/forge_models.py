@@ -286,3 +286,50 @@ def prompt_with_loras(engine, loras: list) -> None:
 
     apply_loras_as_forge(engine, loras)
     memory_management.load_models_gpu([engine.forge_objects.unet, engine.forge_objects.clip.patcher])
+
+
+def predictions_with_the_file(engine, backend, path, latents: torch.Tensor, timesteps: torch.Tensor,
+                              strengths: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The backend's prediction for one prompt with the LoRA file at `path` hooked at strength 1 by the trainer,
+    without it, and after Forge merged the file at each of `strengths` (Forge's LoRA taken off afterwards)."""
+    from lora_trainer.lora.targets import network_from_file
+    from tests.measures import TINY_SIZES
+
+    network = network_from_file(backend.lora_roots(), path)
+
+    def prediction() -> torch.Tensor:
+        with torch.no_grad():
+            return backend.predict(latents, timesteps, backend.encode_text(["sks, a red shape"]), TINY_SIZES)
+
+    with backend.training_mode(False), network.applied(1.0):
+        hooked = prediction()
+    with backend.training_mode(False):
+        base = prediction()
+    merged = []
+    for strength in strengths:
+        prompt_with_loras(engine, [(path, strength)])
+        merged.append(prediction())
+    prompt_with_loras(engine, [])
+    return hooked, base, merged
+
+
+def tiny_run_config(dataset: Path, output_dir: Path, **overrides):
+    """A short run's config on the 32 px shapes dataset (rank 4, batch 2, 2 steps, no logs) with `overrides`."""
+    from lora_trainer.config import config_from_dict
+
+    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=5e-3,
+                    batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
+    return config_from_dict(settings | overrides)
+
+
+def loss_without_and_with_the_file(backend, config, path: Path) -> tuple[float, float]:
+    """`fixed_noise_loss` on the training images of `config` with the LoRA file at `path` at strength 0 and 1."""
+    from lora_trainer.lora.targets import network_from_file
+    from tests.measures import fixed_noise_loss
+
+    network = network_from_file(backend.lora_roots(), path)
+    with backend.training_mode(False):
+        with network.applied(0.0):
+            base_loss = fixed_noise_loss(backend, config)
+        with network.applied(1.0):
+            return base_loss, fixed_noise_loss(backend, config)

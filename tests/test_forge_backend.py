@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_trainer.config import TrainConfig, config_from_dict
+from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
-from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.forge_backend import ForgeBackend
 from lora_trainer.train.events import TrainingEvents
 from lora_trainer.train.loop import train
@@ -19,10 +18,12 @@ from tests.forge_models import (
     forge_lora_patches,
     forge_snapshot,
     forge_state_hashes,
+    loss_without_and_with_the_file,
+    predictions_with_the_file,
     prompt_with_loras,
     tiny_forge_engine,
+    tiny_run_config,
 )
-from tests.measures import TINY_SIZES, fixed_noise_loss
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 
@@ -43,10 +44,7 @@ def engines(tmp_path_factory) -> dict:
 
 
 def _config(dataset, output_dir, **overrides) -> TrainConfig:
-    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=5e-3,
-                    batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
-    settings.update(overrides)
-    return config_from_dict(settings)
+    return tiny_run_config(dataset, output_dir, **overrides)
 
 
 def test_the_tiny_models_are_forge_models_loaded_in_inference_mode(engines):
@@ -62,13 +60,7 @@ def test_the_tiny_models_are_forge_models_loaded_in_inference_mode(engines):
 def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, engines, shapes_dataset, tmp_path):
     backend = ForgeBackend(engines[family])
     config = _config(shapes_dataset, tmp_path / "out", max_train_steps=40, learning_rate=2e-2)
-    path = train(config, backend).saved[-1]
-    network = network_from_file(backend.lora_roots(), path)
-    with backend.training_mode(False):
-        with network.applied(0.0):
-            base_loss = fixed_noise_loss(backend, config)
-        with network.applied(1.0):
-            trained_loss = fixed_noise_loss(backend, config)
+    base_loss, trained_loss = loss_without_and_with_the_file(backend, config, train(config, backend).saved[-1])
     print(f"{family}: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
     assert trained_loss < 0.85 * base_loss
 
@@ -104,21 +96,9 @@ def test_forge_applies_the_file_as_the_trainer_did(family, engines, shapes_datas
     backend = ForgeBackend(engine)
     config = _config(shapes_dataset, tmp_path / "out", max_train_steps=3, learning_rate=5e-2, train_text_encoder=True)
     path = train(config, backend).saved[-1]
-    network = network_from_file(backend.lora_roots(), path)
     torch.manual_seed(0)
-    latents, timesteps = torch.randn(1, 4, 16, 16), torch.tensor([500])
-
-    def prediction() -> torch.Tensor:
-        with torch.no_grad():
-            return backend.predict(latents, timesteps, backend.encode_text(["sks, a red shape"]), TINY_SIZES)
-
-    with backend.training_mode(False), network.applied(1.0):
-        hooked = prediction()
-    with backend.training_mode(False):
-        base = prediction()
-    prompt_with_loras(engine, [(path, 1.0)])
-    merged = prediction()
-    prompt_with_loras(engine, [])
+    hooked, base, (merged,) = predictions_with_the_file(engine, backend, path, torch.randn(1, 4, 16, 16),
+                                                        torch.tensor([500]), strengths=(1.0,))
     assert not torch.allclose(hooked, base, atol=1e-4)
     torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-3)
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_trainer.config import FLUX_BLOCK_LAYERS, TrainConfig, config_from_dict
+from lora_trainer.config import FLUX_BLOCK_LAYERS, TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import kohya_key
-from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.forge_backend import forge_backend
 from lora_trainer.models.forge_flux import ForgeFluxBackend
 from lora_trainer.train.loop import train
@@ -22,10 +21,12 @@ from tests.forge_models import (
     FLUX_CONFIG,
     forge_lora_patches,
     forge_snapshot,
-    prompt_with_loras,
+    loss_without_and_with_the_file,
+    predictions_with_the_file,
     tiny_forge_flux_engine,
+    tiny_run_config,
 )
-from tests.measures import TINY_SIZES, fixed_noise_loss
+from tests.measures import TINY_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,8 @@ def engine(tmp_path_factory):
 
 
 def _config(dataset, output_dir, **overrides) -> TrainConfig:
-    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=16, lora_rank=4, learning_rate=2e-2,
-                    batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
-    settings.update(overrides)
-    return config_from_dict(settings)
+    """Flux's patches are 2x2 latent cells: buckets in steps of 16 px."""
+    return tiny_run_config(dataset, output_dir, **({"bucket_step": 16, "learning_rate": 2e-2} | overrides))
 
 
 def test_forge_backend_gives_a_flux_engine_the_flux_backend(engine):
@@ -81,13 +80,7 @@ def test_the_training_target_and_inputs_are_what_forges_flux_sampler_reads(engin
 def test_trained_lora_lowers_the_flow_matching_loss_on_its_training_images(engine, shapes_dataset, tmp_path):
     backend = forge_backend(engine)
     config = _config(shapes_dataset, tmp_path / "out", max_train_steps=40)
-    path = train(config, backend).saved[-1]
-    network = network_from_file(backend.lora_roots(), path)
-    with backend.training_mode(False):
-        with network.applied(0.0):
-            base_loss = fixed_noise_loss(backend, config)
-        with network.applied(1.0):
-            trained_loss = fixed_noise_loss(backend, config)
+    base_loss, trained_loss = loss_without_and_with_the_file(backend, config, train(config, backend).saved[-1])
     print(f"flux: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
     assert trained_loss < 0.85 * base_loss
 
@@ -132,23 +125,9 @@ def test_saved_flux_files_carry_kohyas_names_and_load_in_forge_with_no_unmatched
 def test_forge_applies_the_flux_file_at_strength_one_and_leaves_the_base_at_zero(engine, shapes_dataset, tmp_path):
     backend = forge_backend(engine)
     path = train(_config(shapes_dataset, tmp_path / "out", max_train_steps=3, learning_rate=5e-2), backend).saved[-1]
-    network = network_from_file(backend.lora_roots(), path)
     torch.manual_seed(0)
-    latents, sigmas = torch.randn(1, 16, 16, 16), torch.tensor([0.5])
-
-    def prediction() -> torch.Tensor:
-        with torch.no_grad():
-            return backend.predict(latents, sigmas, backend.encode_text(["sks, a red shape"]), TINY_SIZES)
-
-    with backend.training_mode(False), network.applied(1.0):
-        hooked = prediction()
-    with backend.training_mode(False):
-        base = prediction()
-    prompt_with_loras(engine, [(path, 1.0)])
-    merged = prediction()
-    prompt_with_loras(engine, [(path, 0.0)])
-    at_zero = prediction()
-    prompt_with_loras(engine, [])
+    hooked, base, (merged, at_zero) = predictions_with_the_file(engine, backend, path, torch.randn(1, 16, 16, 16),
+                                                                torch.tensor([0.5]), strengths=(1.0, 0.0))
     assert not torch.allclose(merged, base, atol=1e-4)
     torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(at_zero, base, atol=1e-6, rtol=0)
