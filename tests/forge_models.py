@@ -164,9 +164,11 @@ T5_CONFIG = dict(num_layers=2, d_model=HIDDEN, d_ff=64, dense_act_fn="gelu_pytor
 T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.()[]:"
 
 
-def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0):
+def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0, gguf_file: Path | None = None):
     """Forge's `Flux` diffusion engine of tiny size (Flux-dev: with guidance), as `forge_model_reload` leaves it:
-    Forge's Flux transformer, its CLIP-L and T5 encoders and a 16-channel VAE with Flux's latent scale and shift."""
+    Forge's Flux transformer, its CLIP-L and T5 encoders and a 16-channel VAE with Flux's latent scale and shift.
+    With `gguf_file`, the transformer is written there with its linear weights quantized to Q8_0 and loaded from it
+    as Forge loads a .gguf checkpoint."""
     import_forge()
     from backend import memory_management
     from backend.diffusion_engine.flux import Flux
@@ -175,7 +177,8 @@ def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     with torch.inference_mode():  # as forge_model_reload()
-        components = {"transformer": _forge_flux_transformer(FLUX_CONFIG, memory_management),
+        transformer = _forge_flux_transformer(FLUX_CONFIG, memory_management, gguf_file)
+        components = {"transformer": transformer,
                       "vae": _forge_vae(memory_management, latent_channels=16, scaling_factor=0.3611,
                                         shift_factor=0.1159),
                       "text_encoder": _forge_clip("quick_gelu", memory_management),
@@ -200,7 +203,7 @@ def t5_tokenizer():
                            unk_token="<unk>")
 
 
-def _forge_flux_transformer(config: dict, memory_management) -> nn.Module:
+def _forge_flux_transformer(config: dict, memory_management, gguf_file: Path | None) -> nn.Module:
     from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.operations import using_forge_operations
 
@@ -208,14 +211,44 @@ def _forge_flux_transformer(config: dict, memory_management) -> nn.Module:
     device, dtype = memory_management.get_torch_device(), torch.float32
     with torch.inference_mode(False):
         weights = _perturbed(IntegratedFluxTransformer2DModel(**arguments).state_dict())
-    with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
-        transformer = IntegratedFluxTransformer2DModel(**arguments).to(device=device, dtype=dtype)
-    transformer.load_state_dict(weights)
+    if gguf_file is None:
+        with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
+            transformer = IntegratedFluxTransformer2DModel(**arguments).to(device=device, dtype=dtype)
+        transformer.load_state_dict(weights)
+        storage = dtype
+    else:  # as Forge's loader reads a .gguf file (backend/loader.py)
+        from backend.state_dict import load_state_dict
+        from backend.utils import load_torch_file
+
+        _write_q8_gguf(weights, gguf_file)
+        with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False, bnb_dtype="gguf"):
+            transformer = IntegratedFluxTransformer2DModel(**arguments)
+        load_state_dict(transformer, load_torch_file(str(gguf_file)))
+        storage = "gguf"
     transformer.config = dict(config)
-    transformer.storage_dtype = transformer.computation_dtype = dtype
+    transformer.storage_dtype, transformer.computation_dtype = storage, dtype
     transformer.load_device = transformer.initial_device = device
     transformer.offload_device = memory_management.unet_offload_device()
     return transformer
+
+
+def _write_q8_gguf(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A .gguf file of `weights`, the linear weights quantized to Q8_0 (blocks of 32 with a scale each), the rest
+    kept in fp32, as city96's Flux gguf files are laid out."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, tensor in weights.items():
+        array = tensor.numpy()
+        if name.endswith(".weight") and array.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _forge_t5() -> nn.Module:

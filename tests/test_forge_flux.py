@@ -1,5 +1,6 @@
 """Flux in Forge: a tiny Flux-dev engine built from Forge's own classes (tests/forge_models.py, skipped without
-Forge's source), trained through the Forge backend and read back by Forge's own LoRA loader."""
+Forge's source), in 32-bit weights and loaded from a Q8_0 .gguf file, trained through the Forge backend and read
+back by Forge's own LoRA loader."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.lora.naming import kohya_key
 from lora_trainer.models.forge_backend import forge_backend
 from lora_trainer.models.forge_flux import ForgeFluxBackend
+from lora_trainer.train.events import TrainingEvents
 from lora_trainer.train.loop import train
 from lora_trainer.train.loss import add_noise, diffusion_target
 from lora_trainer.train.memory import plan_run_memory
@@ -133,7 +135,54 @@ def test_forge_applies_the_flux_file_at_strength_one_and_leaves_the_base_at_zero
     torch.testing.assert_close(at_zero, base, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("storage", "named"), [("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("gguf", "GGUF"),
+@pytest.fixture(scope="module")
+def gguf_engine(tmp_path_factory):
+    """The tiny Flux-dev engine loaded from a .gguf file whose linear weights are Q8_0, as Forge loads one."""
+    from fake_forge_host import euler_sample
+
+    from lora_trainer.tiny import write_clip_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("forge-gguf")
+    engine = tiny_forge_flux_engine(write_clip_tokenizer_files(folder), gguf_file=folder / "tiny-flux-q8_0.gguf")
+    # Forge bakes the gguf weights at their first load, inside process_images' inference mode.
+    with torch.inference_mode():
+        euler_sample(engine, "a warm-up prompt", seed=0, steps=1, width=32, height=32)
+    return engine
+
+
+def test_a_gguf_flux_trains_on_its_dequantized_weights_and_is_left_bit_identical(gguf_engine, shapes_dataset,
+                                                                                   tmp_path):
+    from backend.operations_gguf import ParameterGGUF
+
+    transformer = gguf_engine.forge_objects_original.unet.model.diffusion_model
+    quantized = {name: parameter for name, parameter in transformer.named_parameters()
+                 if getattr(parameter, "gguf_cls", None) is not None}
+    assert quantized and all(isinstance(parameter, ParameterGGUF) and parameter.is_inference()
+                             for parameter in quantized.values())
+    before = forge_snapshot(gguf_engine)
+
+    class QuantizedAtStart(TrainingEvents):
+        def on_start(self, plan):
+            self.kept = all(dict(transformer.named_parameters())[name] is parameter
+                            for name, parameter in quantized.items())
+
+    at_start = QuantizedAtStart()
+    backend = forge_backend(gguf_engine)
+    config = _config(shapes_dataset, tmp_path / "out", max_train_steps=40, gradient_checkpointing=True)
+    path = train(config, backend, at_start).saved[-1]
+    assert at_start.kept  # no plain copy of a quantized weight
+    assert forge_snapshot(gguf_engine) == before
+    base_loss, trained_loss = loss_without_and_with_the_file(backend, config, path)
+    print(f"flux gguf: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
+    assert trained_loss < 0.85 * base_loss
+    torch.manual_seed(0)
+    hooked, base, (merged,) = predictions_with_the_file(gguf_engine, backend, path, torch.randn(1, 16, 16, 16),
+                                                        torch.tensor([0.5]), strengths=(1.0,))
+    # Forge merges the LoRA into the Q8_0 weights and quantizes them again: close to the hooked output, not equal.
+    assert (merged - hooked).abs().max() < 0.01 * (hooked - base).abs().max()
+
+
+@pytest.mark.parametrize(("storage", "named"), [("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"),
                                                 (torch.float8_e4m3fn, "fp8")])
 def test_a_quantized_flux_checkpoint_is_refused_by_its_type(engine, storage, named):
     engine = copy.copy(engine)

@@ -47,11 +47,12 @@ from lora_trainer.models.webui_backend import (
     unet_lora_root,
 )
 
-TRAINABLE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Weight storage a LoRA can be trained on; fp8, nf4/fp4 (bitsandbytes) and gguf are quantized."""
+TRAINABLE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, "gguf")
+"""Weight storage a LoRA can be trained on. A gguf layer dequantizes its weight into a fresh tensor in each forward,
+which autograd can save, so its quantized weight needs no plain copy; fp8 and nf4/fp4 (bitsandbytes) cannot be
+trained here."""
 QUANTIZED_KINDS = {"nf4": "nf4 (a bitsandbytes checkpoint)", "fp4": "fp4 (a bitsandbytes checkpoint)",
-                   "gguf": "GGUF (a .gguf checkpoint)", torch.float8_e4m3fn: "fp8 (float8_e4m3fn)",
-                   torch.float8_e5m2: "fp8 (float8_e5m2)"}
+                   torch.float8_e4m3fn: "fp8 (float8_e4m3fn)", torch.float8_e5m2: "fp8 (float8_e5m2)"}
 """The checkpoint types behind Forge's quantized storage dtypes, as the refusal names them."""
 TEXT_ENCODERS = {"sd1": [("clip_l", "lora_te", "text_encoder")], "sd2": [("clip_h", "lora_te", "text_encoder")],
                  "sdxl": [("clip_l", "lora_te1", "text_encoder"), ("clip_g", "lora_te2", "text_encoder_2")]}
@@ -263,13 +264,15 @@ def refuse_quantized(k_model: nn.Module) -> None:
     """Raise a `UserError` naming the checkpoint type when the loaded model's weights are quantized.
 
     Training swaps each weight for a plain copy (`_plain_parameters`), which would drop the quantization state of
-    bitsandbytes' nf4/fp4 and of gguf parameters, and fp8 weights are not trained here either."""
+    bitsandbytes' nf4/fp4 parameters, and fp8 weights are not trained here either (gguf ones are: see
+    `TRAINABLE_STORAGE_DTYPES`)."""
     storage = k_model.storage_dtype
     if storage in TRAINABLE_STORAGE_DTYPES:
         return
     kind = QUANTIZED_KINDS.get(storage, f"{storage}")
     raise UserError(f"the loaded model's weights are stored as {kind} (quantized), which cannot be trained; load a "
-                    "16-bit (bf16/fp16) checkpoint with Diffusion in Low Bits set to Automatic and start again")
+                    "16-bit (bf16/fp16) or GGUF checkpoint with Diffusion in Low Bits set to Automatic and start "
+                    "again")
 
 
 @contextmanager
@@ -302,16 +305,21 @@ def _plain_parameters(trees: list[nn.Module]) -> Iterator[None]:
     """Swap every inference-mode parameter of `trees` for a plain copy (autograd cannot save inference
     tensors for backward); afterwards put the very same original parameters back.
 
-    Copies cost one more copy of those weights while training runs."""
+    Copies cost one more copy of those weights while training runs. A gguf-quantized weight stays: its layer
+    dequantizes it into a fresh tensor in each forward. The copies are plain tensors (a gguf file's unquantized
+    tensors are Forge's `ParameterGGUF`, whose attributes a clone would not carry)."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         with torch.inference_mode(False):
             for tree in trees:
                 for module in tree.modules():
                     for name, parameter in list(module._parameters.items()):
-                        if parameter is not None and parameter.is_inference():
-                            swapped.append((module, name, parameter))
-                            module._parameters[name] = nn.Parameter(parameter.clone(), requires_grad=False)
+                        if parameter is None or not parameter.is_inference() or \
+                                getattr(parameter, "gguf_cls", None) is not None:
+                            continue
+                        swapped.append((module, name, parameter))
+                        plain = parameter.as_subclass(torch.Tensor).clone()
+                        module._parameters[name] = nn.Parameter(plain, requires_grad=False)
         yield
     finally:
         for module, name, parameter in reversed(swapped):
