@@ -228,8 +228,9 @@ class NetworkConfig:
     """During training, skip each adapted layer's LoRA for a whole step with this probability (kohya's
     module_dropout)."""
     target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGET_SETS["kohya"]))
-    """UNet modules to adapt, matched as suffixes of module paths, or a named set: `kohya` (the default: every
-    linear layer of the transformer blocks) or `attention` (to_q, to_k, to_v, to_out.0)."""
+    """UNet (or Flux transformer) modules to adapt, matched as suffixes of module paths, or a named set: `kohya`
+    (the default: every linear layer of the transformer blocks; Flux's double and single stream blocks) or
+    `attention` (to_q, to_k, to_v, to_out.0; Flux: the double blocks' qkv and proj)."""
     conv_rank: int | None = None
     """Rank on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone. Default: `lora_rank` for
     locon, loha and lokr, 0 for lora and dora."""
