@@ -164,11 +164,12 @@ T5_CONFIG = dict(num_layers=2, d_model=HIDDEN, d_ff=64, dense_act_fn="gelu_pytor
 T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.()[]:"
 
 
-def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0, gguf_file: Path | None = None):
-    """Forge's `Flux` diffusion engine of tiny size (Flux-dev: with guidance), as `forge_model_reload` leaves it:
-    Forge's Flux transformer, its CLIP-L and T5 encoders and a 16-channel VAE with Flux's latent scale and shift.
-    With `gguf_file`, the transformer is written there with its linear weights quantized to Q8_0 and loaded from it
-    as Forge loads a .gguf checkpoint."""
+def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0, gguf_file: Path | None = None,
+                           schnell: bool = False):
+    """Forge's `Flux` diffusion engine of tiny size (Flux-dev, with guidance; Flux-schnell without), as
+    `forge_model_reload` leaves it: Forge's Flux transformer, its CLIP-L and T5 encoders and a 16-channel VAE with
+    Flux's latent scale and shift. With `gguf_file`, the transformer is written there with its linear weights
+    quantized to Q8_0 and loaded from it as Forge loads a .gguf checkpoint."""
     import_forge()
     from backend import memory_management
     from backend.diffusion_engine.flux import Flux
@@ -177,14 +178,15 @@ def tiny_forge_flux_engine(tokenizer_folder: Path, seed: int = 0, gguf_file: Pat
 
     torch.manual_seed(seed)
     with torch.inference_mode():  # as forge_model_reload()
-        transformer = _forge_flux_transformer(FLUX_CONFIG, memory_management, gguf_file)
+        config = FLUX_CONFIG | {"guidance_embed": not schnell}
+        transformer = _forge_flux_transformer(config, memory_management, gguf_file)
         components = {"transformer": transformer,
                       "vae": _forge_vae(memory_management, latent_channels=16, scaling_factor=0.3611,
                                         shift_factor=0.1159),
                       "text_encoder": _forge_clip("quick_gelu", memory_management),
                       "text_encoder_2": _forge_t5(), "tokenizer": CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
                       "tokenizer_2": t5_tokenizer()}
-        engine = Flux(model_list.Flux(FLUX_CONFIG), components)
+        engine = Flux((model_list.FluxSchnell if schnell else model_list.Flux)(config), components)
     engine.sd_checkpoint_info = types.SimpleNamespace(model_name="tiny-forge-flux")
     return engine
 

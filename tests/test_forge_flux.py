@@ -5,6 +5,7 @@ back by Forge's own LoRA loader."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -57,6 +58,16 @@ def test_forge_backend_gives_a_flux_engine_the_flux_backend(engine):
     assert (backend.family, backend.prediction_type, backend.clip_skip) == ("flux", "flow", None)
     assert backend.flow_shift == pytest.approx(1.15)  # Forge's Flux-dev mu, at its 4096-token sequence
     assert any(parameter.is_inference() for parameter in backend.unet.parameters())
+
+
+def test_a_flux_schnell_engine_trains_without_guidance_at_forges_shift(shapes_dataset, tmp_path):
+    from lora_trainer.tiny import write_clip_tokenizer_files
+
+    engine = tiny_forge_flux_engine(write_clip_tokenizer_files(tmp_path / "tokenizer"), schnell=True)
+    backend = forge_backend(engine)
+    assert not backend.unet.guidance_embed and backend.flow_shift == 1.0
+    result = train(_config(shapes_dataset, tmp_path / "out"), backend)
+    assert result.steps == 2 and math.isfinite(result.last_loss)
 
 
 def test_the_training_target_and_inputs_are_what_forges_flux_sampler_reads(engine):
