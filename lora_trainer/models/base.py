@@ -20,7 +20,7 @@ from torch import nn
 
 from lora_trainer.errors import UserError
 from lora_trainer.models.fp8 import fp8_weights
-from lora_trainer.models.layout import UNetLayout
+from lora_trainer.models.layout import TransformerLayout, UNetLayout
 
 ModelFamily = Literal["sd1", "sd2", "sdxl", "flux"]
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
@@ -131,9 +131,9 @@ class DiffusionBackend(ABC):
         """The UNet, the text encoder(s) and the VAE."""
 
     @abstractmethod
-    def unet_layout(self) -> UNetLayout | None:
-        """The UNet's levels, residual blocks and transformer depths (for the memory plan); None for a model that
-        is not a UNet (Flux), whose activations the plan does not count."""
+    def unet_layout(self) -> UNetLayout | TransformerLayout:
+        """The UNet's levels, residual blocks and transformer depths, or a diffusion transformer's blocks (Flux):
+        what the memory plan counts activations from."""
 
     def fp8_storage(self) -> AbstractContextManager[None]:
         """The UNet's linear and convolution weights held in fp8 for the block (`fp8_base`), restored exactly

@@ -18,7 +18,7 @@ from torch import nn
 from lora_trainer.lora.naming import UNET_PREFIX, hf_clip_path
 from lora_trainer.models.base import LoraRoot, TextConditioning
 from lora_trainer.models.forge_backend import ForgeBackend, refuse_quantized
-from lora_trainer.models.layout import UNetLayout
+from lora_trainer.models.layout import TransformerLayout
 from lora_trainer.models.webui_backend import GenerateImage, checkpointed_forward
 
 TRAINING_GUIDANCE = 1.0
@@ -67,8 +67,9 @@ class ForgeFluxBackend(ForgeBackend):
                 LoraRoot("lora_te1", "text_encoder", clip_l, is_text_encoder=True, kohya_path=hf_clip_path,
                          peft_path=hf_clip_path)]
 
-    def unet_layout(self) -> UNetLayout | None:
-        return None
+    def unet_layout(self) -> TransformerLayout:
+        return TransformerLayout(self.unet.hidden_size, len(self.unet.double_blocks), len(self.unet.single_blocks),
+                                 self.engine.text_processing_engine_t5.min_length, PATCH_SIZE)
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
         _, pooled = self.engine.text_processing_engine_l(captions)
