@@ -208,9 +208,11 @@ def test_a_quantized_flux_checkpoint_is_refused_by_its_type(engine, storage, nam
         k_model.storage_dtype = kept
 
 
-def test_loss_settings_of_an_eps_schedule_are_refused_for_flux(engine, shapes_dataset, tmp_path):
-    with pytest.raises(UserError, match="min_snr_gamma"):
-        train(_config(shapes_dataset, tmp_path / "out", min_snr_gamma=5.0), forge_backend(engine))
+@pytest.mark.parametrize(("setting", "named"), [({"min_snr_gamma": 5.0}, "min_snr_gamma"),
+                                                ({"save_diffusers_format": True}, "save_diffusers_format")])
+def test_settings_flux_cannot_follow_are_refused(engine, shapes_dataset, tmp_path, setting, named):
+    with pytest.raises(UserError, match=named):
+        train(_config(shapes_dataset, tmp_path / "out", **setting), forge_backend(engine))
 
 
 def test_the_memory_plan_counts_flux_weights_lora_and_activations(engine, shapes_dataset, tmp_path):

@@ -110,6 +110,9 @@ class DiffusionBackend(ABC):
     own memory manager decides where its models live)."""
     fp8_base_refusal: str | None = None
     """Why `fp8_base` cannot hold this backend's UNet in fp8, as the error says it (None: it can)."""
+    diffusers_names: bool = True
+    """Whether the model's LoRA layers have diffusers/peft names (`save_diffusers_format`); Forge's Flux fuses q, k
+    and v where diffusers' Flux splits them."""
     flow_shift: float | None = None
     """A flow-matching model's time shift mu: its training sigmas are t time-shifted as exp(mu) / (exp(mu) + 1/t - 1)
     (Flux: Forge's and kohya's shift); None for eps and v models."""

@@ -38,6 +38,8 @@ class ForgeFluxBackend(ForgeBackend):
     alone; T5 is never trained (kohya's default), so it runs without a graph and its weights are not copied.
     """
 
+    diffusers_names = False
+
     def __init__(self, engine, generate_image: GenerateImage | None = None, model_name: str = ""):
         self.engine = engine
         self.family = "flux"

@@ -139,6 +139,9 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
     if backend.prediction_type == "flow":
         refuse_for_flow(config.loss)
+    if saving.save_diffusers_format and not backend.diffusers_names:
+        raise UserError(f"save_diffusers_format cannot name this {backend.family} model's layers as diffusers does; "
+                        "turn it off (the kohya file loads in the WebUI, Forge and ComfyUI)")
     memory = plan_run_memory(config, backend)
     if not memory.fits:
         events.on_message(memory.line())
