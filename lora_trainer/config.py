@@ -34,11 +34,17 @@ NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 CONV_NETWORK_TYPES = ("locon", "loha", "lokr")
 """Network types that adapt the UNet's 3x3 convolutions by default, as LyCORIS does."""
 
+FLUX_BLOCK_LAYERS = ["img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "txt_mod.lin",
+                     "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2", "linear1", "linear2", "modulation.lin"]
+"""Every linear layer of Flux's double and single stream blocks: kohya's default for Flux (networks/lora_flux.py)."""
 UNET_TARGET_SETS = {
-    "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "kohya": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+              *FLUX_BLOCK_LAYERS],
+    "attention": ["to_q", "to_k", "to_v", "to_out.0", "img_attn.qkv", "img_attn.proj", "txt_attn.qkv",
+                  "txt_attn.proj"],
 }
-"""Named UNet layer sets: kohya's default (every linear layer of the transformer blocks) and attention only."""
+"""Named UNet layer sets: kohya's default (every linear layer of the transformer blocks; of a UNet's or of Flux's)
+and attention only (Flux: its double blocks' attention; a single block's fused linear1 is not only attention)."""
 TEXT_ENCODER_TARGET_SETS = {
     "kohya": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -226,8 +232,9 @@ class NetworkConfig:
     """During training, skip each adapted layer's LoRA for a whole step with this probability (kohya's
     module_dropout)."""
     target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGET_SETS["kohya"]))
-    """UNet modules to adapt, matched as suffixes of module paths, or a named set: `kohya` (the default: every
-    linear layer of the transformer blocks) or `attention` (to_q, to_k, to_v, to_out.0)."""
+    """UNet (or Flux transformer) modules to adapt, matched as suffixes of module paths, or a named set: `kohya`
+    (the default: every linear layer of the transformer blocks; Flux's double and single stream blocks) or
+    `attention` (to_q, to_k, to_v, to_out.0; Flux: the double blocks' qkv and proj)."""
     conv_rank: int | None = None
     """Rank on the UNet's 3x3 convolutions (resnets, samplers); 0 leaves them alone. Default: `lora_rank` for
     locon, loha and lokr, 0 for lora and dora."""

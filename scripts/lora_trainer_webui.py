@@ -29,7 +29,7 @@ from lora_trainer.errors import UserError
 from lora_trainer.host import HostBusy, RenderDefaults, RenderRequest
 from lora_trainer.jobs import process_runner
 from lora_trainer.models.base import DiffusionBackend, ModelFamily
-from lora_trainer.models.forge_backend import ForgeBackend
+from lora_trainer.models.forge_backend import forge_backend
 from lora_trainer.models.webui_backend import WebUIBackend
 from lora_trainer.server.queue import process_queue
 from lora_trainer.tab import build_tab
@@ -252,6 +252,10 @@ class ForgeHost(A1111Host):
         model = sd_models.model_data.sd_model
         if not hasattr(model, "forge_objects"):
             return None
+        from backend.diffusion_engine.flux import Flux
+
+        if isinstance(model, Flux):
+            return "flux"
         if model.is_sdxl:
             return "sdxl"
         return "sd2" if model.is_sd2 else "sd1" if model.is_sd1 else None
@@ -263,8 +267,8 @@ class ForgeHost(A1111Host):
         except ValueError as error:  # no checkpoint at all
             raise UserError(f"no checkpoint can be loaded: {error}") from None
         self._loaded_parameters = sd_models.model_data.forge_loading_parameters
-        return ForgeBackend(model, generate_image=self._generate_for_backend,
-                            clip_skip=int(shared.opts.CLIP_stop_at_last_layers))
+        return forge_backend(model, generate_image=self._generate_for_backend,
+                             clip_skip=int(shared.opts.CLIP_stop_at_last_layers))
 
     @contextlib.contextmanager
     def busy(self, job_name: str) -> Iterator[A1111Task]:

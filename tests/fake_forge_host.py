@@ -1,6 +1,7 @@
 """The fake host of tests/fake_host.py around a tiny Forge engine (tests/forge_models.py): it trains through
-`ForgeBackend`, and renders the way Forge does, with `<lora:name:weight>` tags applied by Forge's own LoRA
-loader (patched clones of the patchers, merged by its memory manager) and Euler sampling of Forge's `KModel`."""
+`forge_backend` (SD engines and Flux), and renders the way Forge does, with `<lora:name:weight>` tags applied by
+Forge's own LoRA loader (patched clones of the patchers, merged by its memory manager) and Euler sampling of
+Forge's `KModel`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from lora_trainer.grid import LORA_TAG
 from lora_trainer.host import RenderRequest
 from lora_trainer.models.base import DiffusionBackend
-from lora_trainer.models.forge_backend import ForgeBackend
+from lora_trainer.models.forge_backend import forge_backend
 
 
 class FakeForgeHost(FakeHost):
@@ -22,7 +23,7 @@ class FakeForgeHost(FakeHost):
     def loaded_model_backend(self) -> DiffusionBackend:
         if not self.queue_lock.locked():
             raise AssertionError("loaded_model_backend() must be called inside busy()")
-        return ForgeBackend(self.model, generate_image=self._generate_for_backend, model_name="tiny-forge")
+        return forge_backend(self.model, generate_image=self._generate_for_backend, model_name="tiny-forge")
 
     def render(self, request: RenderRequest) -> Image.Image:
         if not self.queue_lock.locked():
@@ -57,22 +58,31 @@ def apply_loras_as_forge(engine, loras: list[tuple]) -> None:
 
 @torch.no_grad()
 def euler_sample(engine, prompt: str, seed: int, steps: int, width: int, height: int) -> Image.Image:
-    """Deterministic Euler sampling of Forge's current UNet patcher (its LoRA merged on load), no guidance."""
+    """Deterministic Euler sampling of Forge's current UNet patcher (its LoRA merged on load), no classifier-free
+    guidance (Flux-dev gets its distilled guidance, as Forge gives it)."""
     from backend import memory_management
 
     unet = engine.forge_objects.unet
     conditioning = engine.get_learned_conditioning([prompt])
     memory_management.load_models_gpu([unet])
     if isinstance(conditioning, dict):
-        context, vector = conditioning["crossattn"], conditioning["vector"]
+        context = conditioning["crossattn"]
+        extra = {"y": conditioning["vector"]} | ({"guidance": conditioning["guidance"]} if "guidance" in conditioning
+                                                 else {})
     else:
-        context, vector = conditioning, None
+        context, extra = conditioning, {}
     predictor = unet.model.predictor
-    scale = engine.forge_objects.vae.downscale_ratio
+    vae = engine.forge_objects.vae
+    scale = vae.downscale_ratio
     generator = torch.Generator().manual_seed(seed)
-    sigmas = torch.cat([predictor.sigma(torch.linspace(999, 0, steps)), torch.zeros(1)])
-    latents = torch.randn((1, 4, height // scale, width // scale), generator=generator) * sigmas[0]
-    extra = {} if vector is None else {"y": vector}
+    if predictor.prediction_type == "const":  # flow matching (Flux): Forge's shifted sigmas, from 1 down
+        schedule = predictor.sigmas
+        sigmas = schedule[torch.linspace(len(schedule) - 1, 0, steps).round().long()]
+    else:
+        sigmas = predictor.sigma(torch.linspace(999, 0, steps))
+    sigmas = torch.cat([sigmas, torch.zeros(1)])
+    channels = vae.first_stage_model.config.latent_channels
+    latents = torch.randn((1, channels, height // scale, width // scale), generator=generator) * sigmas[0]
     for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
         denoised = unet.model.apply_model(latents, sigma.reshape(1), c_crossattn=context, transformer_options={},
                                           **extra)

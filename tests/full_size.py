@@ -1,5 +1,5 @@
-"""The full-size SD1.5, SD2.1 and SDXL architectures on the meta device (no weights, nothing downloaded), their
-published parameter counts, and a trace of the bytes autograd saves for the backward pass."""
+"""The full-size SD1.5, SD2.1 and SDXL architectures and Forge's Flux-dev on the meta device (no weights, nothing
+downloaded), their published parameter counts, and a trace of the bytes autograd saves for the backward pass."""
 
 from __future__ import annotations
 
@@ -97,3 +97,64 @@ def saved_bytes(*models: torch.nn.Module) -> Iterator[list[int]]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield counted
     counted.append(sum(storages.values()))
+
+
+FLUX_DEV = dict(in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24,
+                depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True,
+                guidance_embed=True)
+"""huggingface_guess's detection of a Flux-dev checkpoint (detection.py), as Forge's loader builds it."""
+
+
+def meta_flux(double_blocks: int = 19, single_blocks: int = 38):
+    """Forge's Flux-dev transformer in bf16 on the meta device, frozen, with fewer blocks when asked (Forge's
+    source must be importable: `tests.forge_models.import_forge`)."""
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = IntegratedFluxTransformer2DModel(**(FLUX_DEV | dict(depth=double_blocks,
+                                                                          depth_single_blocks=single_blocks)))
+    return transformer.to(torch.bfloat16).requires_grad_(False)
+
+
+def flux_lora_root(transformer: torch.nn.Module):
+    """A Flux transformer as the LoRA root `ForgeFluxBackend` gives it."""
+    from lora_trainer.lora.naming import UNET_PREFIX
+    from lora_trainer.models.base import LoraRoot
+
+    return LoraRoot(UNET_PREFIX, "transformer", transformer, is_text_encoder=False, kohya_path=str, peft_path=str)
+
+
+def flux_saved_bytes(transformer: torch.nn.Module, side: int, checkpointing: bool, text_tokens: int = 256) -> int:
+    """Bytes autograd saves for one bf16 sample of `side` px through a meta-device Flux transformer with LoRA rank
+    16 on kohya's layers (T5's sequence of `text_tokens`), Forge's attention run as a fused kernel; with
+    `checkpointing`, the blocks checkpointed as `ForgeFluxBackend` does it (what they keep, not a recompute)."""
+    import types
+    from contextlib import ExitStack
+
+    import backend.nn.flux as forge_flux
+    from backend.attention import attention_pytorch
+
+    from lora_trainer.config import NetworkConfig
+    from lora_trainer.lora.network import LoraNetwork
+    from lora_trainer.lora.targets import find_lora_targets
+    from lora_trainer.models.forge_flux import ForgeFluxBackend
+    from lora_trainer.models.webui_backend import temporary_attributes
+
+    targets = find_lora_targets([flux_lora_root(transformer)], NetworkConfig(lora_rank=16))
+    network = LoraNetwork(targets).to("meta", torch.bfloat16)
+    latent_side = side // 8
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    with ExitStack() as stack:
+        stack.enter_context(fused_attention())
+        stack.enter_context(temporary_attributes([(forge_flux, "attention_function", attention_pytorch)]))
+        if checkpointing:
+            blocks = ForgeFluxBackend._checkpointed_blocks(types.SimpleNamespace(unet=transformer))
+            stack.enter_context(temporary_attributes([(block, "forward", forward) for block, forward in blocks]))
+        stack.enter_context(network.applied(1.0))
+        counted = stack.enter_context(saved_bytes(transformer))
+        transformer(meta(1, 16, latent_side, latent_side), meta(1), context=meta(1, text_tokens, 4096),
+                    y=meta(1, 768), guidance=meta(1))
+    return counted[0]

@@ -19,7 +19,10 @@ TINY_SIZES = torch.tensor([[32, 32, 0, 0, 32, 32]], dtype=torch.float32)
 
 
 def fixed_noise_loss(backend: DiffusionBackend, config: TrainConfig) -> float:
-    """Denoising loss on the training images of `config` with fixed noise and timesteps."""
+    """Denoising loss on the training images of `config` with fixed noise and timesteps (a flow model's sigmas:
+    the timesteps over 1000)."""
+    flow = backend.prediction_type == "flow"
+    alphas_cumprod = None if flow else backend.alphas_cumprod
     data = TrainingData(scan_dataset(config.dataset.train_data_dir), config, backend.latent_scale)
     generator = torch.Generator().manual_seed(1234)
     losses = []
@@ -31,11 +34,11 @@ def fixed_noise_loss(backend: DiffusionBackend, config: TrainConfig) -> float:
             text = backend.encode_text([example.record.caption])
             for timestep in (100, 300, 500, 700, 900):
                 noise = torch.randn(latents.shape, generator=generator)
-                timesteps = torch.tensor([timestep])
-                noisy = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
+                timesteps = torch.tensor([timestep / 1000 if flow else timestep])
+                noisy = add_noise(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)
                 prediction = backend.predict(noisy, timesteps, text, TINY_SIZES)
-                target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-                losses.append(float(diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod,
+                target = diffusion_target(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)
+                losses.append(float(diffusion_loss(prediction, target, timesteps, alphas_cumprod,
                                                    backend.prediction_type, None)))
     return sum(losses) / len(losses)
 

@@ -4,20 +4,26 @@ Forge's source)."""
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_trainer.config import TrainConfig, config_from_dict
+from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
-from lora_trainer.lora.targets import network_from_file
 from lora_trainer.models.forge_backend import ForgeBackend
 from lora_trainer.train.events import TrainingEvents
 from lora_trainer.train.loop import train
-from tests.forge_models import tiny_forge_engine
-from tests.measures import TINY_SIZES, fixed_noise_loss
+from tests.forge_models import (
+    forge_lora_patches,
+    forge_snapshot,
+    forge_state_hashes,
+    loss_without_and_with_the_file,
+    predictions_with_the_file,
+    prompt_with_loras,
+    tiny_forge_engine,
+    tiny_run_config,
+)
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 
@@ -38,62 +44,7 @@ def engines(tmp_path_factory) -> dict:
 
 
 def _config(dataset, output_dir, **overrides) -> TrainConfig:
-    settings = dict(train_data_dir=dataset, resolution=32, bucket_step=8, lora_rank=4, learning_rate=5e-3,
-                    batch_size=2, max_train_steps=2, output_dir=output_dir, logging_dir=None, log_every_n_steps=1)
-    settings.update(overrides)
-    return config_from_dict(settings)
-
-
-def _trees(engine) -> dict[str, torch.nn.Module]:
-    originals = engine.forge_objects_original
-    return {"unet": originals.unet.model, "clip": originals.clip.cond_stage_model,
-            "vae": originals.vae.first_stage_model}
-
-
-def _state_hashes(engine) -> dict[str, str]:
-    return {f"{tree}.{name}": hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                                             .numpy()).hexdigest()
-            for tree, module in _trees(engine).items() for name, tensor in module.state_dict().items()}
-
-
-def _snapshot(engine) -> dict:
-    """What training must leave as it was: weights (the same parameter objects), flags, modes, hooks, and the
-    engine's choice of patchers and LoRA."""
-    plain = (bool, int, float, str, tuple, type(None))
-    modules = [(f"{tree}.{name}", module) for tree, root in _trees(engine).items()
-               for name, module in root.named_modules()]
-    return {
-        "state": _state_hashes(engine),
-        "parameters": [(name, id(parameter), parameter.requires_grad, parameter.is_inference())
-                       for name, module in modules for parameter in module.parameters(recurse=False)],
-        "training": [(name, module.training) for name, module in modules],
-        "hooks": [(name, len(module._forward_hooks), len(module._forward_pre_hooks)) for name, module in modules],
-        "attributes": [(name, sorted(vars(module)), {key: value for key, value in vars(module).items()
-                                                     if isinstance(value, plain)}) for name, module in modules],
-        "engine": (engine.current_lora_hash, id(engine.forge_objects.unet), id(engine.forge_objects.clip)),
-    }
-
-
-def _forge_lora_patches(engine, path):
-    """The file as Forge's Lora extension reads it: (UNet patches, CLIP patches, keys it could not place)."""
-    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
-
-    originals = engine.forge_objects_original
-    unet_keys = model_lora_keys_unet(originals.unet.model, {})
-    clip_keys = model_lora_keys_clip(originals.clip.cond_stage_model, {})
-    unet_patches, unmatched = load_lora(load_file(str(path)), unet_keys)
-    clip_patches, unmatched = load_lora(unmatched, clip_keys)
-    return unet_patches, clip_patches, unmatched
-
-
-def _prompt_with_loras(engine, loras: list) -> None:
-    """What Forge does for a prompt with these `(file, strength)` LoRA tags: patched clones of its patchers
-    (none without tags), merged into the weights when its memory manager loads them."""
-    from backend import memory_management
-    from fake_forge_host import apply_loras_as_forge
-
-    apply_loras_as_forge(engine, loras)
-    memory_management.load_models_gpu([engine.forge_objects.unet, engine.forge_objects.clip.patcher])
+    return tiny_run_config(dataset, output_dir, **overrides)
 
 
 def test_the_tiny_models_are_forge_models_loaded_in_inference_mode(engines):
@@ -109,13 +60,7 @@ def test_the_tiny_models_are_forge_models_loaded_in_inference_mode(engines):
 def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, engines, shapes_dataset, tmp_path):
     backend = ForgeBackend(engines[family])
     config = _config(shapes_dataset, tmp_path / "out", max_train_steps=40, learning_rate=2e-2)
-    path = train(config, backend).saved[-1]
-    network = network_from_file(backend.lora_roots(), path)
-    with backend.training_mode(False):
-        with network.applied(0.0):
-            base_loss = fixed_noise_loss(backend, config)
-        with network.applied(1.0):
-            trained_loss = fixed_noise_loss(backend, config)
+    base_loss, trained_loss = loss_without_and_with_the_file(backend, config, train(config, backend).saved[-1])
     print(f"{family}: loss at strength 0 {base_loss:.4f}, at strength 1 {trained_loss:.4f}")
     assert trained_loss < 0.85 * base_loss
 
@@ -123,10 +68,10 @@ def test_trained_lora_lowers_the_denoising_loss_on_its_training_images(family, e
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_leaves_the_model_bit_identical(family, engines, shapes_dataset, tmp_path):
     engine = engines[family]
-    before = _snapshot(engine)
+    before = forge_snapshot(engine)
     train(_config(shapes_dataset, tmp_path / "out", train_text_encoder=True, gradient_checkpointing=True,
                   conv_rank=2), ForgeBackend(engine))
-    assert _snapshot(engine) == before
+    assert forge_snapshot(engine) == before
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,7 +82,7 @@ def test_saved_files_load_in_forge_with_no_unmatched_key(family, engines, shapes
                                      "ff.net.2", "emb_layers.1", "skip_connection", "time_embed.0", "time_embed.2"],
                      text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     path = train(config, backend).saved[-1]
-    unet_patches, clip_patches, unmatched = _forge_lora_patches(engines[family], path)
+    unet_patches, clip_patches, unmatched = forge_lora_patches(engines[family], path)
     assert unmatched == {}
     layers = {key.partition(".")[0] for key in load_file(str(path))}
     assert len(unet_patches) + len(clip_patches) == len(layers)
@@ -151,21 +96,9 @@ def test_forge_applies_the_file_as_the_trainer_did(family, engines, shapes_datas
     backend = ForgeBackend(engine)
     config = _config(shapes_dataset, tmp_path / "out", max_train_steps=3, learning_rate=5e-2, train_text_encoder=True)
     path = train(config, backend).saved[-1]
-    network = network_from_file(backend.lora_roots(), path)
     torch.manual_seed(0)
-    latents, timesteps = torch.randn(1, 4, 16, 16), torch.tensor([500])
-
-    def prediction() -> torch.Tensor:
-        with torch.no_grad():
-            return backend.predict(latents, timesteps, backend.encode_text(["sks, a red shape"]), TINY_SIZES)
-
-    with backend.training_mode(False), network.applied(1.0):
-        hooked = prediction()
-    with backend.training_mode(False):
-        base = prediction()
-    _prompt_with_loras(engine, [(path, 1.0)])
-    merged = prediction()
-    _prompt_with_loras(engine, [])
+    hooked, base, (merged,) = predictions_with_the_file(engine, backend, path, torch.randn(1, 4, 16, 16),
+                                                        torch.tensor([500]), strengths=(1.0,))
     assert not torch.allclose(hooked, base, atol=1e-4)
     torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-3)
 
@@ -174,17 +107,17 @@ def test_a_lora_merged_by_forge_is_undone_for_training_and_merged_again_afterwar
                                                                                     tmp_path):
     engine = engines["sd1"]
     backend = ForgeBackend(engine)
-    clean = _state_hashes(engine)
+    clean = forge_state_hashes(engine)
     lora = train(_config(shapes_dataset, tmp_path / "first", max_train_steps=2, learning_rate=5e-2,
                          train_text_encoder=True), backend).saved[-1]
-    _prompt_with_loras(engine, [(lora, 1.0)])
-    merged = _state_hashes(engine)
+    prompt_with_loras(engine, [(lora, 1.0)])
+    merged = forge_state_hashes(engine)
     patchers = (engine.forge_objects.unet, engine.forge_objects.clip)
     assert merged != clean
 
     class StateAtStart(TrainingEvents):
         def on_start(self, plan):
-            self.hashes = _state_hashes(engine)
+            self.hashes = forge_state_hashes(engine)
 
     at_start = StateAtStart()
     train(_config(shapes_dataset, tmp_path / "second", max_train_steps=1), ForgeBackend(engine), at_start)
@@ -194,9 +127,9 @@ def test_a_lora_merged_by_forge_is_undone_for_training_and_merged_again_afterwar
     from backend import memory_management
 
     memory_management.load_models_gpu([patchers[0], patchers[1].patcher])
-    assert _state_hashes(engine) == merged
-    _prompt_with_loras(engine, [])
-    assert _state_hashes(engine) == clean
+    assert forge_state_hashes(engine) == merged
+    prompt_with_loras(engine, [])
+    assert forge_state_hashes(engine) == clean
 
 
 def test_quantized_weights_are_refused_with_what_to_do(engines):

@@ -145,10 +145,12 @@ def test_save_caption_refuses_files_outside_the_dataset_or_not_images(tmp_path):
     assert not (tmp_path / "elsewhere.txt").exists() and not (dataset / "notes.txt").exists()
 
 
-@pytest.mark.parametrize(("family", "resolution"), [("sd1", 512), ("sd2", 768), ("sdxl", 1024), (None, 512)])
-def test_defaults_follow_the_loaded_model_family(family, resolution):
+@pytest.mark.parametrize(("family", "resolution", "sample_cfg_scale"),
+                         [("sd1", 512, 7.0), ("sd2", 768, 7.0), ("sdxl", 1024, 7.0), ("flux", 1024, 1.0),
+                          (None, 512, 7.0)])
+def test_defaults_follow_the_loaded_model_family(family, resolution, sample_cfg_scale):
     config = default_config(family, "bf16")
-    assert config.dataset.resolution == resolution
+    assert (config.dataset.resolution, config.sampling.sample_cfg_scale) == (resolution, sample_cfg_scale)
     assert (config.network.lora_rank, config.network.lora_alpha, config.optimizer.unet_lr) == (16, 8.0, 1e-4)
     assert (config.training.epochs, config.training.batch_size) == (10, 1)
     assert (config.saving.save_every_n_epochs, config.saving.keep_last_n_saves) == (1, 5)

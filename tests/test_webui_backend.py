@@ -114,8 +114,8 @@ def test_gradient_checkpointing_keeps_every_lora_gradient(family, models, shapes
         network.zero_grad(set_to_none=True)
         with backend.training_mode(gradient_checkpointing), network.applied(1.0):
             text = backend.encode_text(["sks, a red shape", "sks, a blue shape"])
-            prediction = backend.predict(add_noise(latents, noise, timesteps, backend.alphas_cumprod), timesteps,
-                                         text, TINY_SIZES.repeat(2, 1))
+            noisy_latents = add_noise(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
+            prediction = backend.predict(noisy_latents, timesteps, text, TINY_SIZES.repeat(2, 1))
             prediction.square().mean().backward()
         return {name: parameter.grad.clone() for name, parameter in network.named_parameters()
                 if parameter.grad is not None}

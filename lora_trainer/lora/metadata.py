@@ -18,13 +18,18 @@ from lora_trainer.data.scan import DatasetScan
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.models.base import ModelFamily, PredictionType
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models",
+                            "flux": "https://github.com/black-forest-labs/flux"}
+"""`modelspec.implementation` per family (diffusers for the others), as kohya writes it."""
 
 
 def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType) -> str:
     """The `modelspec.architecture` string the WebUIs read to show a LoRA only for its model family."""
     if family == "sdxl":
         return "stable-diffusion-xl-v1-base/lora"
+    if family == "flux":
+        return "flux-1-dev/lora"
     if family == "sd2":
         return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else \
             "stable-diffusion-v2-512/lora"
@@ -133,12 +138,12 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         "ss_seed": str(config.training.seed),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": modelspec_architecture(family, prediction_type),
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
-        else "diffusers",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION.get(family, "diffusers"),
         "modelspec.title": config.saving.output_name,
         "modelspec.resolution": f"{config.dataset.resolution}x{config.dataset.resolution}",
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
+    if prediction_type != "flow":  # kohya writes no prediction type for Flux
+        metadata["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
     if config.optimizer.lr_scheduler_min_lr_ratio:
         metadata["ss_lr_scheduler_min_lr_ratio"] = _number(config.optimizer.lr_scheduler_min_lr_ratio)
     if config.optimizer.loraplus_lr_ratio:

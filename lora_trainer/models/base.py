@@ -20,10 +20,11 @@ from torch import nn
 
 from lora_trainer.errors import UserError
 from lora_trainer.models.fp8 import fp8_weights
-from lora_trainer.models.layout import UNetLayout
+from lora_trainer.models.layout import TransformerLayout, UNetLayout
 
-ModelFamily = Literal["sd1", "sd2", "sdxl"]
-PredictionType = Literal["epsilon", "v_prediction"]
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux"]
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
+"""What the model predicts: the noise (eps), v, or a flow-matching velocity (noise - latents; Flux)."""
 
 
 @dataclass
@@ -109,6 +110,12 @@ class DiffusionBackend(ABC):
     own memory manager decides where its models live)."""
     fp8_base_refusal: str | None = None
     """Why `fp8_base` cannot hold this backend's UNet in fp8, as the error says it (None: it can)."""
+    diffusers_names: bool = True
+    """Whether the model's LoRA layers have diffusers/peft names (`save_diffusers_format`); Forge's Flux fuses q, k
+    and v where diffusers' Flux splits them."""
+    flow_shift: float | None = None
+    """A flow-matching model's time shift mu: its training sigmas are t time-shifted as exp(mu) / (exp(mu) + 1/t - 1)
+    (Flux: Forge's and kohya's shift); None for eps and v models."""
     clip_skip: int | None = None
     """The CLIP layers the text conditioning skips, counted as kohya's `clip_skip` (2: the penultimate layer),
     when the host sets it; None when it is the model's own choice."""
@@ -116,7 +123,7 @@ class DiffusionBackend(ABC):
     @property
     @abstractmethod
     def alphas_cumprod(self) -> torch.Tensor:
-        """The training noise schedule (float32, on `device`)."""
+        """The training noise schedule (float32, on `device`) of an eps or v model."""
 
     @abstractmethod
     def lora_roots(self) -> list[LoraRoot]:
@@ -127,8 +134,9 @@ class DiffusionBackend(ABC):
         """The UNet, the text encoder(s) and the VAE."""
 
     @abstractmethod
-    def unet_layout(self) -> UNetLayout:
-        """The UNet's levels, residual blocks and transformer depths (for the memory plan)."""
+    def unet_layout(self) -> UNetLayout | TransformerLayout:
+        """The UNet's levels, residual blocks and transformer depths, or a diffusion transformer's blocks (Flux):
+        what the memory plan counts activations from."""
 
     def fp8_storage(self) -> AbstractContextManager[None]:
         """The UNet's linear and convolution weights held in fp8 for the block (`fp8_base`), restored exactly
@@ -158,7 +166,7 @@ class DiffusionBackend(ABC):
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
                 size_conditioning: torch.Tensor) -> torch.Tensor:
-        """The UNet's output (noise or v, per `prediction_type`).
+        """The UNet's output (noise, v or velocity, per `prediction_type`); a flow model's `timesteps` are sigmas.
 
         `size_conditioning` is [B, 6]: original height/width, crop top/left, target height/width (SDXL uses it).
         """

@@ -17,7 +17,7 @@ its memory manager, so that this module imports anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
@@ -47,8 +47,13 @@ from lora_trainer.models.webui_backend import (
     unet_lora_root,
 )
 
-TRAINABLE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Weight storage a LoRA can be trained on; fp8, nf4/fp4 (bitsandbytes) and gguf are quantized."""
+TRAINABLE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, "gguf")
+"""Weight storage a LoRA can be trained on. A gguf layer dequantizes its weight into a fresh tensor in each forward,
+which autograd can save, so its quantized weight needs no plain copy; fp8 and nf4/fp4 (bitsandbytes) cannot be
+trained here."""
+QUANTIZED_KINDS = {"nf4": "nf4 (a bitsandbytes checkpoint)", "fp4": "fp4 (a bitsandbytes checkpoint)",
+                   torch.float8_e4m3fn: "fp8 (float8_e4m3fn)", torch.float8_e5m2: "fp8 (float8_e5m2)"}
+"""The checkpoint types behind Forge's quantized storage dtypes, as the refusal names them."""
 TEXT_ENCODERS = {"sd1": [("clip_l", "lora_te", "text_encoder")], "sd2": [("clip_h", "lora_te", "text_encoder")],
                  "sdxl": [("clip_l", "lora_te1", "text_encoder"), ("clip_g", "lora_te2", "text_encoder_2")]}
 """Per family: Forge's name for each text encoder, its kohya prefix and its diffusers component."""
@@ -156,7 +161,7 @@ class ForgeBackend(DiffusionBackend):
     @contextmanager
     def training_mode(self, gradient_checkpointing: bool) -> Iterator[None]:
         engine = self.engine
-        trees = [self.unet, self._patchers.clip.cond_stage_model]
+        trees = self._graph_trees()
         with ExitStack() as stack:
             # The LoRA-free patchers for the run (samples render from them too); the next prompt's LoRA is
             # merged again by Forge, which reloads its own patchers.
@@ -172,10 +177,8 @@ class ForgeBackend(DiffusionBackend):
             stack.enter_context(frozen_parameters(trees))
             stack.enter_context(_norms_see_copies(self.unet))
             if gradient_checkpointing:
-                blocks = [module for module in self.unet.modules() if type(module).__name__ in CHECKPOINTED_BLOCKS]
                 stack.enter_context(temporary_attributes(
-                    [(block, "forward", partial(checkpointed_forward, partial(_on_a_copy, block.forward)))
-                     for block in blocks]))
+                    [(block, "forward", forward) for block, forward in self._checkpointed_blocks()]))
             yield
 
     def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, width: int, height: int,
@@ -184,6 +187,15 @@ class ForgeBackend(DiffusionBackend):
             raise UserError("this backend has no image generator, so it cannot render sample images; "
                             "leave sample_prompts empty")
         return self._generate_image(prompt, negative_prompt, seed, steps, width, height, guidance_scale)
+
+    def _graph_trees(self) -> list[nn.Module]:
+        """The module trees autograd runs through (their weights are swapped for plain copies while training)."""
+        return [self.unet, self._patchers.clip.cond_stage_model]
+
+    def _checkpointed_blocks(self) -> list[tuple[nn.Module, Callable]]:
+        """Each block recomputed in the backward pass under gradient checkpointing, with its checkpointed forward."""
+        return [(block, partial(checkpointed_forward, partial(_on_a_copy, block.forward)))
+                for block in self.unet.modules() if type(block).__name__ in CHECKPOINTED_BLOCKS]
 
     def _load_models(self) -> None:
         """Forge's memory manager: the LoRA-free UNet and text encoders on the device, whole.
@@ -211,6 +223,19 @@ class ForgeBackend(DiffusionBackend):
         return self.engine.embedder(numbers.flatten()).reshape(numbers.shape[0], SIZE_NUMBERS * SIZE_EMBEDDING_DIM)
 
 
+def forge_backend(engine, generate_image: GenerateImage | None = None, model_name: str = "",
+                  clip_skip: int | None = None) -> ForgeBackend:
+    """The backend for Forge's loaded engine: `ForgeFluxBackend` for a Flux engine, `ForgeBackend` for SD1, SD2 and
+    SDXL (the WebUI's Clip skip reaches only those)."""
+    from backend.diffusion_engine.flux import Flux
+
+    if isinstance(engine, Flux):
+        from lora_trainer.models.forge_flux import ForgeFluxBackend
+
+        return ForgeFluxBackend(engine, generate_image, model_name)
+    return ForgeBackend(engine, generate_image, model_name, clip_skip)
+
+
 def _family(engine) -> str:
     if getattr(engine, "is_sdxl", False):
         return "sdxl"
@@ -219,15 +244,12 @@ def _family(engine) -> str:
     if getattr(engine, "is_sd1", False):
         return "sd1"
     raise UserError(f"the loaded model is a {type(engine).__name__}; the trainer trains SD1, SD2 and SDXL models "
-                    "in Forge (Flux, SD3 and Chroma are not supported yet)")
+                    "and Flux models in Forge (SD3 and Chroma are not supported yet)")
 
 
 def _refuse_untrainable(engine, k_model: nn.Module, unet: nn.Module) -> None:
     """Raise a `UserError` that says what to do when the loaded model is one this backend cannot train."""
-    if k_model.storage_dtype not in TRAINABLE_STORAGE_DTYPES:
-        raise UserError(f"the loaded model's weights are stored as {k_model.storage_dtype} (quantized), which cannot "
-                        "be trained; set Diffusion in Low Bits to Automatic (or a 16-bit choice), reload the model "
-                        "and start again")
+    refuse_quantized(k_model)
     if k_model.predictor.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"the loaded model predicts {k_model.predictor.prediction_type!r}; only eps and v models "
                         "can be trained")
@@ -236,6 +258,21 @@ def _refuse_untrainable(engine, k_model: nn.Module, unet: nn.Module) -> None:
                         "checkpoint to train a LoRA")
     if getattr(engine, "is_sdxl", False) and not hasattr(engine, "text_processing_engine_l"):
         raise UserError("the loaded SDXL model has no CLIP-L text encoder (a refiner?); load an SDXL base model")
+
+
+def refuse_quantized(k_model: nn.Module) -> None:
+    """Raise a `UserError` naming the checkpoint type when the loaded model's weights are quantized.
+
+    Training swaps each weight for a plain copy (`_plain_parameters`), which would drop the quantization state of
+    bitsandbytes' nf4/fp4 parameters, and fp8 weights are not trained here either (gguf ones are: see
+    `TRAINABLE_STORAGE_DTYPES`)."""
+    storage = k_model.storage_dtype
+    if storage in TRAINABLE_STORAGE_DTYPES:
+        return
+    kind = QUANTIZED_KINDS.get(storage, f"{storage}")
+    raise UserError(f"the loaded model's weights are stored as {kind} (quantized), which cannot be trained; load a "
+                    "16-bit (bf16/fp16) or GGUF checkpoint with Diffusion in Low Bits set to Automatic and start "
+                    "again")
 
 
 @contextmanager
@@ -268,16 +305,21 @@ def _plain_parameters(trees: list[nn.Module]) -> Iterator[None]:
     """Swap every inference-mode parameter of `trees` for a plain copy (autograd cannot save inference
     tensors for backward); afterwards put the very same original parameters back.
 
-    Copies cost one more copy of those weights while training runs."""
+    Copies cost one more copy of those weights while training runs. A gguf-quantized weight stays: its layer
+    dequantizes it into a fresh tensor in each forward. The copies are plain tensors (a gguf file's unquantized
+    tensors are Forge's `ParameterGGUF`, whose attributes a clone would not carry)."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         with torch.inference_mode(False):
             for tree in trees:
                 for module in tree.modules():
                     for name, parameter in list(module._parameters.items()):
-                        if parameter is not None and parameter.is_inference():
-                            swapped.append((module, name, parameter))
-                            module._parameters[name] = nn.Parameter(parameter.clone(), requires_grad=False)
+                        if parameter is None or not parameter.is_inference() or \
+                                getattr(parameter, "gguf_cls", None) is not None:
+                            continue
+                        swapped.append((module, name, parameter))
+                        plain = parameter.as_subclass(torch.Tensor).clone()
+                        module._parameters[name] = nn.Parameter(plain, requires_grad=False)
         yield
     finally:
         for module, name, parameter in reversed(swapped):

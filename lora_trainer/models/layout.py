@@ -1,5 +1,6 @@
 """A UNet's layout (channels per level, residual blocks, transformer depths), read from a diffusers config or an
-original-layout (ldm/sgm, Forge) module tree: what the memory estimate counts activations from."""
+original-layout (ldm/sgm, Forge) module tree, and a diffusion transformer's (Flux): what the memory estimate
+counts activations from."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ class UNetLayout:
     """Width of the text conditioning the cross-attention reads."""
     linear_projection: bool
     """The attention's projections in and out are linear layers (SD2, SDXL), not 1x1 convolutions (SD1)."""
+
+
+@dataclass(frozen=True)
+class TransformerLayout:
+    """A diffusion transformer's shape (Flux's double and single stream blocks) as the activation count needs it."""
+
+    hidden_size: int
+    double_blocks: int
+    single_blocks: int
+    text_tokens: int
+    """Tokens of the text sequence that runs through the blocks beside the image's (Forge pads T5's to 256)."""
+    patch_size: int
+    """Latent cells per image token along each side."""
 
 
 def layout_of_diffusers_unet(config: Any) -> UNetLayout:

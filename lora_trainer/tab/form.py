@@ -19,8 +19,11 @@ from lora_trainer.config_template import config_field_docs
 from lora_trainer.errors import UserError
 from lora_trainer.models.base import ModelFamily
 
-FAMILY_RESOLUTION: dict[ModelFamily, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+FAMILY_RESOLUTION: dict[ModelFamily, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024}
+FAMILY_LABEL: dict[ModelFamily, str] = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}
+FAMILY_SAMPLE_CFG_SCALE: dict[ModelFamily, float] = {"sd1": 7.0, "sd2": 7.0, "sdxl": 7.0, "flux": 1.0}
+"""The sample images' guidance scale: Flux-dev is guidance-distilled (Forge gives it its Distilled CFG Scale, 3.5),
+and a real CFG above 1 would double each step's cost and overcook its images."""
 HOST_OWNED_KEYS = ("base_model", "base_model_config", "output_dir", "device", "clip_skip")
 """Config keys the host decides (its loaded model, its LoRA folder, that model's device, its Clip skip
 setting): not in the form."""
@@ -62,13 +65,15 @@ def gpu_mixed_precision() -> MixedPrecision:
 
 
 def default_config(family: ModelFamily | None, mixed_precision: MixedPrecision | None = None) -> TrainConfig:
-    """The tab's starting settings for a model family: its native resolution, rank 16 / alpha 8, UNet lr 1e-4,
-    10 epochs of batch 1 saved after each (the last 5 of those kept), cached latents, the GPU's mixed precision,
-    no TensorBoard logs, the loss read every step (the chart starts at the first)."""
-    return config_from_dict(dict(resolution=FAMILY_RESOLUTION[family or "sd1"], lora_rank=16, lora_alpha=8.0,
-                                 unet_lr=1e-4, epochs=10, batch_size=1, save_every_n_epochs=1, keep_last_n_saves=5,
-                                 cache_latents=True, mixed_precision=mixed_precision or gpu_mixed_precision(),
-                                 logging_dir=None, log_every_n_steps=1))
+    """The tab's starting settings for a model family: its native resolution and sample guidance, rank 16 /
+    alpha 8, UNet lr 1e-4, 10 epochs of batch 1 saved after each (the last 5 of those kept), cached latents, the
+    GPU's mixed precision, no TensorBoard logs, the loss read every step (the chart starts at the first)."""
+    family = family or "sd1"
+    return config_from_dict(dict(resolution=FAMILY_RESOLUTION[family], sample_cfg_scale=FAMILY_SAMPLE_CFG_SCALE[family],
+                                 lora_rank=16, lora_alpha=8.0, unet_lr=1e-4, epochs=10, batch_size=1,
+                                 save_every_n_epochs=1, keep_last_n_saves=5, cache_latents=True,
+                                 mixed_precision=mixed_precision or gpu_mixed_precision(), logging_dir=None,
+                                 log_every_n_steps=1))
 
 
 @dataclass(frozen=True)

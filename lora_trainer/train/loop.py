@@ -35,7 +35,15 @@ from lora_trainer.train.distributed import (
     process_share,
 )
 from lora_trainer.train.events import RunPlan, TrainingEvents
-from lora_trainer.train.loss import add_noise, diffusion_loss, diffusion_target, huber_thresholds, sample_noise
+from lora_trainer.train.loss import (
+    add_noise,
+    diffusion_loss,
+    diffusion_target,
+    draw_timesteps,
+    huber_thresholds,
+    refuse_for_flow,
+    sample_noise,
+)
 from lora_trainer.train.max_norm import scale_weight_norms
 from lora_trainer.train.memory import plan_run_memory
 from lora_trainer.train.meter import StepMeter
@@ -129,6 +137,11 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         raise UserError(f"the config asks for clip_skip {config.model.clip_skip}, but this model's text conditioning "
                         f"uses {backend.clip_skip or 1}; in the WebUI, set Clip skip in its settings instead")
 
+    if backend.prediction_type == "flow":
+        refuse_for_flow(config.loss)
+    if saving.save_diffusers_format and not backend.diffusers_names:
+        raise UserError(f"save_diffusers_format cannot name this {backend.family} model's layers as diffusers does; "
+                        "turn it off (the kohya file loads in the WebUI, Forge and ComfyUI)")
     memory = plan_run_memory(config, backend)
     if not memory.fits:
         events.on_message(memory.line())
@@ -300,7 +313,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             sample(0)
 
         loss_settings = config.loss
-        alphas_cumprod = backend.alphas_cumprod
+        alphas_cumprod = None if backend.prediction_type == "flow" else backend.alphas_cumprod
         if loss_settings.zero_terminal_snr:
             alphas_cumprod = zero_terminal_snr(alphas_cumprod)
 
@@ -322,13 +335,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             if loss_settings.multires_noise_iterations:
                 noise = add_multires_noise(noise, loss_settings.multires_noise_iterations,
                                            loss_settings.multires_noise_discount, noise_generator).to(latents.dtype)
-            timesteps = torch.randint(0, len(alphas_cumprod), (global_rows,),
-                                      generator=noise_generator, device=backend.device)
+            timesteps = draw_timesteps(global_rows, alphas_cumprod, backend.flow_shift, noise_generator,
+                                       backend.device)
             input_noise = perturbed_input_noise(noise, loss_settings.ip_noise_gamma, noise_generator) \
                 if loss_settings.ip_noise_gamma else noise
             own = slice(rows.start, rows.stop)
             noise, timesteps, input_noise = noise[own], timesteps[own], input_noise[own]
-            noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
+            noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod, backend.prediction_type)
             with accelerator.autocast():
                 prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
             target = diffusion_target(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)

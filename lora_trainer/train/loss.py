@@ -1,4 +1,4 @@
-"""The diffusion training objective: forward noising, eps/v targets, squared or pseudo-Huber error, min-SNR
+"""The diffusion training objective: forward noising, eps/v/flow targets, squared or pseudo-Huber error, min-SNR
 weighting, loss masks, per-sample weights, offset noise."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from lora_trainer.config import HuberSchedule, LossType
+from lora_trainer.config import HuberSchedule, LossConfig, LossType
 from lora_trainer.data.masks import mask_on_grid
+from lora_trainer.errors import UserError
 from lora_trainer.models.base import PredictionType
 
 
@@ -22,18 +23,39 @@ def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Ge
     return noise
 
 
+FLOW_UNSUPPORTED = ("min_snr_gamma", "debiased_estimation_loss", "zero_terminal_snr")
+"""Loss settings defined on an eps/v noise schedule's SNR, which a flow-matching model does not have."""
+
+
+def draw_timesteps(count: int, alphas_cumprod: torch.Tensor | None, flow_shift: float | None,
+                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Each sample's noise level: a uniform step of the schedule `alphas_cumprod`, or for a flow model (`flow_shift`
+    set) a sigma in (0, 1), the sigmoid of a standard normal time-shifted by mu = `flow_shift` as Flux samples
+    (kohya's `flux_shift` sampling at the shift Forge's sampler uses)."""
+    if flow_shift is None:
+        return torch.randint(0, len(alphas_cumprod), (count,), generator=generator, device=device)
+    uniform = torch.sigmoid(torch.randn((count,), generator=generator, device=device))
+    return math.exp(flow_shift) / (math.exp(flow_shift) + 1 / uniform - 1)
+
+
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-              alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps."""
+              alphas_cumprod: torch.Tensor | None, prediction_type: PredictionType) -> torch.Tensor:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; for a flow model, whose timesteps are sigmas, (1 - s) x_0 + s eps."""
+    if prediction_type == "flow":
+        sigma = _per_sample(timesteps, latents)
+        return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
     alpha = _per_sample(alphas_cumprod[timesteps], latents)
     return (alpha.sqrt() * latents.float() + (1 - alpha).sqrt() * noise.float()).to(latents.dtype)
 
 
 def diffusion_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                     alphas_cumprod: torch.Tensor, prediction_type: PredictionType) -> torch.Tensor:
-    """What the UNet should predict: the noise (eps) or v = sqrt(a_t) eps - sqrt(1 - a_t) x_0."""
+                     alphas_cumprod: torch.Tensor | None, prediction_type: PredictionType) -> torch.Tensor:
+    """What the model should predict: the noise (eps), v = sqrt(a_t) eps - sqrt(1 - a_t) x_0, or the flow's
+    velocity eps - x_0."""
     if prediction_type == "epsilon":
         return noise.float()
+    if prediction_type == "flow":
+        return noise.float() - latents.float()
     alpha = _per_sample(alphas_cumprod[timesteps], latents)
     return alpha.sqrt() * noise.float() - (1 - alpha).sqrt() * latents.float()
 
@@ -91,6 +113,16 @@ def huber_thresholds(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, sche
     alpha = alphas_cumprod[timesteps].float()
     sigma = ((1 - alpha) / alpha).sqrt()
     return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
+
+
+def refuse_for_flow(loss: LossConfig) -> None:
+    """Raise a `UserError` naming the loss settings a flow-matching model (Flux) cannot use."""
+    asked = [name for name in FLOW_UNSUPPORTED if getattr(loss, name)]
+    if loss.loss_type != "l2" and loss.huber_schedule != "constant":
+        asked.append(f"huber_schedule {loss.huber_schedule}")
+    if asked:
+        raise UserError(f"{', '.join(asked)} rest on an eps/v model's noise schedule, which Flux (a flow-matching "
+                        "model) does not have: turn them off (a Huber loss needs huber_schedule constant)")
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

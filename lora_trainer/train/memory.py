@@ -3,13 +3,14 @@ what the device has free.
 
 The estimate's parts are computed from the model and the settings: the weights that stay on the device (their
 bytes counted from the model's own tensors), the LoRA with its gradients and optimizer state, the activations
-autograd keeps for the backward pass (counted per UNet block from the UNet's layout, `activation_elements`), and
-a workspace allowance. The activation count follows what PyTorch saves: a convolution keeps its input even when
-frozen, a frozen linear layer keeps nothing, GroupNorm, LayerNorm and SiLU keep their inputs, fused attention
-keeps q, k, v and its output, LoRA keeps its layer's input. Checked against a meta-device trace of autograd's
-saved tensors for the full-size SD1.5, SD2 and SDXL UNets in fp32 (tests/test_memory.py): within 8% (measured
--2% to +5%). Under fp16/bf16 autocast the normalisation inputs count at fp32, as autocast's op lists say (not
-traced: the meta device has no autocast).
+autograd keeps for the backward pass (counted per UNet block from the UNet's layout, `activation_elements`, or
+per block of a diffusion transformer, `transformer_activation_elements`), and a workspace allowance. The
+UNet's activation count follows what PyTorch saves: a convolution keeps its input even when frozen, a frozen
+linear layer keeps nothing, GroupNorm, LayerNorm and SiLU keep their inputs, fused attention keeps q, k, v and
+its output, LoRA keeps its layer's input. Checked against a meta-device trace of autograd's saved tensors for
+the full-size SD1.5, SD2 and SDXL UNets in fp32 (tests/test_memory.py): within 8% (measured -2% to +5%). Under
+fp16/bf16 autocast the normalisation inputs count at fp32, as autocast's op lists say (not traced: the meta
+device has no autocast). Flux's blocks are counted from a trace (`DOUBLE_BLOCK_ELEMENTS`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lora_trainer.data.dataset import vae_images_per_call
 from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, matches_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend
-from lora_trainer.models.layout import UNetLayout
+from lora_trainer.models.layout import TransformerLayout, UNetLayout
 
 GIB = 2**30
 CONTEXT_TOKENS = 77
@@ -58,7 +59,7 @@ class ModelFootprint:
     vae_bytes: int
     text_encoder_width_layers: int
     """The text encoders' width times their layers, summed (what their activations scale with)."""
-    layout: UNetLayout
+    layout: UNetLayout | TransformerLayout
     vae_scale: int
     """Pixels per latent cell along each side."""
     lora_parameters: int
@@ -258,6 +259,29 @@ def activation_elements(layout: UNetLayout, latent_height: int, latent_width: in
     return ActivationCount(totals["kept"], recomputed, totals["normalised"] + recomputed_normalised)
 
 
+DOUBLE_BLOCK_ELEMENTS = 25.5
+SINGLE_BLOCK_ELEMENTS = 23.4
+"""Elements autograd keeps per token and unit of width for one Flux double / single stream block, with LoRA on
+kohya's layers and fused attention: measured by a meta-device trace of Forge's Flux blocks (25.4-25.8 and
+23.3-23.4 at 512 and 1024 px; tests/test_forge_flux.py checks the sum against a trace)."""
+
+
+def transformer_activation_elements(layout: TransformerLayout, latent_height: int, latent_width: int,
+                                    checkpointing: bool) -> ActivationCount:
+    """What autograd keeps for the backward pass of one sample through a Flux transformer with LoRA on kohya's
+    layers, at a latent of `latent_height` x `latent_width`, in elements: per block, a measured number per token
+    and unit of width (image tokens and the text's). With `checkpointing`, each block keeps its input and the
+    largest recomputes its own. The normalisations' inputs are not told apart (Flux's weights are 16-bit)."""
+    tokens = (latent_height // layout.patch_size) * (latent_width // layout.patch_size) + layout.text_tokens
+    width = tokens * layout.hidden_size
+    blocks = layout.double_blocks + layout.single_blocks
+    if checkpointing:
+        largest = DOUBLE_BLOCK_ELEMENTS if layout.double_blocks else SINGLE_BLOCK_ELEMENTS
+        return ActivationCount(blocks * width, int(largest * width), 0)
+    kept = DOUBLE_BLOCK_ELEMENTS * layout.double_blocks + SINGLE_BLOCK_ELEMENTS * layout.single_blocks
+    return ActivationCount(int(kept * width), 0, 0)
+
+
 def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEstimate:
     """The peak memory of training `config` on the model of `footprint`: the weights left on the device (the VAE
     and text encoders leave it after caching unless they are still needed), the LoRA with its gradients and
@@ -272,12 +296,17 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     lora = footprint.lora_parameters * (4 + 4 + state_bytes)
     element_bytes = 2 if training.mixed_precision != "no" else 4
     latent_side = dataset.resolution // footprint.vae_scale
-    unet = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
-                               conv_lora=network.effective_conv_rank > 0,
-                               feed_forward_lora=matches_targets(("ff.net.0.proj", "ff.net.2"), network.target_modules),
-                               projection_lora=matches_targets(("proj_in", "proj_out"), network.target_modules),
-                               convolutions_keep_inputs=not config.model.fp8_base)
-    per_sample = unet.bytes(element_bytes)
+    if isinstance(footprint.layout, TransformerLayout):
+        model = transformer_activation_elements(footprint.layout, latent_side, latent_side,
+                                                training.gradient_checkpointing)
+    else:
+        model = activation_elements(footprint.layout, latent_side, latent_side, training.gradient_checkpointing,
+                                    conv_lora=network.effective_conv_rank > 0,
+                                    feed_forward_lora=matches_targets(("ff.net.0.proj", "ff.net.2"),
+                                                                      network.target_modules),
+                                    projection_lora=matches_targets(("proj_in", "proj_out"), network.target_modules),
+                                    convolutions_keep_inputs=not config.model.fp8_base)
+    per_sample = model.bytes(element_bytes)
     if network.train_text_encoder:
         per_sample += (TEXT_ENCODER_ELEMENTS_PER_TOKEN_WIDTH * CONTEXT_TOKENS * footprint.text_encoder_width_layers
                        * element_bytes)
@@ -361,14 +390,16 @@ def plan_run_memory(config: TrainConfig, backend: DiffusionBackend) -> MemoryPla
 def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelFootprint:
     """What the estimate needs from `backend`'s model, for a LoRA network as `network` describes it."""
     parts = backend.model_parts()
-    unet_scale = 2 ** (len(backend.unet_layout().level_channels) - 1)
+    layout = backend.unet_layout()
+    # The model's own downsampling: a transformer's patches, a UNet's levels.
+    unet_scale = layout.patch_size if isinstance(layout, TransformerLayout) else 2 ** (len(layout.level_channels) - 1)
     return ModelFootprint(
         unet_bytes=tensor_bytes([parts.unet]),
         unet_fp8_bytes=tensor_bytes([parts.unet]) if backend.fp8_base_refusal else fp8_bytes(parts.unet),
         text_encoder_bytes=tensor_bytes(parts.text_encoders), vae_bytes=tensor_bytes([parts.vae]),
         text_encoder_width_layers=sum(layer.normalized_shape[0] for encoder in parts.text_encoders
                                       for layer in encoder.modules() if isinstance(layer, nn.LayerNorm)) // 2,
-        layout=backend.unet_layout(), vae_scale=backend.latent_scale // unet_scale,
+        layout=layout, vae_scale=backend.latent_scale // unet_scale,
         lora_parameters=lora_parameter_count(backend, network), parks_idle_parts=backend.parks_idle_parts,
         resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device),
         vae_encoder_bytes_per_pixel=vae_encoder_bytes_per_pixel(parts.vae))

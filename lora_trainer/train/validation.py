@@ -46,7 +46,8 @@ class ValidationSet:
     def loss(self, backend: DiffusionBackend, autocast=nullcontext) -> float:
         """The mean loss over every held-out image and every timestep of `TIMESTEP_FRACTIONS`, with the noise
         drawn from a generator seeded the same way every time (plain MSE, masked with `masked_loss`)."""
-        timestep_count = len(backend.alphas_cumprod)
+        flow = backend.prediction_type == "flow"
+        alphas_cumprod = None if flow else backend.alphas_cumprod
         total, count = 0.0, 0
         for batch_index, indices in enumerate(self.batches):
             batch = self.data.load_batch(indices, random.Random(0))
@@ -56,12 +57,14 @@ class ValidationSet:
                 generator = torch.Generator(backend.device).manual_seed(
                     self.seed * 1_000_003 + batch_index * len(TIMESTEP_FRACTIONS) + fraction_index)
                 noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                timesteps = torch.full((latents.shape[0],), int(fraction * timestep_count), device=backend.device)
-                noisy_latents = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
+                # A flow model's noise level is the fraction itself (sigma), an eps/v model's the step at it.
+                level = fraction if flow else int(fraction * len(alphas_cumprod))
+                timesteps = torch.full((latents.shape[0],), level, device=backend.device)
+                noisy_latents = add_noise(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)
                 with autocast():
                     prediction = backend.predict(noisy_latents, timesteps, text, batch.size_conditioning)
-                target = diffusion_target(latents, noise, timesteps, backend.alphas_cumprod, backend.prediction_type)
-                loss = diffusion_loss(prediction, target, timesteps, backend.alphas_cumprod, backend.prediction_type,
+                target = diffusion_target(latents, noise, timesteps, alphas_cumprod, backend.prediction_type)
+                loss = diffusion_loss(prediction, target, timesteps, alphas_cumprod, backend.prediction_type,
                                       None, batch.masks)
                 total += loss.item() * len(indices)
                 count += len(indices)
