@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,9 +147,7 @@ class TrainingData:
 
         Images of one bucket are encoded several at a time (`vae_images_per_call`): one VAE call per small image
         is several times slower. With `share` (this process's index, the process count), only every count-th
-        chunk from the index-th is cached here (`cached_share` hands them to the other processes). Each chunk
-        draws the VAE's sampling noise from a seed of its own, so its latents are the same whichever process
-        encodes it.
+        chunk from the index-th is cached here (`cached_share` hands them to the other processes).
         """
         self.latent_cache = {}
         by_bucket: dict[tuple[int, int], list[int]] = {}
@@ -186,8 +183,7 @@ class TrainingData:
                     self.mask_cache.update(((index, flip), self._mask(example, crop, flip)) for flip in flips)
             device = None
             if pixels:
-                with _seeded_global_rng(self.config.training.seed + chunk[0]):
-                    latents = encode_images(torch.stack(pixels))
+                latents = encode_images(torch.stack(pixels))
                 self.latent_cache.update(zip(keys, latents))
                 device, position = latents.device, 0
                 for entry, flip_count in new_entries:
@@ -279,12 +275,3 @@ def _size_conditioning(example: _Example, crop: tuple[int, int]) -> list[float]:
     return [float(example.record.height), float(example.record.width), float(crop[0]), float(crop[1]),
             float(bucket_height), float(bucket_width)]
 
-
-@contextmanager
-def _seeded_global_rng(seed: int) -> Iterator[None]:
-    """The global random streams (the VAEs sample their latents from them) seeded with `seed` for the block and
-    as they were afterwards."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
