@@ -128,3 +128,9 @@ def test_the_image_trainer_refuses_fsdp_and_names_data_parallel_launch(tmp_path,
     config = load_config(None, {"train_data_dir": str(tmp_path), "base_model": str(tmp_path)}, [])
     with pytest.raises(UserError, match="accelerate launch --multi_gpu"):
         train(config, backend=None)
+
+
+def test_deepspeed_is_refused_with_the_launches_that_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["train", "--config", str(_llm_config(tmp_path, "out", batch_size=2))]) == 2
+    assert re.search("DeepSpeed .* is not supported: launch with --multi_gpu .* --use_fsdp", capsys.readouterr().err)
