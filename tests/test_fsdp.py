@@ -26,22 +26,32 @@ def sharding(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
 
 
-def _llm_config(tmp_path: Path, name: str, **keys) -> Path:
+def _llm_config(folder: Path, name: str, **keys) -> Path:
     """A run of the tiny Llama on the colour task, answers of one to three words (the sequences' trained tokens
-    differ); `keys` add to or replace its settings."""
+    differ), saving at step 2 with its state, a validation loss and a sample; `keys` add to or replace that."""
     from llm_models import COLOUR_TASK, save_tiny_llama, write_jsonl
 
-    base, data = tmp_path / "base", tmp_path / "colours.jsonl"
+    base, data = folder / "base", folder / "colours.jsonl"
     if not base.exists():
         save_tiny_llama(base)
         write_jsonl(data, [dict(record, output=" ".join([record["output"]] * (1 + index % 3)))
                            for index, record in enumerate(COLOUR_TASK.training_records())])
-    settings = dict(task="llm", base_model=base, train_data=data, output_dir=tmp_path / name, logging_dir="null",
-                    lora_dropout=0.0, learning_rate=1.0e-2, gradient_accumulation_steps=2, max_train_steps=3)
+    settings = dict(task="llm", base_model=base, train_data=data, output_dir=folder / name, logging_dir="null",
+                    lora_dropout=0.0, learning_rate=1.0e-2, gradient_accumulation_steps=2, max_train_steps=3,
+                    save_every_n_steps=2, save_state="true", validation_split=0.2,
+                    sample_prompts='["What colour is the zorp ?"]', sample_max_new_tokens=3)
     settings.update(keys)
-    path = tmp_path / f"{name}.yaml"
+    path = folder / f"{name}.yaml"
     path.write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The folder of a run of one process with a global batch of 6 (its files in `one/`)."""
+    folder = tmp_path_factory.mktemp("one-process")
+    assert main(["train", "--config", str(_llm_config(folder, "one", batch_size=6))]) == 0
+    return folder
 
 
 def _train_two(config: Path, output: Path) -> str:
@@ -58,46 +68,45 @@ def _largest_difference(first: dict[str, torch.Tensor], second: dict[str, torch.
     return max((first[key] - second[key]).abs().max().item() for key in first)
 
 
-def test_two_sharded_processes_train_the_same_adapter_as_one_each_holding_half_the_model(tmp_path, sharding):
-    keys = dict(save_every_n_steps=2, save_state="true", validation_split=0.2,
-                sample_prompts='["What colour is the zorp ?"]', sample_max_new_tokens=3)
-    output = _train_two(_llm_config(tmp_path, "two", batch_size=3, **keys), tmp_path / "processes")
-    # One process alone shards nothing, also under --use_fsdp.
-    assert main(["train", "--config", str(_llm_config(tmp_path, "one", batch_size=6, **keys))]) == 0
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(folder / "adapter_model.safetensors")
 
-    alone, together = (read_safetensors(tmp_path / name / "lora" / "adapter_model.safetensors")
-                       for name in ("one", "two"))
+
+def test_two_sharded_processes_train_the_same_adapter_as_one_each_holding_half_the_model(one_process, tmp_path,
+                                                                                          sharding):
+    output = _train_two(_llm_config(one_process, "two", batch_size=3), tmp_path / "processes")
+
+    alone, together = _adapter(one_process / "one" / "lora"), _adapter(one_process / "two" / "lora")
     # LoRA's B matrices start at zero: runs that learned nothing would match trivially.
     assert max(alone[key].abs().max().item() for key in alone if "lora_B" in key) > 1e-3
     assert _largest_difference(alone, together) < 2e-5
     # The training state saved at step 2 holds the whole optimizer state, gathered from the shards.
-    states = [torch.load(tmp_path / name / "lora-s000002" / STATE_FILE, weights_only=False) for name in ("one", "two")]
+    states = [torch.load(one_process / name / "lora-s000002" / STATE_FILE, weights_only=False)
+              for name in ("one", "two")]
     moments = [{f"{index}.{name}": value for index, state in each["optimizer"]["state"].items()
                 for name, value in state.items()} for each in states]
     assert _largest_difference(*moments) < 2e-5
 
     # Written once, by the main process, which also reported the validation loss and the samples.
-    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["lora", "lora-s000002"]
+    assert sorted(path.name for path in (one_process / "two").iterdir()) == ["lora", "lora-s000002"]
     assert "validation loss" in output and "sample at step 3: 'What colour is the zorp ?' ->" in output
     held = re.search(r"FSDP: the 2 processes hold ([\d,]+), ([\d,]+) of the model's ([\d,]+) parameter bytes", output)
     first, second, whole = (int(number.replace(",", "")) for number in held.groups())
     assert 0.45 * whole < first < 0.55 * whole and 0.45 * whole < second < 0.55 * whole
 
 
-def test_sharded_processes_resume_a_state_that_one_process_saved(tmp_path, sharding):
-    one = _llm_config(tmp_path, "one", batch_size=6, save_every_n_steps=2, save_state="true")
-    assert main(["train", "--config", str(one)]) == 0
-    resumed = _llm_config(tmp_path, "two", batch_size=3, resume=tmp_path / "one" / "lora-s000002")
+def test_sharded_processes_resume_a_state_that_one_process_saved(one_process, tmp_path, sharding):
+    resumed = _llm_config(one_process, "resumed", batch_size=3, resume=one_process / "one" / "lora-s000002")
     output = _train_two(resumed, tmp_path / "processes")
 
     assert "Resuming at step 2" in output
-    alone, together = (read_safetensors(tmp_path / name / "lora" / "adapter_model.safetensors")
-                       for name in ("one", "two"))
-    assert _largest_difference(alone, together) < 2e-5
+    alone, resumed = _adapter(one_process / "one" / "lora"), _adapter(one_process / "resumed" / "lora")
+    assert _largest_difference(alone, resumed) < 2e-5
 
 
 def test_when_a_sharded_process_dies_the_other_stops_with_a_clear_message(tmp_path, sharding):
-    config = _llm_config(tmp_path, "out", batch_size=1, max_train_steps=100000, distributed_timeout_seconds=5)
+    config = _llm_config(tmp_path, "out", batch_size=1, max_train_steps=100000, save_every_n_steps="null",
+                         distributed_timeout_seconds=5)
     main_pid, other_pid = start_processes(config, 2, tmp_path / "processes")
     try:
         wait_for_training(tmp_path / "processes")
@@ -110,6 +119,23 @@ def test_when_a_sharded_process_dies_the_other_stops_with_a_clear_message(tmp_pa
     assert "another training process died, or did not answer within distributed_timeout_seconds (5 s)" in errors
     assert "Traceback" not in errors
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ctrl_c_that_reaches_one_sharded_process_stops_both_and_the_main_one_saves_the_whole_adapter(tmp_path,
+                                                                                                     sharding):
+    config = _llm_config(tmp_path, "out", batch_size=1, max_train_steps=100000, save_every_n_steps="null")
+    pids = start_processes(config, 2, tmp_path / "processes")
+    try:
+        wait_for_training(tmp_path / "processes")
+        os.kill(pids[1], signal.SIGINT)  # not the main process, which must learn of it from the other
+        exit_codes = [exit_code_of(pid, 60) for pid in pids]
+    finally:
+        end_processes(pids)
+    assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
+    [saved] = (tmp_path / "out").iterdir()
+    assert saved.name.startswith("lora-interrupted-s") and (saved / STATE_FILE).is_file()
+    weights = read_safetensors(saved / "adapter_model.safetensors")
+    assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
 
 
 def test_qlora_and_merging_are_refused_under_fsdp():
