@@ -10,9 +10,6 @@ allocated. The LoRA is the trainer's default (rank 8 on q_proj and v_proj, fp32)
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -37,44 +34,31 @@ def _model(name: str, folder: Path):
     return add_lora(base, NetworkConfig(), folder)
 
 
-def _held_bytes(name: str, folder: Path, rank: int, count: int, port: int, results: Path) -> None:
-    """In a forked process: shard the model over `count` processes and write the bytes this one holds."""
+def _held_bytes(name: str, folder: Path, count: int) -> int:
+    """In one of the launch's processes: shard the model over the `count` processes and write the bytes this
+    one holds and those of the whole model."""
     import torch
 
     from lora_trainer.train.sharding import local_parameter_bytes, shard_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo")
     model = _model(name, folder)
     whole = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     shard_model(model, torch.device("cpu"), count)
-    (results / f"{name}-{count}-{rank}").write_text(f"{local_parameter_bytes(model)} {whole}")
+    print(local_parameter_bytes(model), whole)
     torch.distributed.destroy_process_group()
+    return 0
 
 
 def _measure(name: str, folder: Path, count: int) -> tuple[list[int], int]:
     """(bytes each of `count` sharded processes holds, bytes of the whole model)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    pids = []
-    for rank in range(count):
-        pid = os.fork()
-        if pid == 0:
-            exit_code = 1
-            try:
-                _held_bytes(name, folder, rank, count, port, folder)
-                exit_code = 0
-            finally:
-                sys.stdout.flush()
-                os._exit(exit_code)
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"{name}: a sharding process failed")
-    measured = [[int(number) for number in (folder / f"{name}-{count}-{rank}").read_text().split()]
+    from tests.launched import exit_code_of, fork_processes
+
+    output = folder / f"{name}-{count}"
+    pids = fork_processes(count, output, lambda: _held_bytes(name, folder, count))
+    if any(exit_code_of(pid, 600) != 0 for pid in pids):
+        raise SystemExit(f"{name}: a sharding process failed: {(output / 'rank-0.err').read_text()[-2000:]}")
+    measured = [[int(number) for number in (output / f"rank-{rank}.out").read_text().split()]
                 for rank in range(count)]
     return [held for held, _ in measured], measured[0][1]
 

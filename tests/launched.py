@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,9 +19,10 @@ import torch
 from lora_trainer.cli import main
 
 
-def start_processes(config: Path, count: int, output: Path) -> list[int]:
-    """Fork `count` processes that train `config` together; each writes its stdout and stderr to
-    `output/rank-N.out` and `.err`. Returns their process ids."""
+def fork_processes(count: int, output: Path, work: Callable[[], int]) -> list[int]:
+    """Fork `count` processes of one launch (RANK, WORLD_SIZE, a free MASTER_PORT, ...) that each run `work`
+    and exit with what it returns; each writes its stdout and stderr to `output/rank-N.out` and `.err`.
+    Returns their process ids."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -40,7 +42,7 @@ def start_processes(config: Path, count: int, output: Path) -> list[int]:
                                   RANK=str(rank), LOCAL_RANK=str(rank))
                 sys.stdout = open(output / f"rank-{rank}.out", "w", buffering=1)  # noqa: SIM115
                 sys.stderr = open(output / f"rank-{rank}.err", "w", buffering=1)  # noqa: SIM115
-                exit_code = main(["train", "--config", str(config)])
+                exit_code = work()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -49,6 +51,25 @@ def start_processes(config: Path, count: int, output: Path) -> list[int]:
                 os._exit(exit_code)
         pids.append(pid)
     return pids
+
+
+def start_processes(config: Path, count: int, output: Path) -> list[int]:
+    """Fork `count` processes that train `config` together (see `fork_processes`)."""
+    return fork_processes(count, output, lambda: main(["train", "--config", str(config)]))
+
+
+def signal_the_second(config: Path, output: Path, signum: int, timeout: float) -> list[int | None]:
+    """Start two processes training `config` and, once the steps began, send `signum` to the second (not the
+    main one, which must learn of it from the other). Their exit codes, each awaited up to `timeout` s (None:
+    still running, then killed); a stopped second one is not awaited."""
+    pids = start_processes(config, 2, output)
+    try:
+        wait_for_training(output)
+        os.kill(pids[1], signum)
+        main_exit_code = exit_code_of(pids[0], timeout)
+        return [main_exit_code, None if signum == signal.SIGSTOP else exit_code_of(pids[1], timeout)]
+    finally:
+        end_processes(pids)
 
 
 def exit_code_of(pid: int, timeout: float) -> int | None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
 import pytest
 from conftest import write_shapes_dataset
-from launched import end_processes, exit_code_of, read_safetensors, start_processes, wait_for_training
+from launched import exit_code_of, read_safetensors, signal_the_second, start_processes
 
 from lora_trainer.cli import main
 
@@ -79,13 +78,7 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
 def test_a_ctrl_c_that_reaches_one_process_stops_both_and_the_main_one_saves(tmp_path):
     config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
                      logging_dir="null", save_state="true")
-    pids = start_processes(config, 2, tmp_path / "processes")
-    try:
-        wait_for_training(tmp_path / "processes")
-        os.kill(pids[1], signal.SIGINT)  # not the main process, which must learn of it from the other
-        exit_codes = [exit_code_of(pid, 60) for pid in pids]
-    finally:
-        end_processes(pids)
+    exit_codes = signal_the_second(config, tmp_path / "processes", signal.SIGINT, 60)
     assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
     saved = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert len(saved) == 2 and saved[0].startswith("lora-interrupted-s") and saved[1].endswith(".state")
@@ -96,13 +89,8 @@ def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(s
     timeout = 5
     config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
                      logging_dir="null", distributed_timeout_seconds=timeout)
-    main_pid, other_pid = start_processes(config, 2, tmp_path / "processes")
-    try:
-        wait_for_training(tmp_path / "processes")
-        os.kill(other_pid, signum)
-        exit_code = exit_code_of(main_pid, timeout + 60)  # a margin for a loaded machine, far from forever
-    finally:
-        end_processes([main_pid, other_pid])
+    # A margin for a loaded machine, far from forever.
+    exit_code, _ = signal_the_second(config, tmp_path / "processes", signum, timeout + 60)
     errors = (tmp_path / "processes" / "rank-0.err").read_text()
     assert exit_code == 2, errors[-3000:]
     assert "another training process died, or did not answer within distributed_timeout_seconds (5 s)" in errors

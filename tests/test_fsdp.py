@@ -4,14 +4,13 @@ together, each holding half of it (see launched.py for how they start)."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from launched import end_processes, exit_code_of, read_safetensors, start_processes, wait_for_training
+from launched import exit_code_of, read_safetensors, signal_the_second, start_processes
 
 from lora_trainer.cli import main
 from lora_trainer.errors import UserError
@@ -107,13 +106,7 @@ def test_sharded_processes_resume_a_state_that_one_process_saved(one_process, tm
 def test_when_a_sharded_process_dies_the_other_stops_with_a_clear_message(tmp_path, sharding):
     config = _llm_config(tmp_path, "out", batch_size=1, max_train_steps=100000, save_every_n_steps="null",
                          distributed_timeout_seconds=5)
-    main_pid, other_pid = start_processes(config, 2, tmp_path / "processes")
-    try:
-        wait_for_training(tmp_path / "processes")
-        os.kill(other_pid, signal.SIGKILL)
-        exit_code = exit_code_of(main_pid, 65)
-    finally:
-        end_processes([main_pid, other_pid])
+    exit_code, _ = signal_the_second(config, tmp_path / "processes", signal.SIGKILL, 65)
     errors = (tmp_path / "processes" / "rank-0.err").read_text()
     assert exit_code == 2, errors[-3000:]
     assert "another training process died, or did not answer within distributed_timeout_seconds (5 s)" in errors
@@ -124,13 +117,7 @@ def test_when_a_sharded_process_dies_the_other_stops_with_a_clear_message(tmp_pa
 def test_a_ctrl_c_that_reaches_one_sharded_process_stops_both_and_the_main_one_saves_the_whole_adapter(tmp_path,
                                                                                                      sharding):
     config = _llm_config(tmp_path, "out", batch_size=1, max_train_steps=100000, save_every_n_steps="null")
-    pids = start_processes(config, 2, tmp_path / "processes")
-    try:
-        wait_for_training(tmp_path / "processes")
-        os.kill(pids[1], signal.SIGINT)  # not the main process, which must learn of it from the other
-        exit_codes = [exit_code_of(pid, 60) for pid in pids]
-    finally:
-        end_processes(pids)
+    exit_codes = signal_the_second(config, tmp_path / "processes", signal.SIGINT, 60)
     assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
     [saved] = (tmp_path / "out").iterdir()
     assert saved.name.startswith("lora-interrupted-s") and (saved / STATE_FILE).is_file()

@@ -112,7 +112,9 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     # --- model and LoRA ---
-    model = add_lora(load_base_model(config.model, device), config.network, config.model.base_model)
+    # A sharded model loads into CPU memory: each process's GPU then receives only its shards.
+    load_device = torch.device("cpu") if sharded else device
+    model = add_lora(load_base_model(config.model, load_device), config.network, config.model.base_model)
     result = LLMTrainingResult(model=model, tokenizer=tokenizer)
     if config.network.init_lora_weights is not None:
         weights, adapter_config, _ = read_adapter(config.network.init_lora_weights)

@@ -23,9 +23,10 @@ def sharding_requested() -> bool:
 
 
 def shard_model(model, device: torch.device, process_count: int) -> None:
-    """Shard `model`'s parameters over the `process_count` processes of the launch, in place: each transformer
-    layer (accelerate's `fsdp_transformer_layer_cls_to_wrap`, else the classes the model names as not to be
-    split) is gathered on its own, the rest with the model itself. `model.generate` gathers as a forward does."""
+    """Shard `model`'s parameters over the `process_count` processes of the launch, in place, moving each
+    process's shards to `device`: each transformer layer (accelerate's `fsdp_transformer_layer_cls_to_wrap`, else
+    the classes the model names as not to be split) is gathered on its own, the rest with the model itself.
+    `model.generate` gathers as a forward does."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
