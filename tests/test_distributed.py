@@ -1,22 +1,14 @@
-"""Data-parallel training: two CPU processes (gloo) train the tiny model together, started as torchrun starts
-them (RANK, WORLD_SIZE, MASTER_PORT, ...) but forked from the test process, which has imported everything
-already: a fresh interpreter per process would take most of the test's time."""
+"""Data-parallel training: two CPU processes (gloo) train the tiny model together (see launched.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import socket
-import sys
-import time
-import traceback
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import write_shapes_dataset
+from launched import exit_code_of, read_safetensors, signal_the_second, start_processes
 
 from lora_trainer.cli import main
 
@@ -41,69 +33,19 @@ def _config(tmp_path: Path, **keys) -> Path:
     return config
 
 
-def _start_processes(config: Path, count: int, output: Path) -> list[int]:
-    """Fork `count` processes that train `config` together; each writes its stdout and stderr to
-    `output/rank-N.out` and `.err`. Returns their process ids."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    output.mkdir(exist_ok=True)
-    pids = []
-    for rank in range(count):
-        pid = os.fork()
-        if pid == 0:
-            exit_code = 1
-            try:
-                from accelerate.state import AcceleratorState, PartialState
-
-                # The test process may have trained alone already: its accelerate state says one process.
-                AcceleratorState._reset_state()
-                PartialState._reset_state()
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count),
-                                  RANK=str(rank), LOCAL_RANK=str(rank))
-                sys.stdout = open(output / f"rank-{rank}.out", "w", buffering=1)  # noqa: SIM115
-                sys.stderr = open(output / f"rank-{rank}.err", "w", buffering=1)  # noqa: SIM115
-                exit_code = main(["train", "--config", str(config)])
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(exit_code)
-        pids.append(pid)
-    return pids
-
-
-def _exit_code(pid: int, timeout: float) -> int | None:
-    """The exit code of forked process `pid` once it ends, or None if it is still running after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        finished, status = os.waitpid(pid, os.WNOHANG)
-        if finished:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.1)
-    return None
-
-
-def _lora(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp_path, capsys):
     # The VAE's latents are samples: the two processes each encode a share into the disk cache, which the
     # process alone then reads, so that both runs train on the same latents.
     two = _config(tmp_path, batch_size=2, output_dir=tmp_path / "two", logging_dir=tmp_path / "logs",
                   save_every_n_steps=2, cache_latents_to_disk="true")
-    pids = _start_processes(two, 2, tmp_path / "processes")
-    exit_codes = [_exit_code(pid, 300) for pid in pids]
+    pids = start_processes(two, 2, tmp_path / "processes")
+    exit_codes = [exit_code_of(pid, 300) for pid in pids]
     assert exit_codes == [0, 0], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
     one = _config(tmp_path, batch_size=4, output_dir=tmp_path / "one", logging_dir="null",
                   cache_latents_to_disk="true")
     assert main(["train", "--config", str(one)]) == 0
 
-    alone, together = _lora(tmp_path / "one" / "lora.safetensors"), _lora(tmp_path / "two" / "lora.safetensors")
+    alone, together = (read_safetensors(tmp_path / name / "lora.safetensors") for name in ("one", "two"))
     assert alone.keys() == together.keys()
     # LoRA's up matrices start at zero: runs that learned nothing would match trivially.
     assert max(alone[key].abs().max().item() for key in alone if "lora_up" in key) > 1e-3
@@ -133,34 +75,10 @@ def test_two_processes_train_the_same_lora_as_one_with_the_same_global_batch(tmp
         assert sorted(first + second) == images
 
 
-def _wait_for_training(processes_folder: Path) -> None:
-    """Wait until the main process has printed the plan: the caches are filled and the steps begin."""
-    main_output = processes_folder / "rank-0.out"
-    deadline = time.monotonic() + 120
-    while not (main_output.exists() and "steps over" in main_output.read_text()):
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.2)
-    time.sleep(1)
-
-
-def _end(pids: list[int]) -> None:
-    """Kill and reap the forked processes that are still there."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):  # it ended and was reaped already
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-
-
 def test_a_ctrl_c_that_reaches_one_process_stops_both_and_the_main_one_saves(tmp_path):
     config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
                      logging_dir="null", save_state="true")
-    pids = _start_processes(config, 2, tmp_path / "processes")
-    try:
-        _wait_for_training(tmp_path / "processes")
-        os.kill(pids[1], signal.SIGINT)  # not the main process, which must learn of it from the other
-        exit_codes = [_exit_code(pid, 60) for pid in pids]
-    finally:
-        _end(pids)
+    exit_codes = signal_the_second(config, tmp_path / "processes", signal.SIGINT, 60)
     assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
     saved = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert len(saved) == 2 and saved[0].startswith("lora-interrupted-s") and saved[1].endswith(".state")
@@ -171,13 +89,8 @@ def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(s
     timeout = 5
     config = _config(tmp_path, batch_size=1, max_train_steps=100000, output_dir=tmp_path / "out",
                      logging_dir="null", distributed_timeout_seconds=timeout)
-    main_pid, other_pid = _start_processes(config, 2, tmp_path / "processes")
-    try:
-        _wait_for_training(tmp_path / "processes")
-        os.kill(other_pid, signum)
-        exit_code = _exit_code(main_pid, timeout + 60)  # a margin for a loaded machine, far from forever
-    finally:
-        _end([main_pid, other_pid])
+    # A margin for a loaded machine, far from forever.
+    exit_code, _ = signal_the_second(config, tmp_path / "processes", signum, timeout + 60)
     errors = (tmp_path / "processes" / "rank-0.err").read_text()
     assert exit_code == 2, errors[-3000:]
     assert "another training process died, or did not answer within distributed_timeout_seconds (5 s)" in errors
@@ -202,12 +115,13 @@ def test_two_processes_train_the_same_language_model_adapter_as_one_with_the_sam
                         f"batch_size: {batch_size}\ngradient_accumulation_steps: 2\nmax_train_steps: 3\n")
         return path
 
-    pids = _start_processes(config("two", 3), 2, tmp_path / "processes")
-    exit_codes = [_exit_code(pid, 300) for pid in pids]
+    pids = start_processes(config("two", 3), 2, tmp_path / "processes")
+    exit_codes = [exit_code_of(pid, 300) for pid in pids]
     assert exit_codes == [0, 0], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
     assert main(["train", "--config", str(config("one", 6))]) == 0
 
-    alone, together = (_lora(tmp_path / name / "lora" / "adapter_model.safetensors") for name in ("one", "two"))
+    alone, together = (read_safetensors(tmp_path / name / "lora" / "adapter_model.safetensors")
+                       for name in ("one", "two"))
     assert alone.keys() == together.keys()
     assert max(alone[key].abs().max().item() for key in alone if "lora_B" in key) > 1e-3
     assert max((alone[key] - together[key]).abs().max().item() for key in alone) < 2e-5

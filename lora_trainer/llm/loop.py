@@ -41,6 +41,7 @@ from lora_trainer.llm.templates import PromptFormat
 from lora_trainer.models.base import resolve_device
 from lora_trainer.train.distributed import (
     agree,
+    gather_objects,
     make_accelerator,
     process_device,
     process_share,
@@ -51,6 +52,13 @@ from lora_trainer.train.meter import StepMeter
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 from lora_trainer.train.preflight import check_writable_folder
 from lora_trainer.train.rescue import save_or_rescue
+from lora_trainer.train.sharding import (
+    full_optimizer_state,
+    local_parameter_bytes,
+    shard_model,
+    shard_optimizer_state,
+    sharding_requested,
+)
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
 
@@ -72,6 +80,9 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     device = process_device(resolve_device(config.model.device))
     accelerator = make_accelerator("no", device, training.distributed_timeout_seconds)
     share = process_share(accelerator, training.batch_size)
+    sharded = share.count > 1 and sharding_requested()
+    if sharded:
+        check_shardable(config)
     if share.is_main and (leftovers := remove_stale_temporaries(saving.output_dir)):
         events.on_message(f"Removed {len(leftovers)} temporary file(s) and folder(s) that killed saves left in "
                           f"{saving.output_dir}.")
@@ -101,13 +112,17 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     # --- model and LoRA ---
-    model = add_lora(load_base_model(config.model, device), config.network, config.model.base_model)
+    # A sharded model loads into CPU memory: each process's GPU then receives only its shards.
+    load_device = torch.device("cpu") if sharded else device
+    model = add_lora(load_base_model(config.model, load_device), config.network, config.model.base_model)
     result = LLMTrainingResult(model=model, tokenizer=tokenizer)
     if config.network.init_lora_weights is not None:
         weights, adapter_config, _ = read_adapter(config.network.init_lora_weights)
         what = f"init_lora_weights {config.network.init_lora_weights}"
         check_adapter_config(adapter_config, config.network, what)
         load_adapter_weights(model, weights, what)
+    if sharded:
+        shard_model(model, device, share.count)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = make_optimizer(config, [{"params": trainable, "lr": config.optimizer.learning_rate}])
     scheduler = make_scheduler(config, optimizer, total_steps)
@@ -118,26 +133,29 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                 "lora_trainer.config": json.dumps(config.to_dict())}
     run_log = RunLog(config.logging.logging_dir if share.is_main else None, saving.output_name)
     # With several processes the model is wrapped in DDP, which averages the LoRA's gradients (the frozen base
-    # has none) at every optimizer step.
-    forward = accelerator.prepare(model) if share.count > 1 else model
+    # has none) at every optimizer step; a sharded model averages them itself.
+    forward = accelerator.prepare(model) if share.count > 1 and not sharded else model
 
     def save(folder: Path, step: int, epoch: int, next_batch: int, with_state: bool = True) -> None:
-        """Save the adapter after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`."""
-        if not all(torch.isfinite(parameter).all() for parameter in trainable):
+        """Save the adapter after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`.
+        Every process takes part: a sharded model's weights are gathered to be saved."""
+        weights = adapter_weights(model)
+        if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16.")
+        with_state = with_state and saving.save_state
+        optimizer_state = full_optimizer_state(optimizer) if with_state else None
         if not share.is_main:
             return
-        with_state = with_state and saving.save_state
 
         def write_state(tmp_folder: Path) -> None:
-            save_state(tmp_folder, adapter_weights(model), optimizer, scheduler, step, epoch, next_batch,
-                       unused_generator, unused_rng, global_batch_size)
+            save_state(tmp_folder, weights, optimizer_state, scheduler, step, epoch, next_batch, unused_generator,
+                       unused_rng, global_batch_size)
 
         events.on_busy(f"saving {folder.name}")
         what = f"the adapter of step {step}" + (" (with its training state)" if with_state else "")
         saved = save_or_rescue(
-            lambda parent: save_adapter(model, parent / folder.name,
+            lambda parent: save_adapter(model, weights, parent / folder.name,
                                         {**metadata, "lora_trainer.step": str(step),
                                          "lora_trainer.epoch": str(epoch + 1)},
                                         write_state if with_state else None),
@@ -145,15 +163,14 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
         result.saved.append(saved)
         events.on_saved(saved, step, epoch + 1)
 
+    # Every process evaluates and samples (a sharded model computes only together); the main one reports.
     def evaluate(step: int) -> None:
-        if validation_set.input_ids and share.is_main:
+        if validation_set.input_ids:
             validation_loss = _mean_loss(model, validation_set, training.batch_size, tokenizer.pad_token_id, device)
             events.on_message(f"step {step}: validation loss {validation_loss:.4f}")
             run_log.log_validation(step, validation_loss)
 
     def sample(step: int) -> None:
-        if not share.is_main:
-            return
         events.on_busy("answering the sample prompts")
         answers = generate_answers(model, tokenizer, config.sampling.sample_prompts, prompt_format,
                                    config.sampling.sample_max_new_tokens)
@@ -167,6 +184,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
             raise UserError(f"the resume state {saving.resume} was saved by a run whose batches held "
                             f"{resume_point.global_batch_size} sequences (batch_size x processes), this run's hold "
                             f"{global_batch_size}: resume with the same batch_size and number of processes")
+        shard_optimizer_state(optimizer)
         load_adapter_weights(model, weights, f"the resume state {saving.resume}")
         step, start_epoch, skip_batches = resume_point.step, resume_point.epoch, resume_point.next_batch
         events.on_message(f"Resuming at step {step} (epoch {start_epoch + 1}).")
@@ -179,6 +197,11 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                       f"parameters; {total_steps} steps over {epochs} epoch(s)"
                       + (f"; {share.count} processes: a global batch of {global_batch_size} is {training.batch_size} "
                          "per process" if share.count > 1 else ""))
+    if sharded:
+        held = gather_objects(accelerator, local_parameter_bytes(model))
+        plan_lines.append(f"FSDP: the {share.count} processes hold {', '.join(f'{size:,}' for size in held)} of the "
+                          f"model's {sum(p.numel() * p.element_size() for p in model.parameters()):,} parameter "
+                          "bytes")
     events.on_start(RunPlan(total_steps, epochs, steps_per_epoch, "\n".join(plan_lines)))
 
     model.train()
@@ -213,7 +236,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
                 if not steps_now:
                     continue
                 if config.optimizer.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -276,6 +299,18 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
         result.saved.append(merged)
         events.on_saved(merged, step, epoch + 1)
     return result
+
+
+def check_shardable(config: LLMTrainConfig) -> None:
+    """Raise a `UserError` for a setting that does not combine with FSDP (accelerate's `--use_fsdp`)."""
+    if config.model.load_in_4bit:
+        raise UserError("load_in_4bit (QLoRA) does not combine with FSDP here: bitsandbytes' 4-bit weights are not "
+                        "sharded. Launch without --use_fsdp (each GPU holds the 4-bit base), or load the base in "
+                        "bf16 (dtype: bf16, load_in_4bit: false) to shard it")
+    if config.saving.merge:
+        raise UserError("merge: true does not combine with FSDP: no process holds the whole base to merge into. "
+                        "Train with merge: false and merge the saved adapter afterwards on one machine "
+                        "(peft's merge_and_unload)")
 
 
 def check_llm_paths(config: LLMTrainConfig) -> None:

@@ -12,6 +12,7 @@ import torch
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_new_folder
 from lora_trainer.llm.config import ModelConfig, NetworkConfig
+from lora_trainer.train.sharding import full_tensor, sharded_like
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,21 +79,24 @@ def add_lora(model, network: NetworkConfig, base_model: Path):
 
 
 def adapter_weights(peft_model) -> dict[str, torch.Tensor]:
-    """The LoRA weights under the names peft saves them (`base_model.model.<path>.lora_A.weight`, ...)."""
+    """The LoRA weights under the names peft saves them (`base_model.model.<path>.lora_A.weight`, ...), whole
+    also where the model is sharded (FSDP), which makes this a collective call every process must make."""
     from peft import get_peft_model_state_dict
 
-    return {name: tensor.detach().contiguous() for name, tensor in get_peft_model_state_dict(peft_model).items()}
+    return {name: full_tensor(tensor).detach().contiguous()
+            for name, tensor in get_peft_model_state_dict(peft_model).items()}
 
 
 def load_adapter_weights(peft_model, weights: dict[str, torch.Tensor], what: str) -> None:
     """Put `weights` (peft names) into the model's LoRA after checking they are the same LoRA: the same layers
     and the same rank; otherwise a `UserError` says what differs."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     expected = adapter_weights(peft_model)
     if set(weights) != set(expected) or any(weights[name].shape != expected[name].shape for name in expected):
         raise UserError(f"{what} is not a LoRA of this config's shape: {_difference(weights, expected)}")
-    set_peft_model_state_dict(peft_model, weights)
+    own = get_peft_model_state_dict(peft_model)
+    set_peft_model_state_dict(peft_model, {name: sharded_like(tensor, own[name]) for name, tensor in weights.items()})
 
 
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
@@ -127,15 +131,16 @@ def check_adapter_config(adapter_config: dict, network: NetworkConfig, what: str
                         "it had them")
 
 
-def save_adapter(peft_model, folder: Path, metadata: dict[str, str],
+def save_adapter(peft_model, weights: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str],
                  write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write the peft adapter folder (adapter_config.json, adapter_model.safetensors with `metadata`) at
-    `folder`, or `folder-2`, ... when that is taken; `write_extra(tmp_folder)` adds files before it is named."""
+    """Write the peft adapter folder (adapter_config.json, adapter_model.safetensors of `weights` with
+    `metadata`) at `folder`, or `folder-2`, ... when that is taken; `write_extra(tmp_folder)` adds files before
+    it is named."""
     from safetensors.torch import save_file
 
     def write(tmp_folder: Path) -> None:
         peft_model.peft_config["default"].save_pretrained(str(tmp_folder))
-        save_file(adapter_weights(peft_model), str(tmp_folder / ADAPTER_WEIGHTS), metadata={"format": "pt", **metadata})
+        save_file(weights, str(tmp_folder / ADAPTER_WEIGHTS), metadata={"format": "pt", **metadata})
         if write_extra is not None:
             write_extra(tmp_folder)
 

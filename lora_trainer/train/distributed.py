@@ -58,6 +58,11 @@ def make_accelerator(mixed_precision: str, device: torch.device, timeout_seconds
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UserError("DeepSpeed (--use_deepspeed in accelerate's config) is not supported: launch with "
+                        "--multi_gpu (data-parallel), or for a language model whose base does not fit one GPU "
+                        "with --use_fsdp (sharded), which the README describes")
+
     # One process may train many times (the WebUI): accelerate keeps global state that pins the first
     # run's precision, so it is reset for every run.
     AcceleratorState._reset_state()

@@ -64,6 +64,7 @@ from lora_trainer.train.preflight import check_run_paths
 from lora_trainer.train.rescue import save_or_rescue
 from lora_trainer.train.retention import prune_saves
 from lora_trainer.train.samples import SAMPLES_FOLDER, render_samples, sample_prompts, save_samples
+from lora_trainer.train.sharding import sharding_requested
 from lora_trainer.train.spill import SpillWatch, memory_share_reader
 from lora_trainer.train.state import load_state, save_state
 from lora_trainer.train.tensorboard import RunLog
@@ -96,6 +97,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     events = events or TrainingEvents()
     training, saving, sampling = config.training, config.saving, config.sampling
     check_run_paths(config)
+    if sharding_requested():
+        raise UserError("FSDP (--use_fsdp in accelerate's config) shards the language-model trainer's base only: "
+                        "the image trainer's LoRA is small and its base frozen, so it trains data-parallel; launch "
+                        "it with `accelerate launch --multi_gpu` (no --use_fsdp)")
     accelerator = make_accelerator(training.mixed_precision, backend.device, training.distributed_timeout_seconds)
     share = process_share(accelerator, training.batch_size)
     if share.count > 1 and backend.device.type == "cuda" and accelerator.device != backend.device:
@@ -212,8 +217,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                 save_diffusers_layout(saved.with_suffix(".diffusers.safetensors"), network, file_data,
                                       saving.save_precision)
             if with_state:
-                save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer, scheduler, step,
-                           epoch, next_batch, noise_generator, data_rng, data.global_batch_size)
+                save_state(saved.with_suffix(".state"), network.kohya_state_dict(), optimizer.state_dict(), scheduler,
+                           step, epoch, next_batch, noise_generator, data_rng, data.global_batch_size)
             return saved
 
         events.on_busy(f"saving {path.name}")

@@ -28,13 +28,14 @@ class ResumePoint:
     before it was recorded)."""
 
 
-def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               scheduler, step: int, epoch: int, next_batch: int, noise_generator: torch.Generator,
-               data_rng: random.Random, global_batch_size: int | None = None) -> Path:
-    """Write everything `load_state` needs to continue this run exactly."""
+def save_state(folder: Path, lora_weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler, step: int,
+               epoch: int, next_batch: int, noise_generator: torch.Generator, data_rng: random.Random,
+               global_batch_size: int | None = None) -> Path:
+    """Write everything `load_state` needs to continue this run exactly; `optimizer_state` is the optimizer's
+    `state_dict()` (with a sharded model, whole: `sharding.full_optimizer_state`)."""
     state = {
         "lora_weights": lora_weights,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "step": step,
         "epoch": epoch,
