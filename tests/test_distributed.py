@@ -82,6 +82,9 @@ def test_a_ctrl_c_that_reaches_one_process_stops_both_and_the_main_one_saves(tmp
     assert exit_codes == [130, 130], (tmp_path / "processes" / "rank-0.err").read_text()[-3000:]
     saved = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert len(saved) == 2 and saved[0].startswith("lora-interrupted-s") and saved[1].endswith(".state")
+    # Without the disk cache the processes encoded a share of the latents each and gathered the rest.
+    assert "Latents: this process encoded 4 of the 7 images, the other 1 process(es) the rest." in \
+        (tmp_path / "processes" / "rank-0.out").read_text()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
@@ -98,8 +101,11 @@ def test_when_one_process_dies_or_freezes_the_other_stops_with_a_clear_message(s
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_two_processes_train_the_same_language_model_adapter_as_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "qlora"])
+def test_two_processes_train_the_same_language_model_adapter_as_one_with_the_same_global_batch(tmp_path, four_bit):
     pytest.importorskip("peft")
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
     from llm_models import COLOUR_TASK, save_tiny_llama, write_jsonl
 
     base = save_tiny_llama(tmp_path / "base")
@@ -112,7 +118,8 @@ def test_two_processes_train_the_same_language_model_adapter_as_one_with_the_sam
         path = tmp_path / f"{name}.yaml"
         path.write_text(f"task: llm\nbase_model: {base}\ntrain_data: {data}\noutput_dir: {tmp_path / name}\n"
                         f"logging_dir: null\nlora_dropout: 0.0\nlearning_rate: 1.0e-2\n"
-                        f"batch_size: {batch_size}\ngradient_accumulation_steps: 2\nmax_train_steps: 3\n")
+                        f"batch_size: {batch_size}\ngradient_accumulation_steps: 2\nmax_train_steps: 3\n"
+                        f"load_in_4bit: {str(four_bit).lower()}\n")
         return path
 
     pids = start_processes(config("two", 3), 2, tmp_path / "processes")
