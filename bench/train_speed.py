@@ -99,7 +99,7 @@ class RunSettings:
 
 # --- models: the published architectures with random weights ---------------------------------------------
 
-def _clip_text_config(hidden_size: int, layers: int, heads: int, hidden_act: str, projection_dim: int):
+def clip_text_config(hidden_size: int, layers: int, heads: int, hidden_act: str, projection_dim: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=49408, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
@@ -108,16 +108,18 @@ def _clip_text_config(hidden_size: int, layers: int, heads: int, hidden_act: str
                           eos_token_id=49407, pad_token_id=49407)
 
 
-def _full_size_vae(sample_size: int, scaling_factor: float):
+def sd_vae(sample_size: int, scaling_factor: float, width: int = 128):
+    """The SD VAE's 4-level (8x) layout; `width` is its first level's channels (128 in the published VAEs)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+                         down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size,
                          scaling_factor=scaling_factor)
 
 
-def _sd_scheduler():
+def sd_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -142,9 +144,9 @@ def build_pipeline(settings: RunSettings):
     if settings.workload == "tiny-sd1":
         pipeline = tiny_sd_pipeline("sd1", seed=settings.seed, tokenizer_folder=Path(settings.tokenizer_folder))
     else:
-        tokenizer, scheduler = clip_tokenizer(Path(settings.tokenizer_folder)), _sd_scheduler()
+        tokenizer, scheduler = clip_tokenizer(Path(settings.tokenizer_folder)), sd_scheduler()
         with device:  # random initialisation on the device: seconds for SDXL on a GPU, not minutes
-            clip_l = CLIPTextModel(_clip_text_config(768, 12, 12, "quick_gelu", 768))
+            clip_l = CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", 768))
             if settings.workload == "sd15-512":
                 unet = UNet2DConditionModel(
                     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -153,7 +155,7 @@ def build_pipeline(settings: RunSettings):
                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                     cross_attention_dim=768, attention_head_dim=8)
                 pipeline = StableDiffusionPipeline(
-                    vae=_full_size_vae(512, 0.18215), text_encoder=clip_l, tokenizer=tokenizer, unet=unet,
+                    vae=sd_vae(512, 0.18215), text_encoder=clip_l, tokenizer=tokenizer, unet=unet,
                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
                     requires_safety_checker=False)
             else:
@@ -165,9 +167,9 @@ def build_pipeline(settings: RunSettings):
                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
                     use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-                big_g = CLIPTextModelWithProjection(_clip_text_config(1280, 32, 20, "gelu", 1280))
+                big_g = CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, "gelu", 1280))
                 pipeline = StableDiffusionXLPipeline(
-                    vae=_full_size_vae(1024, 0.13025), text_encoder=clip_l, text_encoder_2=big_g,
+                    vae=sd_vae(1024, 0.13025), text_encoder=clip_l, text_encoder_2=big_g,
                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.to(device, weight_dtype)
     pipeline.vae.to(torch.float32)
@@ -191,7 +193,7 @@ def build_ldm_model(settings: RunSettings, workdir: Path):
     clip_folder = workdir / f"ldm-clip-{settings.workload}"
     if not (clip_folder / "config.json").is_file():
         torch.manual_seed(settings.seed)
-        text_config = text_encoder_config() if tiny else _clip_text_config(768, 12, 12, "quick_gelu", 768)
+        text_config = text_encoder_config() if tiny else clip_text_config(768, 12, 12, "quick_gelu", 768)
         clip_tokenizer(Path(settings.tokenizer_folder)).save_pretrained(clip_folder)
         CLIPTextModel(text_config).save_pretrained(clip_folder)
     if tiny:
