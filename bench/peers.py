@@ -7,7 +7,7 @@ Each peer runs from a local checkout with its own interpreter (`--kohya-dir/--ko
 model, written once from one seed as a diffusers folder: SD1.5's 4-level UNet and 8x VAE at reduced width and a
 narrower CLIP text encoder (kohya's single-file loader hard-codes SD1.5's full widths, so kohya reads the folder
 too, through `bench/kohya_launch.py`). Same images, captions, resolution, batch, rank = alpha, AdamW (wd 0.01),
-clipping at 1.0, constant lr, fp32, frozen text encoder, no sampling and no saving before the last step.
+clipping at 1.0, constant lr, one precision, frozen text encoder, no sampling and no saving before the last step.
 
 The clock reads the trainers' own tqdm step bars (made to print every step with TQDM_MININTERVAL=0): each
 line's arrival time, and the trainer process's CPU time from /proc, mark the step it shows. So one run gives
@@ -60,6 +60,10 @@ class PeerSettings:
     seed: int
     threads: int
     images: int
+    device: str
+    """cpu or cuda: ours is told; the peers take the GPU when there is one."""
+    mixed_precision: str
+    """"no" (fp32) or "bf16", for all three."""
     kohya_dir: Path | None
     kohya_python: str | None
     diffusers_examples_dir: Path | None
@@ -176,7 +180,8 @@ def command_for(run: PeerRun, settings: PeerSettings, paths: dict[str, Path], ou
             "resolution": settings.resolution, "batch_size": settings.batch_size, "lora_rank": settings.rank,
             "lora_alpha": float(settings.rank), "target_modules": run.layer_set,
             "learning_rate": settings.learning_rate,
-            "max_train_steps": settings.total_steps, "mixed_precision": "no", "device": "cpu", "seed": settings.seed,
+            "max_train_steps": settings.total_steps, "mixed_precision": settings.mixed_precision,
+            "device": settings.device, "seed": settings.seed,
             "output_dir": str(output), "output_name": "bench", "logging_dir": None}), encoding="utf-8")
         return [sys.executable, "-m", "lora_trainer", "train", "--config", str(config)], REPOSITORY
     if run.trainer == "kohya":
@@ -190,7 +195,7 @@ def command_for(run: PeerRun, settings: PeerSettings, paths: dict[str, Path], ou
                 "--max_train_steps", steps, "--network_module", "networks.lora",
                 "--network_dim", rank, "--network_alpha", rank,
                 "--network_train_unet_only", "--optimizer_type", "AdamW", "--learning_rate", learning_rate,
-                "--lr_scheduler", "constant", "--max_grad_norm", "1.0", "--mixed_precision", "no",
+                "--lr_scheduler", "constant", "--max_grad_norm", "1.0", "--mixed_precision", settings.mixed_precision,
                 "--cache_latents", "--sdpa", "--max_data_loader_n_workers", "0", "--seed", str(settings.seed),
                 "--output_dir", str(output), "--output_name", "bench", "--save_model_as", "safetensors"], \
             settings.kohya_dir
@@ -199,7 +204,7 @@ def command_for(run: PeerRun, settings: PeerSettings, paths: dict[str, Path], ou
             "--image_column", "image", "--caption_column", "text", "--cache_dir", str(output / "datasets-cache"),
             "--resolution", str(settings.resolution), "--center_crop", "--train_batch_size", str(settings.batch_size),
             "--max_train_steps", steps, "--learning_rate", learning_rate, "--lr_scheduler", "constant",
-            "--rank", rank, "--max_grad_norm", "1.0", "--mixed_precision", "no",
+            "--rank", rank, "--max_grad_norm", "1.0", "--mixed_precision", settings.mixed_precision,
             "--checkpointing_steps", str(10 * settings.total_steps), "--dataloader_num_workers", "0",
             "--seed", str(settings.seed), "--output_dir", str(output)], settings.diffusers_examples_dir
 

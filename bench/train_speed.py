@@ -654,6 +654,7 @@ def main(argv: list[str] | None = None) -> None:
             resolution=arguments.resolution or peers.DEFAULT_RESOLUTION, batch_size=arguments.batch_size[0],
             rank=base.rank, learning_rate=base.learning_rate, warmup_steps=base.warmup_steps, windows=base.windows,
             window_steps=base.window_steps, seed=base.seed, threads=base.threads, images=arguments.images,
+            device=device, mixed_precision=arguments.precision or ("bf16" if device.startswith("cuda") else "no"),
             kohya_dir=arguments.kohya_dir, kohya_python=arguments.kohya_python,
             diffusers_examples_dir=arguments.diffusers_examples_dir, diffusers_python=arguments.diffusers_python)
         peer_contenders, peer_notes = peers.missing_checkouts(peer_contenders, peer_settings)
@@ -673,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
           f"peft {machine['peft']}, transformers {machine['transformers']}  ")
     print(f"settings: {base.device}, {resolution if results else peer_settings.resolution} px, {arguments.images} "
           f"images, rank {base.rank} (alpha = rank), lr {base.learning_rate:g}, AdamW (wd 0.01, clip 1.0), "
-          f"precision {base.mixed_precision if results else 'fp32'}; "
+          f"precision {base.mixed_precision if results else peer_settings.mixed_precision}; "
           f"1 first step + {base.warmup_steps} warm-up + {base.windows} windows x {base.window_steps} steps; "
           f"seed {base.seed}  ")
     print("".join(f"{note}  \n" for note in notes))
@@ -681,7 +682,8 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(summarise(results), peak_tflops))
     if peer_table:
         print(f"\n## The peers, each run as a command: {peer_settings.resolution} px, batch {peer_settings.batch_size}"
-              f", UNet widths {peers.UNET_WIDTHS}, fp32, {peer_settings.threads} thread(s)\n")
+              f", UNet widths {peers.UNET_WIDTHS}, {peer_settings.device}, precision {peer_settings.mixed_precision}, "
+              f"{peer_settings.threads} thread(s)\n")
         print(f"peer environments: {peers.peer_versions(peer_settings)}  \n")
         print(peer_table)
     if arguments.out:
