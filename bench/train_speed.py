@@ -4,6 +4,9 @@
     python -m bench.train_speed --text-encoder                    # the same, training the text encoder too
     python -m bench.train_speed --workload sd15-512 --grid        # full-size SD1.5 on a GPU: batch 1/4 x TE x ckpt
     python -m bench.train_speed --workload sdxl-1024 --batch-size 1 --gradient-checkpointing
+    python -m bench.train_speed --contenders kohya,kohya-layers,diffusers-example --kohya-dir ~/sd-scripts \
+        --kohya-python ~/sd-scripts/venv/bin/python --diffusers-examples-dir ~/diffusers/examples/text_to_image \
+        --diffusers-python ~/diffusers/venv/bin/python --repeats 3    # the real peers (bench/peers.py)
 
 Both contenders get the same model weights (built from one seed, random: nothing is downloaded), the same
 captioned images, batch size, rank, alpha, learning rate, optimizer settings and precision. Each run is a
@@ -36,7 +39,11 @@ from pathlib import Path
 
 import torch
 
-CONTENDERS = ("ours", "ours-webui", "reference", "ours-channels-last", "ours-compile")
+from bench import peers
+from bench.peers import PEER_CONTENDERS
+
+IN_PROCESS_CONTENDERS = ("ours", "ours-webui", "reference", "ours-channels-last", "ours-compile")
+CONTENDERS = IN_PROCESS_CONTENDERS + PEER_CONTENDERS
 WEBUI_WORKLOADS = ("tiny-sd1", "sd15-512")
 """Workloads with an ldm model for the WebUI backend (SDXL needs sgm, which is not installable here)."""
 BF16_DENSE_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
@@ -99,7 +106,7 @@ class RunSettings:
 
 # --- models: the published architectures with random weights ---------------------------------------------
 
-def _clip_text_config(hidden_size: int, layers: int, heads: int, hidden_act: str, projection_dim: int):
+def clip_text_config(hidden_size: int, layers: int, heads: int, hidden_act: str, projection_dim: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=49408, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
@@ -108,16 +115,18 @@ def _clip_text_config(hidden_size: int, layers: int, heads: int, hidden_act: str
                           eos_token_id=49407, pad_token_id=49407)
 
 
-def _full_size_vae(sample_size: int, scaling_factor: float):
+def sd_vae(sample_size: int, scaling_factor: float, width: int = 128):
+    """The SD VAE's 4-level (8x) layout; `width` is its first level's channels (128 in the published VAEs)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+                         down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size,
                          scaling_factor=scaling_factor)
 
 
-def _sd_scheduler():
+def sd_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -142,9 +151,9 @@ def build_pipeline(settings: RunSettings):
     if settings.workload == "tiny-sd1":
         pipeline = tiny_sd_pipeline("sd1", seed=settings.seed, tokenizer_folder=Path(settings.tokenizer_folder))
     else:
-        tokenizer, scheduler = clip_tokenizer(Path(settings.tokenizer_folder)), _sd_scheduler()
+        tokenizer, scheduler = clip_tokenizer(Path(settings.tokenizer_folder)), sd_scheduler()
         with device:  # random initialisation on the device: seconds for SDXL on a GPU, not minutes
-            clip_l = CLIPTextModel(_clip_text_config(768, 12, 12, "quick_gelu", 768))
+            clip_l = CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", 768))
             if settings.workload == "sd15-512":
                 unet = UNet2DConditionModel(
                     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -153,7 +162,7 @@ def build_pipeline(settings: RunSettings):
                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                     cross_attention_dim=768, attention_head_dim=8)
                 pipeline = StableDiffusionPipeline(
-                    vae=_full_size_vae(512, 0.18215), text_encoder=clip_l, tokenizer=tokenizer, unet=unet,
+                    vae=sd_vae(512, 0.18215), text_encoder=clip_l, tokenizer=tokenizer, unet=unet,
                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
                     requires_safety_checker=False)
             else:
@@ -165,9 +174,9 @@ def build_pipeline(settings: RunSettings):
                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
                     use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-                big_g = CLIPTextModelWithProjection(_clip_text_config(1280, 32, 20, "gelu", 1280))
+                big_g = CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, "gelu", 1280))
                 pipeline = StableDiffusionXLPipeline(
-                    vae=_full_size_vae(1024, 0.13025), text_encoder=clip_l, text_encoder_2=big_g,
+                    vae=sd_vae(1024, 0.13025), text_encoder=clip_l, text_encoder_2=big_g,
                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.to(device, weight_dtype)
     pipeline.vae.to(torch.float32)
@@ -191,7 +200,7 @@ def build_ldm_model(settings: RunSettings, workdir: Path):
     clip_folder = workdir / f"ldm-clip-{settings.workload}"
     if not (clip_folder / "config.json").is_file():
         torch.manual_seed(settings.seed)
-        text_config = text_encoder_config() if tiny else _clip_text_config(768, 12, 12, "quick_gelu", 768)
+        text_config = text_encoder_config() if tiny else clip_text_config(768, 12, 12, "quick_gelu", 768)
         clip_tokenizer(Path(settings.tokenizer_folder)).save_pretrained(clip_folder)
         CLIPTextModel(text_config).save_pretrained(clip_folder)
     if tiny:
@@ -564,6 +573,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads per run (default: 1 on the CPU, steadier on a shared machine and "
                              "what the tests use; torch's default with a GPU)")
+    parser.add_argument("--kohya-dir", type=Path, help="a kohya sd-scripts checkout, for kohya and kohya-layers")
+    parser.add_argument("--kohya-python", help="the interpreter of kohya's environment")
+    parser.add_argument("--diffusers-examples-dir", type=Path,
+                        help="diffusers' examples/text_to_image folder, for diffusers-example")
+    parser.add_argument("--diffusers-python", help="an interpreter with diffusers (from that checkout) and the "
+                        "example's requirements")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (known: H100, H200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write every measurement as JSON here")
@@ -586,6 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     device = arguments.device or workload.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--workload {arguments.workload} needs a CUDA GPU (or --device cpu for a smoke run)")
+    peer_contenders = [name for name in contenders if name in PEER_CONTENDERS]
+    contenders = [name for name in contenders if name not in PEER_CONTENDERS]
     notes = ["ours: cache_latents on, cache_text_encoder_outputs on when the TE is frozen (the library's defaults)"]
     precision = arguments.precision or workload.mixed_precision
     webui_problem = None
@@ -608,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     peak_tflops = arguments.peak_tflops or next(
         (peak for name, peak in BF16_DENSE_PEAK_TFLOPS.items() if machine["gpu"] and name in machine["gpu"]), None)
     started = datetime.datetime.now().astimezone()
-    results = []
+    results, peer_table, peer_results = [], None, []
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as temporary:
         workdir = Path(temporary)
         from lora_trainer.tiny import write_clip_tokenizer_files
@@ -633,26 +650,46 @@ def main(argv: list[str] | None = None) -> None:
             python = arguments.webui_python if settings.contender == "ours-webui" else sys.executable
             results.append(run_child(replace(settings, output_dir=str(workdir / f"out{index}")), python, workdir,
                                      index))
+        peer_settings = peers.PeerSettings(
+            resolution=arguments.resolution or peers.DEFAULT_RESOLUTION, batch_size=arguments.batch_size[0],
+            rank=base.rank, learning_rate=base.learning_rate, warmup_steps=base.warmup_steps, windows=base.windows,
+            window_steps=base.window_steps, seed=base.seed, threads=base.threads, images=arguments.images,
+            device=device, mixed_precision=arguments.precision or ("bf16" if device.startswith("cuda") else "no"),
+            kohya_dir=arguments.kohya_dir, kohya_python=arguments.kohya_python,
+            diffusers_examples_dir=arguments.diffusers_examples_dir, diffusers_python=arguments.diffusers_python)
+        peer_contenders, peer_notes = peers.missing_checkouts(peer_contenders, peer_settings)
+        notes += peer_notes
+        if peer_contenders:
+            peer_table, peer_results = peers.run_peers(peer_contenders, peer_settings, arguments.repeats, workdir)
     machine["load_average_1min_after"] = os.getloadavg()[0]
 
     command = shlex.join(["python", "-m", "bench.train_speed", *argv])
-    print(f"# Training speed: {arguments.workload}, {started:%Y-%m-%d %H:%M %Z}\n")
+    title = arguments.workload if results else "the peers"
+    print(f"# Training speed: {title}, {started:%Y-%m-%d %H:%M %Z}\n")
     print(f"command: `{command}`  ")
     print(f"machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {base.threads}, "
           f"GPU {machine['gpu'] or 'none'}; load average {machine['load_average_1min']:.2f} before, "
           f"{machine['load_average_1min_after']:.2f} after  ")
     print(f"versions: python {machine['python']}, torch {machine['torch']}, diffusers {machine['diffusers']}, "
           f"peft {machine['peft']}, transformers {machine['transformers']}  ")
-    print(f"settings: {base.device}, {resolution} px, {arguments.images} images, rank {base.rank} (alpha = rank), "
-          f"lr {base.learning_rate:g}, AdamW (wd 0.01, clip 1.0), precision {base.mixed_precision}; "
+    print(f"settings: {base.device}, {resolution if results else peer_settings.resolution} px, {arguments.images} "
+          f"images, rank {base.rank} (alpha = rank), lr {base.learning_rate:g}, AdamW (wd 0.01, clip 1.0), "
+          f"precision {base.mixed_precision if results else peer_settings.mixed_precision}; "
           f"1 first step + {base.warmup_steps} warm-up + {base.windows} windows x {base.window_steps} steps; "
           f"seed {base.seed}  ")
     print("".join(f"{note}  \n" for note in notes))
-    print(markdown_table(summarise(results), peak_tflops))
+    if results:
+        print(markdown_table(summarise(results), peak_tflops))
+    if peer_table:
+        print(f"\n## The peers, each run as a command: {peer_settings.resolution} px, batch {peer_settings.batch_size}"
+              f", UNet widths {peers.UNET_WIDTHS}, {peer_settings.device}, precision {peer_settings.mixed_precision}, "
+              f"{peer_settings.threads} thread(s)\n")
+        print(f"peer environments: {peers.peer_versions(peer_settings)}  \n")
+        print(peer_table)
     if arguments.out:
         arguments.out.write_text(json.dumps({"command": command, "date": started.isoformat(), "machine": machine,
-                                             "peak_tflops": peak_tflops, "notes": notes, "results": results},
-                                            indent=1))
+                                             "peak_tflops": peak_tflops, "notes": notes, "results": results,
+                                             "peer_results": peer_results}, indent=1))
 
 
 if __name__ == "__main__":
