@@ -165,3 +165,22 @@ def test_fp8_base_is_refused_and_the_memory_plan_reads_forges_unet(engines, shap
     assert layout_of_original_unet(unet).level_channels == tuple(unet.model_channels * m for m in unet.channel_mult)
     with pytest.raises(UserError, match="fp8_base"):
         train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1, fp8_base=True), backend)
+
+
+def test_the_memory_plan_counts_the_plain_copies_forges_inference_weights_need_while_training(engines):
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.train.memory import estimate_memory, model_footprint
+
+    backend = ForgeBackend(engines["sd1"])
+    trees = [backend.model_parts().unet, *backend.model_parts().text_encoders]
+    in_inference_mode = {(index, name) for index, tree in enumerate(trees)
+                         for name, parameter in tree.named_parameters() if parameter.is_inference()}
+    with backend.training_mode(gradient_checkpointing=False):
+        copied = sum(parameter.numel() * parameter.element_size() for index, tree in enumerate(trees)
+                     for name, parameter in tree.named_parameters()
+                     if (index, name) in in_inference_mode and not parameter.is_inference())
+    footprint = model_footprint(backend, config_from_dict({}).network)
+    assert footprint.training_copy_bytes == copied >= footprint.unet_bytes  # the UNet's weights at least
+    config = config_from_dict({"train_data_dir": "data"})
+    assert estimate_memory(config, footprint).weights == \
+        footprint.unet_bytes + footprint.text_encoder_bytes + footprint.vae_bytes + copied

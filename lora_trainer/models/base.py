@@ -120,6 +120,11 @@ class DiffusionBackend(ABC):
     """The CLIP layers the text conditioning skips, counted as kohya's `clip_skip` (2: the penultimate layer),
     when the host sets it; None when it is the model's own choice."""
 
+    def training_copy_bytes(self) -> int:
+        """Bytes of weight copies the backend holds while training runs, beside the model's own weights (a host
+        whose weights autograd cannot use as they are)."""
+        return 0
+
     @property
     @abstractmethod
     def alphas_cumprod(self) -> torch.Tensor:

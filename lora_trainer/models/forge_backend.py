@@ -188,6 +188,10 @@ class ForgeBackend(DiffusionBackend):
                             "leave sample_prompts empty")
         return self._generate_image(prompt, negative_prompt, seed, steps, width, height, guidance_scale)
 
+    def training_copy_bytes(self) -> int:
+        return sum(parameter.numel() * parameter.element_size() for tree in self._graph_trees()
+                   for parameter in tree.parameters() if _needs_plain_copy(parameter))
+
     def _graph_trees(self) -> list[nn.Module]:
         """The module trees autograd runs through (their weights are swapped for plain copies while training)."""
         return [self.unet, self._patchers.clip.cond_stage_model]
@@ -300,6 +304,11 @@ def _on_a_copy(forward, hidden_states: torch.Tensor, *args, **kwargs):
     return forward(hidden_states.clone(), *args, **kwargs)
 
 
+def _needs_plain_copy(parameter: nn.Parameter) -> bool:
+    """Whether training swaps `parameter` for a plain copy: an inference-mode weight that is not gguf-quantized."""
+    return parameter.is_inference() and getattr(parameter, "gguf_cls", None) is None
+
+
 @contextmanager
 def _plain_parameters(trees: list[nn.Module]) -> Iterator[None]:
     """Swap every inference-mode parameter of `trees` for a plain copy (autograd cannot save inference
@@ -314,8 +323,7 @@ def _plain_parameters(trees: list[nn.Module]) -> Iterator[None]:
             for tree in trees:
                 for module in tree.modules():
                     for name, parameter in list(module._parameters.items()):
-                        if parameter is None or not parameter.is_inference() or \
-                                getattr(parameter, "gguf_cls", None) is not None:
+                        if parameter is None or not _needs_plain_copy(parameter):
                             continue
                         swapped.append((module, name, parameter))
                         plain = parameter.as_subclass(torch.Tensor).clone()

@@ -68,6 +68,9 @@ class ModelFootprint:
     """The VAE and frozen text encoders leave the device after caching (`DiffusionBackend.parks_idle_parts`)."""
     resident_bytes: int = 0
     """Bytes of the model already on the training device (they count as available: the run reuses them)."""
+    training_copy_bytes: int = 0
+    """Bytes of weight copies the backend holds while the run lasts (`DiffusionBackend.training_copy_bytes`:
+    Forge's plain copies of its inference-mode weights)."""
     vae_encoder_bytes_per_pixel: float | None = None
     """The most bytes the VAE's encoder holds at once per input pixel (`vae_encoder_bytes_per_pixel`); None
     when it could not be traced (the caching peak is then not estimated)."""
@@ -285,9 +288,10 @@ def transformer_activation_elements(layout: TransformerLayout, latent_height: in
 def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEstimate:
     """The peak memory of training `config` on the model of `footprint`: the weights left on the device (the VAE
     and text encoders leave it after caching unless they are still needed), the LoRA with its gradients and
-    optimizer state, the activations of a batch and a workspace."""
+    optimizer state, the activations of a batch and a workspace; the backend's weight copies too."""
     training, dataset, network = config.training, config.dataset, config.network
-    weights = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
+    weights = (footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes) \
+        + footprint.training_copy_bytes
     if network.train_text_encoder or not config.uses_text_encoder_cache or not footprint.parks_idle_parts:
         weights += footprint.text_encoder_bytes
     if not dataset.cache_latents or dataset.random_crop or not footprint.parks_idle_parts:
@@ -324,7 +328,7 @@ def caching_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEsti
     weights = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
     side = dataset.resolution
     activations = int(footprint.vae_encoder_bytes_per_pixel * side * side * vae_images_per_call(dataset, (side, side)))
-    return MemoryEstimate(weights + footprint.text_encoder_bytes + footprint.vae_bytes,
+    return MemoryEstimate(weights + footprint.text_encoder_bytes + footprint.vae_bytes + footprint.training_copy_bytes,
                           footprint.lora_parameters * 4, activations,
                           WORKSPACE_BYTES + int(FRAGMENTATION * activations))
 
@@ -402,6 +406,7 @@ def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelF
         layout=layout, vae_scale=backend.latent_scale // unet_scale,
         lora_parameters=lora_parameter_count(backend, network), parks_idle_parts=backend.parks_idle_parts,
         resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device),
+        training_copy_bytes=backend.training_copy_bytes(),
         vae_encoder_bytes_per_pixel=vae_encoder_bytes_per_pixel(parts.vae))
 
 
