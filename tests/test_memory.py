@@ -35,7 +35,7 @@ from lora_trainer.train.memory import (  # noqa: E402
     fp8_bytes,
     plan_memory,
     tensor_bytes,
-    vae_encoder_bytes_per_pixel,
+    vae_bytes_per_pixel,
 )
 
 LATENT_SIDE = {"sd1": 64, "sd2": 96, "sdxl": 128}
@@ -196,22 +196,43 @@ def test_fp8_storage_keeps_no_convolution_inputs():
     assert stored.peak < activation_elements(layout, 64, 64, checkpointing=False).peak
 
 
-def test_the_vae_encoders_peak_is_traced_per_pixel_and_grows_with_the_pixels():
+@pytest.mark.parametrize("part, channels, scale, per_megapixel", [("encoder", 3, 1, 2.5), ("decoder", 4, 8, 3.0)])
+def test_the_vaes_peaks_are_traced_per_pixel_and_grow_with_the_pixels(part, channels, scale, per_megapixel):
     vae = meta_vae()
-    per_pixel = vae_encoder_bytes_per_pixel(vae)
+    per_pixel = vae_bytes_per_pixel(vae, part, vae_scale=8)
     with torch.no_grad(), LiveBytes() as live:
-        vae.encoder(torch.empty(2, 3, 1024, 1024, device="meta"))
+        getattr(vae, part)(torch.empty(2, channels, 1024 // scale, 1024 // scale, device="meta"))
     assert live.peak == pytest.approx(2 * 1024 * 1024 * per_pixel, rel=0.01)
-    assert 2.3 * GIB < 1024 * 1024 * per_pixel < 2.7 * GIB  # fp32: about 2.5 GB a megapixel
+    assert 1024 * 1024 * per_pixel == pytest.approx(per_megapixel * GIB, rel=0.05)  # fp32, a megapixel
+
+
+def _traced_footprint(family: str) -> ModelFootprint:
+    vae = meta_vae()
+    return replace(_footprint(family), vae_encoder_bytes_per_pixel=vae_bytes_per_pixel(vae, "encoder", 8),
+                   vae_decoder_bytes_per_pixel=vae_bytes_per_pixel(vae, "decoder", 8))
 
 
 def test_caching_many_large_images_per_vae_call_peaks_above_training_and_the_plan_says_what_helps():
-    footprint = replace(_footprint("sdxl"), vae_encoder_bytes_per_pixel=vae_encoder_bytes_per_pixel(meta_vae()))
+    footprint = _traced_footprint("sdxl")
     eight_per_call = plan_memory(_sdxl_config(vae_batch_size=8, gradient_checkpointing=True), footprint, 16 * GIB)
-    assert eight_per_call.caching.total > eight_per_call.estimate.total and not eight_per_call.fits
-    assert eight_per_call.caching.activations == pytest.approx(8 * 2.5 * GIB, rel=0.05)
+    [caching] = eight_per_call.phase_peaks
+    assert caching.estimate.total > eight_per_call.estimate.total and not eight_per_call.fits
+    assert caching.estimate.activations == pytest.approx(8 * 2.5 * GIB, rel=0.05)
     assert "caching the latents first" in eight_per_call.line() and "set vae_batch_size 1" in eight_per_call.line()
     one_per_call = plan_memory(_sdxl_config(gradient_checkpointing=True), footprint, 16 * GIB)  # the default at 1024 px
     assert one_per_call.fits and "vae_batch_size" not in one_per_call.line()
-    assert plan_memory(_sdxl_config(vae_batch_size=8, cache_latents=False, gradient_checkpointing=True), footprint,
-                       16 * GIB).caching is None
+    assert not plan_memory(_sdxl_config(vae_batch_size=8, cache_latents=False, gradient_checkpointing=True),
+                           footprint, 16 * GIB).phase_peaks
+
+
+def test_rendering_large_samples_peaks_above_training_and_the_plan_says_what_helps():
+    footprint = _traced_footprint("sd1")
+    settings = dict(resolution=512, gradient_checkpointing=True)
+    large = plan_memory(_sdxl_config(sample_prompts=["a cat --w 2048 --h 2048"], **settings), footprint, 8 * GIB)
+    [sampling] = [peak for peak in large.phase_peaks if peak.name == "rendering samples"]
+    assert sampling.estimate.total > large.estimate.total and not large.fits
+    assert sampling.estimate.activations == pytest.approx(4 * 4 * 0.75 * GIB, rel=0.05)  # the decoder at 4 MP
+    assert "render smaller samples" in large.line()
+    assert plan_memory(_sdxl_config(sample_prompts=["a cat"], **settings), footprint, 8 * GIB).fits
+    unsampled = plan_memory(_sdxl_config(**settings), footprint, 8 * GIB)
+    assert "rendering samples" not in unsampled.line()  # no sample prompts

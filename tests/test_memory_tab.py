@@ -41,4 +41,4 @@ def test_the_footprint_counts_the_loaded_models_own_tensors(host):
     assert footprint.vae_bytes == sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
     assert footprint.resident_bytes >= footprint.unet_bytes  # the tiny model lives on the CPU, the run's device
     assert footprint.lora_parameters > 0
-    assert footprint.vae_encoder_bytes_per_pixel > 0  # ldm's encoder runs on the meta device
+    assert footprint.vae_encoder_bytes_per_pixel > 0 and footprint.vae_decoder_bytes_per_pixel > 0  # ldm VAE on meta

@@ -31,6 +31,7 @@ from lora_trainer.lora.network import LoraNetwork
 from lora_trainer.lora.targets import find_lora_targets, matches_targets, network_from_file
 from lora_trainer.models.base import DiffusionBackend
 from lora_trainer.models.layout import TransformerLayout, UNetLayout
+from lora_trainer.train.samples import sample_prompts
 
 GIB = 2**30
 CONTEXT_TOKENS = 77
@@ -72,8 +73,10 @@ class ModelFootprint:
     """Bytes of weight copies the backend holds while the run lasts (`DiffusionBackend.training_copy_bytes`:
     Forge's plain copies of its inference-mode weights)."""
     vae_encoder_bytes_per_pixel: float | None = None
-    """The most bytes the VAE's encoder holds at once per input pixel (`vae_encoder_bytes_per_pixel`); None
-    when it could not be traced (the caching peak is then not estimated)."""
+    """The most bytes the VAE's encoder holds at once per input pixel (`vae_bytes_per_pixel`); None when it could
+    not be traced (the caching peak is then not estimated)."""
+    vae_decoder_bytes_per_pixel: float | None = None
+    """The same for the decoder, per output pixel (the sampling peak)."""
 
 
 @dataclass(frozen=True)
@@ -108,37 +111,48 @@ class Suggestion:
 
 
 @dataclass(frozen=True)
+class PhasePeak:
+    """A peak outside the training steps (caching the latents, rendering samples) that is higher than theirs."""
+
+    name: str
+    estimate: MemoryEstimate
+    remedy: str
+    """What lowers it, as the plan line says it when it does not fit."""
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """The estimate, the memory the device has for the run (None: not known, e.g. on the CPU) and, when the
-    estimate does not fit, the cheapest change found that makes it fit (or all the savers together)."""
+    estimate does not fit, the cheapest change found that makes it fit (or all the savers together); the higher
+    peaks before and between the steps."""
 
     estimate: MemoryEstimate
     available: int | None
     suggestion: Suggestion | None = None
-    caching: MemoryEstimate | None = None
-    """The peak while the latents are cached, before training (every part of the model on the device and the
-    VAE's encoder at work), when it is higher than the training estimate."""
+    phase_peaks: tuple[PhasePeak, ...] = ()
 
     @property
     def fits(self) -> bool:
-        """Whether the estimate (and the caching peak) is within the available memory (True when that is
+        """Whether the estimate and every phase's peak are within the available memory (True when that is
         unknown)."""
-        return self.available is None or max(self.estimate.total, self.caching.total if self.caching else 0) \
-            <= self.available
+        highest = max([self.estimate.total, *(peak.estimate.total for peak in self.phase_peaks)])
+        return self.available is None or highest <= self.available
 
     def line(self) -> str:
         """The plan line: the estimate, the free memory, and what brings it under."""
         text = f"Memory: {self.estimate.describe()} estimated peak"
-        if self.caching is not None:
-            text += f"; caching the latents first: {self.caching.describe()}"
-            if self.available is not None and self.caching.total > self.available:
-                text += " (too much: set vae_batch_size 1, one image per VAE call)"
+        for peak in self.phase_peaks:
+            text += f"; {peak.name}: {peak.estimate.describe()}"
+            if self.available is not None and peak.estimate.total > self.available:
+                text += f" (too much: {peak.remedy})"
         if self.available is None:
             return text + "; the device's free memory is not known here."
         text += f", {gigabytes(self.available)} GB free for it"
         if self.fits:
             return text + "."
         text += ": probably too much (out of memory, or a slow spill into shared memory on Windows)"
+        if self.estimate.total <= self.available:
+            return text + "."
         if self.suggestion is None:
             return text + "; lower resolution or batch_size."
         fitting = self.suggestion.estimate.total <= self.available
@@ -325,22 +339,42 @@ def caching_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEsti
     dataset = config.dataset
     if not dataset.cache_latents or dataset.random_crop or footprint.vae_encoder_bytes_per_pixel is None:
         return None
-    weights = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
     side = dataset.resolution
     activations = int(footprint.vae_encoder_bytes_per_pixel * side * side * vae_images_per_call(dataset, (side, side)))
-    return MemoryEstimate(weights + footprint.text_encoder_bytes + footprint.vae_bytes + footprint.training_copy_bytes,
-                          footprint.lora_parameters * 4, activations,
+    return MemoryEstimate(_all_weights(config, footprint), footprint.lora_parameters * 4, activations,
                           WORKSPACE_BYTES + int(FRAGMENTATION * activations))
+
+
+def sampling_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEstimate | None:
+    """The peak while sample images render (None without sample prompts): the whole model back on the device,
+    the LoRA with its optimizer state, and the VAE's decoder on the largest sample (its activations at the
+    sample's size outgrow the UNet's, which run without a graph: those are not counted)."""
+    prompts = sample_prompts(config)
+    if not prompts or footprint.vae_decoder_bytes_per_pixel is None:
+        return None
+    activations = int(footprint.vae_decoder_bytes_per_pixel * max(sample.width * sample.height for sample in prompts))
+    lora = estimate_memory(config, footprint).lora
+    return MemoryEstimate(_all_weights(config, footprint), lora, activations,
+                          WORKSPACE_BYTES + int(FRAGMENTATION * activations))
+
+
+def _all_weights(config: TrainConfig, footprint: ModelFootprint) -> int:
+    unet = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
+    return unet + footprint.text_encoder_bytes + footprint.vae_bytes + footprint.training_copy_bytes
 
 
 def plan_memory(config: TrainConfig, footprint: ModelFootprint, available: int | None) -> MemoryPlan:
     """The estimate and, when it exceeds `available`, the first of the usual memory savers (alone, else
-    together with the ones before it) that brings it under; the caching peak when it is the higher one."""
+    together with the ones before it) that brings it under; the peaks of caching and sampling where they are
+    the higher ones."""
     estimate = estimate_memory(config, footprint)
-    caching = caching_memory(config, footprint)
-    if caching is not None and caching.total <= estimate.total:
-        caching = None
-    plan = MemoryPlan(estimate, available, caching=caching)
+    phases = [("caching the latents first", caching_memory(config, footprint),
+               "set vae_batch_size 1, one image per VAE call"),
+              ("rendering samples", sampling_memory(config, footprint),
+               "render smaller samples (--w and --h in the prompt) or none")]
+    plan = MemoryPlan(estimate, available, phase_peaks=tuple(
+        PhasePeak(name, peak, remedy) for name, peak, remedy in phases
+        if peak is not None and peak.total > estimate.total))
     if available is None or estimate.total <= available:
         return plan
     combined: dict[str, Any] = {}
@@ -397,33 +431,36 @@ def model_footprint(backend: DiffusionBackend, network: NetworkConfig) -> ModelF
     layout = backend.unet_layout()
     # The model's own downsampling: a transformer's patches, a UNet's levels.
     unet_scale = layout.patch_size if isinstance(layout, TransformerLayout) else 2 ** (len(layout.level_channels) - 1)
+    vae_scale = backend.latent_scale // unet_scale
     return ModelFootprint(
         unet_bytes=tensor_bytes([parts.unet]),
         unet_fp8_bytes=tensor_bytes([parts.unet]) if backend.fp8_base_refusal else fp8_bytes(parts.unet),
         text_encoder_bytes=tensor_bytes(parts.text_encoders), vae_bytes=tensor_bytes([parts.vae]),
         text_encoder_width_layers=sum(layer.normalized_shape[0] for encoder in parts.text_encoders
                                       for layer in encoder.modules() if isinstance(layer, nn.LayerNorm)) // 2,
-        layout=layout, vae_scale=backend.latent_scale // unet_scale,
+        layout=layout, vae_scale=vae_scale,
         lora_parameters=lora_parameter_count(backend, network), parks_idle_parts=backend.parks_idle_parts,
         resident_bytes=tensor_bytes([parts.unet, *parts.text_encoders, parts.vae], backend.device),
         training_copy_bytes=backend.training_copy_bytes(),
-        vae_encoder_bytes_per_pixel=vae_encoder_bytes_per_pixel(parts.vae))
+        vae_encoder_bytes_per_pixel=vae_bytes_per_pixel(parts.vae, "encoder", vae_scale),
+        vae_decoder_bytes_per_pixel=vae_bytes_per_pixel(parts.vae, "decoder", vae_scale))
 
 
 VAE_TRACE_SIDE = 512
 
 
-def vae_encoder_bytes_per_pixel(vae: nn.Module) -> float | None:
-    """The most bytes the encoder of `vae` holds at once (its activations, in its own dtype), per pixel of one
-    input image: traced on a meta-device copy at 512 x 512, nothing allocated; the SD VAE's peak grows exactly
-    with the pixels (tests/test_memory.py). None when the encoder cannot run on the meta device: the WebUI's
-    xformers attention, Forge's, which asks the device how much memory is free (Forge splits its VAE calls to
-    fit anyway)."""
-    encoder = _on_meta(vae.encoder)
-    dtype = next(encoder.parameters()).dtype
+def vae_bytes_per_pixel(vae: nn.Module, part: str, vae_scale: int) -> float | None:
+    """The most bytes the `part` ("encoder" or "decoder") of `vae` holds at once (its activations, in its own
+    dtype), per pixel of one image: traced on a meta-device copy at 512 x 512 pixels, nothing allocated; the SD
+    VAE's peaks grow exactly with the pixels (tests/test_memory.py). None when it cannot run on the meta device:
+    the WebUI's xformers attention, Forge's, which asks the device how much memory is free (Forge splits its VAE
+    calls to fit anyway)."""
+    module = _on_meta(getattr(vae, part))
+    dtype = next(module.parameters()).dtype
+    side = VAE_TRACE_SIDE if part == "encoder" else VAE_TRACE_SIDE // vae_scale
     try:
         with torch.no_grad(), LiveBytes() as live:
-            encoder(torch.empty(1, 3, VAE_TRACE_SIDE, VAE_TRACE_SIDE, dtype=dtype, device="meta"))
+            module(torch.empty(1, module.conv_in.in_channels, side, side, dtype=dtype, device="meta"))
     except Exception:  # the host's own attention code, run where it was never meant to: an estimate is optional
         return None
     return live.peak / VAE_TRACE_SIDE**2
