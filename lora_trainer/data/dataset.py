@@ -198,18 +198,18 @@ class TrainingData:
                 progress(done, total)
         return encoded
 
-    def cached_share(self) -> dict[str, dict]:
+    def cached_share(self) -> list[dict]:
         """What `cache_latents` kept here (latents, size conditionings, masks), in CPU memory, for the other
         processes' `add_cached_share`."""
-        return {name: {key: tensor.cpu() for key, tensor in cache.items()}
-                for name, cache in (("latents", self.latent_cache), ("sizes", self._cached_sizes),
-                                    ("masks", self.mask_cache))}
+        return [{key: tensor.cpu() for key, tensor in cache.items()} for cache in self._caches()]
 
-    def add_cached_share(self, share: dict[str, dict], device: torch.device) -> None:
+    def add_cached_share(self, share: list[dict], device: torch.device) -> None:
         """Keep another process's `cached_share` too, on `device`."""
-        for name, cache in (("latents", self.latent_cache), ("sizes", self._cached_sizes),
-                            ("masks", self.mask_cache)):
-            cache.update((key, tensor.to(device)) for key, tensor in share[name].items())
+        for cache, shared in zip(self._caches(), share):
+            cache.update((key, tensor.to(device)) for key, tensor in shared.items())
+
+    def _caches(self) -> tuple[dict, dict, dict]:
+        return self.latent_cache, self._cached_sizes, self.mask_cache
 
     def load_batch(self, indices: list[int], rng: random.Random, rows: range | None = None) -> Batch:
         """Load the examples `indices` (augmented with `rng`) as one batch, or only its `rows`: the augmentation

@@ -310,8 +310,7 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
         weights += footprint.text_encoder_bytes
     if not dataset.cache_latents or dataset.random_crop or not footprint.parks_idle_parts:
         weights += footprint.vae_bytes
-    state_bytes = OPTIMIZER_STATE_BYTES.get(config.optimizer.optimizer_type, 8)
-    lora = footprint.lora_parameters * (4 + 4 + state_bytes)
+    lora = _lora_bytes(config, footprint)
     element_bytes = 2 if training.mixed_precision != "no" else 4
     latent_side = dataset.resolution // footprint.vae_scale
     if isinstance(footprint.layout, TransformerLayout):
@@ -353,9 +352,14 @@ def sampling_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     if not prompts or footprint.vae_decoder_bytes_per_pixel is None:
         return None
     activations = int(footprint.vae_decoder_bytes_per_pixel * max(sample.width * sample.height for sample in prompts))
-    lora = estimate_memory(config, footprint).lora
-    return MemoryEstimate(_all_weights(config, footprint), lora, activations,
+    return MemoryEstimate(_all_weights(config, footprint), _lora_bytes(config, footprint), activations,
                           WORKSPACE_BYTES + int(FRAGMENTATION * activations))
+
+
+def _lora_bytes(config: TrainConfig, footprint: ModelFootprint) -> int:
+    """The LoRA's parameters, their gradients and the optimizer's state."""
+    state_bytes = OPTIMIZER_STATE_BYTES.get(config.optimizer.optimizer_type, 8)
+    return footprint.lora_parameters * (4 + 4 + state_bytes)
 
 
 def _all_weights(config: TrainConfig, footprint: ModelFootprint) -> int:
