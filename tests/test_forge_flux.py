@@ -61,7 +61,7 @@ def test_forge_backend_gives_a_flux_engine_the_flux_backend(engine):
     assert any(parameter.is_inference() for parameter in backend.unet.parameters())
 
 
-def test_a_flux_schnell_engine_trains_without_guidance_at_forges_shift(shapes_dataset, tmp_path):
+def test_a_flux_schnell_engine_trains_without_guidance_at_forges_shift_into_a_schnell_file(shapes_dataset, tmp_path):
     from lora_trainer.tiny import write_clip_tokenizer_files
 
     engine = tiny_forge_flux_engine(write_clip_tokenizer_files(tmp_path / "tokenizer"), schnell=True)
@@ -69,6 +69,8 @@ def test_a_flux_schnell_engine_trains_without_guidance_at_forges_shift(shapes_da
     assert not backend.unet.guidance_embed and backend.flow_shift == 1.0
     result = train(_config(shapes_dataset, tmp_path / "out"), backend)
     assert result.steps == 2 and math.isfinite(result.last_loss)
+    with safe_open(str(result.saved[-1]), "pt") as saved:
+        assert saved.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
 
 
 def test_the_training_target_and_inputs_are_what_forges_flux_sampler_reads(engine):

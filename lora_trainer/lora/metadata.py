@@ -16,7 +16,7 @@ from lora_trainer.config import NetworkConfig, TrainConfig, warmup_steps_for
 from lora_trainer.data.dataset import TrainingData
 from lora_trainer.data.scan import DatasetScan
 from lora_trainer.lora.network import LoraNetwork
-from lora_trainer.models.base import ModelFamily, PredictionType
+from lora_trainer.models.base import DiffusionBackend
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models",
@@ -24,12 +24,13 @@ MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-
 """`modelspec.implementation` per family (diffusers for the others), as kohya writes it."""
 
 
-def modelspec_architecture(family: ModelFamily, prediction_type: PredictionType) -> str:
+def modelspec_architecture(backend: DiffusionBackend) -> str:
     """The `modelspec.architecture` string the WebUIs read to show a LoRA only for its model family."""
+    family, prediction_type = backend.family, backend.prediction_type
     if family == "sdxl":
         return "stable-diffusion-xl-v1-base/lora"
     if family == "flux":
-        return "flux-1-dev/lora"
+        return f"flux-1-{backend.flux_variant}/lora"
     if family == "sd2":
         return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else \
             "stable-diffusion-v2-512/lora"
@@ -68,9 +69,8 @@ def network_metadata(settings: NetworkConfig, network: LoraNetwork) -> dict[str,
             "ss_network_train_unet_only": str(not network.parameters_with_prefix("lora_te"))}
 
 
-def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily, prediction_type: PredictionType,
-                 model_name: str, clip_skip: int | None, scan: DatasetScan, data: TrainingData, total_steps: int,
-                 epochs: int, started_at: float) -> dict[str, str]:
+def run_metadata(config: TrainConfig, network: LoraNetwork, backend: DiffusionBackend, scan: DatasetScan,
+                 data: TrainingData, total_steps: int, epochs: int, started_at: float) -> dict[str, str]:
     """Metadata that stays the same for every file of one run. Images in the dataset folder itself are listed
     under that folder's name, as kohya names a subset by its folder."""
     root_name = Path(config.dataset.train_data_dir or "").name
@@ -82,6 +82,7 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         entry = folders.setdefault(folder, {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
     tag_frequency = {subset or root_name: counts for subset, counts in scan.tag_frequency().items()}
+    family, prediction_type = backend.family, backend.prediction_type
     buckets = {str(index): {"resolution": [width, height], "count": count}
                for index, ((width, height), count) in enumerate(data.bucket_counts.items())}
     metadata = {
@@ -91,9 +92,9 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
             "_v" if prediction_type == "v_prediction" and family != "sdxl" else ""),
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
-        "ss_sd_model_name": str(model_name),
+        "ss_sd_model_name": str(backend.model_name),
         "ss_resolution": f"({config.dataset.resolution}, {config.dataset.resolution})",
-        "ss_clip_skip": str(clip_skip),
+        "ss_clip_skip": str(backend.clip_skip),
         "ss_num_train_images": str(data.examples_per_epoch),
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_dataset_dirs": json.dumps(subsets),
@@ -137,7 +138,7 @@ def run_metadata(config: TrainConfig, network: LoraNetwork, family: ModelFamily,
         "ss_cache_latents": str(data.uses_latent_cache),
         "ss_seed": str(config.training.seed),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(family, prediction_type),
+        "modelspec.architecture": modelspec_architecture(backend),
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION.get(family, "diffusers"),
         "modelspec.title": config.saving.output_name,
         "modelspec.resolution": f"{config.dataset.resolution}x{config.dataset.resolution}",

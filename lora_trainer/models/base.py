@@ -116,6 +116,8 @@ class DiffusionBackend(ABC):
     flow_shift: float | None = None
     """A flow-matching model's time shift mu: its training sigmas are t time-shifted as exp(mu) / (exp(mu) + 1/t - 1)
     (Flux: Forge's and kohya's shift); None for eps and v models."""
+    flux_variant: str = "dev"
+    """Which Flux the base is, as files name it (`flux-1-dev`, `flux-1-schnell`); unused by the other families."""
     clip_skip: int | None = None
     """The CLIP layers the text conditioning skips, counted as kohya's `clip_skip` (2: the penultimate layer),
     when the host sets it; None when it is the model's own choice."""

@@ -49,6 +49,7 @@ class ForgeFluxBackend(ForgeBackend):
         self.unet: nn.Module = k_model.diffusion_model
         refuse_quantized(k_model)
         self.flow_shift = float(k_model.predictor.mu)
+        self.flux_variant = "dev" if self.unet.guidance_embed else "schnell"
         self.device = torch.device(self._patchers.unet.load_device)
         self.weight_dtype = k_model.computation_dtype
         checkpoint_info = getattr(engine, "sd_checkpoint_info", None)
