@@ -264,6 +264,27 @@ def test_nan_loss_stops_with_a_clear_message_and_writes_nothing(pipelines, shape
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_weights_that_became_nan_after_the_last_loss_are_not_saved(pipelines, shapes_dataset, tmp_path, monkeypatch):
+    from lora_trainer.train import loop
+
+    make_optimizer = loop.make_optimizer
+
+    def optimizer_that_breaks_the_last_weight(config, groups):
+        optimizer = make_optimizer(config, groups)
+
+        def break_the_last_weight(optimizer, arguments, options):
+            with torch.no_grad():
+                optimizer.param_groups[-1]["params"][-1].view(-1)[-1] = float("inf")
+
+        optimizer.register_step_post_hook(break_the_last_weight)
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", optimizer_that_breaks_the_last_weight)
+    with pytest.raises(UserError, match="the LoRA weights became NaN/inf by step 1; nothing was saved"):
+        train(_config(shapes_dataset, tmp_path / "out", max_train_steps=1), DiffusersBackend(pipelines["sd1"], "cpu"))
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
 def test_resume_continues_exactly_where_the_state_was_saved(pipelines, shapes_dataset, tmp_path):
     backend = DiffusersBackend(pipelines["sd1"], "cpu")
     straight = _Recorder()

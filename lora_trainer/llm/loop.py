@@ -48,7 +48,7 @@ from lora_trainer.train.distributed import (
 )
 from lora_trainer.train.events import RunPlan, TrainingEvents
 from lora_trainer.train.loop import TrainingResult
-from lora_trainer.train.meter import StepMeter
+from lora_trainer.train.meter import StepMeter, all_finite
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 from lora_trainer.train.preflight import check_writable_folder
 from lora_trainer.train.rescue import save_or_rescue
@@ -140,7 +140,7 @@ def train_llm(config: LLMTrainConfig, events: TrainingEvents | None = None) -> L
         """Save the adapter after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`.
         Every process takes part: a sharded model's weights are gathered to be saved."""
         weights = adapter_weights(model)
-        if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
+        if not all_finite(weights.values()):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. Lower the "
                             "learning rate, or train in bf16/fp32 instead of fp16.")
         with_state = with_state and saving.save_state

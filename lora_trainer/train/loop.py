@@ -46,7 +46,7 @@ from lora_trainer.train.loss import (
 )
 from lora_trainer.train.max_norm import scale_weight_norms
 from lora_trainer.train.memory import plan_run_memory
-from lora_trainer.train.meter import StepMeter
+from lora_trainer.train.meter import StepMeter, all_finite
 from lora_trainer.train.noise import (
     add_multires_noise,
     debiased_estimation_weights,
@@ -174,8 +174,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     # The scheduler is stepped here, once per optimizer step: accelerate's would step once per process.
     scheduler = make_scheduler(config, optimizer, total_steps)
     optimizer = accelerator.prepare(optimizer)
-    metadata = run_metadata(config, network, backend.family, backend.prediction_type, backend.model_name,
-                            backend.clip_skip, scan, data, total_steps, epochs, started_at)
+    metadata = run_metadata(config, network, backend, scan, data, total_steps, epochs, started_at)
     run_log = RunLog(config.logging.logging_dir if share.is_main else None, saving.output_name)
     result.log_folder = run_log.folder
     run_log.log_text("config", config_template(config))
@@ -200,7 +199,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         """Save the weights after `step`; a resumed run continues at batch `next_batch` of epoch index `epoch`.
         The file records the validation loss of its weights, measured now unless `with_state` is off (an
         interrupted save does not wait for it)."""
-        if not all(torch.isfinite(p).all() for p in trainable):
+        if not all_finite(trainable):
             raise UserError(f"the LoRA weights became NaN/inf by step {step}; nothing was saved. {nan_advice}")
         if not share.is_main:
             return

@@ -1,10 +1,11 @@
-"""What a training loop reports after each optimizer step: the mean loss since the last report and the speed."""
+"""What a training loop reports after each optimizer step: the mean loss since the last report and the speed; and
+whether the weights are still finite."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,3 +63,10 @@ class StepMeter:
             yield
         finally:
             self._window_start += time.perf_counter() - paused_at
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of `tensors` is finite, read back from the device once for all of them (a read per
+    tensor would wait for the device hundreds of times per save)."""
+    checks = [torch.isfinite(tensor).all() for tensor in tensors]
+    return not checks or bool(torch.stack([check.to(checks[0].device) for check in checks]).all())
