@@ -73,6 +73,23 @@ def test_a_flux_schnell_engine_trains_without_guidance_at_forges_shift_into_a_sc
         assert saved.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
 
 
+def test_a_caption_over_255_t5_tokens_shares_a_batch_cached_or_encoded_every_step(engine, shapes_dataset, tmp_path):
+    """Forge's T5 engine gives it more positions than the others' 256 (and cannot stack the two itself)."""
+    long_caption, short_caption = "a red square on a plain ground " * 50, "a blue circle"
+    sorted(shapes_dataset.rglob("*.txt"))[0].write_text(long_caption)
+    backend = forge_backend(engine)
+    with torch.no_grad():
+        alone = [engine.text_processing_engine_t5([caption]) for caption in (long_caption, short_caption)]
+        batch = backend.encode_text([long_caption, short_caption]).context
+    assert alone[0].shape[1] > 256 == alone[1].shape[1] and batch.shape[1] == alone[0].shape[1]
+    torch.testing.assert_close(batch[:1], alone[0])
+    torch.testing.assert_close(batch[1:, :256], alone[1])
+    for train_text_encoder in (False, True):
+        result = train(_config(shapes_dataset, tmp_path / f"te-{train_text_encoder}", max_train_steps=4,
+                               train_text_encoder=train_text_encoder), backend)
+        assert result.steps == 4 and math.isfinite(result.last_loss)
+
+
 def test_the_training_target_and_inputs_are_what_forges_flux_sampler_reads(engine):
     backend = forge_backend(engine)
     k_model = engine.forge_objects_original.unet.model

@@ -147,10 +147,16 @@ def test_batches_stacked_from_the_cache_equal_the_batches_encoded_at_once(backen
         assert torch.allclose(from_cache, at_once, atol=1e-6)
 
 
-def test_stacking_contexts_that_no_whole_number_of_padding_chunks_can_match_is_refused():
-    short, odd = TextConditioning(torch.zeros(1, 77, 8)), TextConditioning(torch.zeros(1, 100, 8))
-    with pytest.raises(ValueError, match="77 tokens"):
-        TextConditioning.stack([short, odd], padding=torch.zeros(1, 77, 8))
+def test_a_difference_of_no_whole_number_of_padding_chunks_is_filled_with_the_end_of_the_padding():
+    """Flux's T5 gives a caption of more than 255 tokens a context of its own length."""
+    padding = torch.arange(4.0).view(1, 4, 1).expand(1, 4, 2)
+    short, odd = TextConditioning(torch.full((1, 4, 2), -1.0)), TextConditioning(torch.full((1, 10, 2), 7.0))
+    stacked = TextConditioning.stack([short, odd], padding=padding)
+    assert stacked.context.shape == (2, 10, 2)
+    assert stacked.context[0, :4].eq(-1.0).all() and stacked.context[1].eq(7.0).all()
+    assert stacked.context[0, 4:, 0].tolist() == [2.0, 3.0, 0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="without padding"):
+        TextConditioning.stack([short, odd])
 
 
 def test_stacking_pads_shorter_contexts_with_copies_of_the_padding_chunk():

@@ -48,7 +48,9 @@ class TextConditioning:
         """Concatenate per-caption conditionings (each with batch size 1) into one batch.
 
         Contexts shorter than the longest are lengthened with copies of `padding` ([1, chunk, D]: the empty
-        caption's context), as the WebUI pads a batch's prompts that need fewer 75-token chunks.
+        caption's context), as the WebUI pads a batch's prompts that need fewer 75-token chunks. A difference that
+        is not whole chunks (Flux's T5 gives a caption of more than 255 tokens a context of its own length) is
+        filled with the end of the padding: the encoded padding tokens after the empty caption's end token.
         """
         length = max(item.context.shape[1] for item in items)
         contexts = [_padded_context(item.context, length, padding) for item in items]
@@ -60,11 +62,11 @@ def _padded_context(context: torch.Tensor, length: int, padding: torch.Tensor | 
     missing = length - context.shape[1]
     if missing == 0:
         return context
-    if padding is None or missing % padding.shape[1]:
-        chunk = "no padding" if padding is None else f"padding chunks of {padding.shape[1]} tokens"
-        raise ValueError(f"cannot stack a text context of {context.shape[1]} tokens with one of {length}: "
-                         f"{chunk} cannot fill the difference")
-    return torch.cat([context, padding.repeat(1, missing // padding.shape[1], 1)], dim=1)
+    if padding is None:
+        raise ValueError(f"cannot stack a text context of {context.shape[1]} tokens with one of {length} "
+                         "without padding")
+    chunks = -(-missing // padding.shape[1])
+    return torch.cat([context, padding.repeat(1, chunks, 1)[:, -missing:]], dim=1)
 
 
 @dataclass

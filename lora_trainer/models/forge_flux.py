@@ -76,9 +76,15 @@ class ForgeFluxBackend(ForgeBackend):
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
         _, pooled = self.engine.text_processing_engine_l(captions)
+        # Forge's T5 engine gives each prompt max(256, its tokens + 1) positions and stacks them, which fails for a
+        # batch with a caption over 255 tokens: each caption is encoded alone, at the length Forge gives it, and the
+        # shorter ones padded as a cached batch is (`TextConditioning.stack`).
         with torch.no_grad():
-            sequence = self.engine.text_processing_engine_t5(captions)
-        return TextConditioning(sequence.clone(), pooled.clone())
+            sequences = [TextConditioning(self.engine.text_processing_engine_t5([caption]).clone())
+                         for caption in captions]
+            lengths = {sequence.context.shape[1] for sequence in sequences}
+            padding = self.engine.text_processing_engine_t5([""]).clone() if len(lengths) > 1 else None
+        return TextConditioning(TextConditioning.stack(sequences, padding).context, pooled.clone())
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
                 size_conditioning: torch.Tensor) -> torch.Tensor:
