@@ -774,6 +774,12 @@ def _named_set(names: list[str], sets: dict[str, list[str]]) -> list[str]:
     return list(sets[names[0]]) if len(names) == 1 and names[0] in sets else names
 
 
+def layer_set_name(key: str, names: list[str]) -> str | None:
+    """The name of the named layer set (`kohya`, `attention`) that `names` is, for the config key `key`."""
+    sets = {"target_modules": UNET_TARGET_SETS, "text_encoder_target_modules": TEXT_ENCODER_TARGET_SETS}.get(key, {})
+    return next((name for name, members in sets.items() if members == names), None)
+
+
 def _check_range(name: str, value: Any) -> None:
     if value is None:
         return

@@ -10,7 +10,7 @@ import textwrap
 import yaml
 
 from lora_trainer import config as config_module
-from lora_trainer.config import GROUP_TITLES, GROUPS, TrainConfig
+from lora_trainer.config import GROUP_TITLES, GROUPS, TrainConfig, layer_set_name
 
 
 def config_field_docs() -> dict[str, str]:
@@ -37,6 +37,7 @@ def config_template(config: TrainConfig | None = None) -> str:
     for group, values in (config or TrainConfig()).to_dict().items():
         lines += [f"{group}:  # {GROUP_TITLES[group]}: {inspect.getdoc(GROUPS[group])}"]
         for name, value in values.items():
+            value = layer_set_name(name, value) or value  # `kohya`, not the 21 layer names of SD and Flux
             lines += textwrap.wrap(docs.get(name, ""), 110, initial_indent="  # ", subsequent_indent="  # ")
             text = yaml.safe_dump(value, default_flow_style=True, width=1000, allow_unicode=True)
             text = text.removesuffix("...\n").strip()  # a bare scalar is dumped as a document with an end mark

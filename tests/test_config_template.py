@@ -6,6 +6,7 @@ import dataclasses
 
 from lora_trainer.cli import main
 from lora_trainer.config import GROUPS, TrainConfig, config_from_dict, load_config
+from lora_trainer.config_template import config_template
 
 
 def test_init_config_writes_every_key_with_its_default_and_reads_back_as_the_defaults(tmp_path, capsys):
@@ -24,6 +25,17 @@ def test_every_key_in_the_template_follows_its_help_under_its_group(tmp_path):
         for field in dataclasses.fields(group_type):
             index = next(i for i, line in enumerate(lines) if line.startswith(f"  {field.name}: "))
             assert lines[index - 1].startswith("  # "), field.name
+
+
+def test_a_named_layer_set_is_written_by_its_name_and_a_custom_list_as_it_is(tmp_path, capsys):
+    assert main(["train", "--print-config", "--target_modules", "attention"]) == 0
+    printed = capsys.readouterr().out
+    assert "  target_modules: attention\n" in printed and "  text_encoder_target_modules: kohya\n" in printed
+    custom = {"target_modules": ["to_q", "to_v"], "text_encoder_target_modules": ["q_proj", "k_proj", "v_proj"]}
+    path = tmp_path / "custom.yaml"
+    path.write_text(config_template(config_from_dict(custom)), encoding="utf-8")
+    assert "  target_modules: [to_q, to_v]\n" in path.read_text(encoding="utf-8")
+    assert load_config(path) == config_from_dict(custom)
 
 
 def test_init_config_never_overwrites_a_file(tmp_path, capsys):
