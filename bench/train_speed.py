@@ -42,7 +42,8 @@ import torch
 from bench import peers
 from bench.peers import PEER_CONTENDERS
 
-IN_PROCESS_CONTENDERS = ("ours", "ours-webui", "reference", "ours-channels-last", "ours-compile")
+IN_PROCESS_CONTENDERS = ("ours", "ours-webui", "reference", "ours-channels-last", "ours-compile", "ours-fp8")
+"""ours-fp8 stores the frozen UNet in fp8 (e4m3) during the run (`fp8_base`), as kohya's --fp8_base does."""
 CONTENDERS = IN_PROCESS_CONTENDERS + PEER_CONTENDERS
 WEBUI_WORKLOADS = ("tiny-sd1", "sd15-512")
 """Workloads with an ldm model for the WebUI backend (SDXL needs sgm, which is not installable here)."""
@@ -347,6 +348,7 @@ def run_ours(settings: RunSettings, model, clock: StepClock) -> tuple[list[int],
         batch_size=settings.batch_size, max_train_steps=settings.total_steps,
         mixed_precision=settings.mixed_precision, gradient_checkpointing=settings.gradient_checkpointing,
         cache_latents=True, cache_text_encoder_outputs=not settings.train_text_encoder,
+        fp8_base=settings.contender == "ours-fp8",
         output_dir=Path(settings.output_dir), output_name="bench", logging_dir=None, seed=settings.seed,
         device=settings.device))
     estimates: list[float] = []
