@@ -100,8 +100,9 @@ def main() -> None:
     for batch_size in arguments.batch_size:
         for layer_set in arguments.layers:
             row = time_hooks(arguments.workload, batch_size, layer_set, arguments.rounds)
-            print(f"| {row['workload']} | {batch_size} | {layer_set} | {row['adapted_layers']} | {row['bare_ms']:.1f} | "
-                  f"{row['hooks_ms']:.1f} | {row['hook_share']:+.0%} | {row['device']} |", flush=True)
+            print(f"| {row['workload']} | {batch_size} | {layer_set} | {row['adapted_layers']} | "
+                  f"{row['bare_ms']:.1f} | {row['hooks_ms']:.1f} | {row['hook_share']:+.0%} | {row['device']} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
