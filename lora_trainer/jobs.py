@@ -217,6 +217,8 @@ class JobRunner:
                                 height=config.dataset.resolution,
                                 sampler_name=defaults.sampler_name) if preview_prompt else None
         result = train(config, backend, _JobEvents(self, task, trigger_word, preview, backend.family))
+        if result.stopped and not result.saved:
+            return "stopped", "Stopped before training began; nothing was saved"
         if result.stopped:
             return "stopped", f"Stopped at step {result.steps}; saved {result.saved[-1].name}"
         return "finished", f"Finished {result.steps} steps; saved {', '.join(p.name for p in result.saved)}"
@@ -277,6 +279,10 @@ class _JobEvents(TrainingEvents):
 
     def on_message(self, text: str) -> None:
         self.runner._update(message=text)
+
+    def on_caching(self, done: int, total: int) -> None:
+        self.runner._update(message=f"Caching latents: {done}/{total} images")
+        self.task.update(done, total, f"Caching latents: {done}/{total} images")
 
     def on_start(self, plan: RunPlan) -> None:
         self.runner._update(total_steps=plan.total_steps, message=plan.summary)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("ldm")
 
-from fake_host import FakeHost  # noqa: E402
+from fake_host import FakeHost, FakeTask  # noqa: E402
 from ldm_models import tiny_sd1  # noqa: E402
 
 from lora_trainer.caption import CaptionOptions  # noqa: E402
@@ -65,8 +65,8 @@ def test_training_job_reports_progress_to_the_host(host, shapes_dataset):
     runner = JobRunner(host)
     runner.start_training(_config(shapes_dataset))
     runner.wait(120)
-    steps = [step for step, _, _ in host.task.updates]
-    assert steps[-1] == 4 and all(total == 4 for _, total, _ in host.task.updates)
+    training = [(step, total) for step, total, text in host.task.updates if text.startswith("Training LoRA")]
+    assert training == [(step, 4) for step in range(1, 5)]
     assert not host.queue_lock.locked()
 
 
@@ -123,6 +123,23 @@ def test_the_hosts_interrupt_button_stops_the_job(host, shapes_dataset):
     _wait_for(lambda: runner.status().step >= 1)
     host.task.interrupt.set()
     assert runner.wait(120).state == "stopped"
+
+
+def test_a_job_shows_the_latent_caching_and_stops_there_with_nothing_saved(host, shapes_dataset, monkeypatch):
+    update = FakeTask.update
+
+    def interrupt_while_caching(task, step, total, text, image=None):
+        update(task, step, total, text, image)
+        if text.startswith("Caching latents"):
+            task.interrupt.set()
+
+    monkeypatch.setattr(FakeTask, "update", interrupt_while_caching)
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, vae_batch_size=1, max_train_steps=500))
+    status = runner.wait(120)
+    assert (status.state, status.message) == ("stopped", "Stopped before training began; nothing was saved")
+    assert host.task.updates == [(1, 4, "Caching latents: 1/4 images")]
+    assert status.step == 0 and not status.saved and not list(host.lora_dir().glob("*.safetensors"))
 
 
 def test_the_hosts_stop_after_this_step_stops_the_job_and_saves(host, shapes_dataset):

@@ -285,6 +285,29 @@ def test_weights_that_became_nan_after_the_last_loss_are_not_saved(pipelines, sh
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+def test_a_stop_while_the_latents_are_cached_ends_the_run_there_with_nothing_trained_or_saved(
+        pipelines, shapes_dataset, tmp_path):
+    class StopWhileCaching(TrainingEvents):
+        def __init__(self):
+            self.cached, self.steps = [], 0
+
+        def on_caching(self, done, total):
+            self.cached.append((done, total))
+
+        def on_step(self, report):
+            self.steps += 1
+
+        def should_stop(self):
+            return bool(self.cached)
+
+    events = StopWhileCaching()
+    result = train(_config(shapes_dataset, tmp_path / "out", vae_batch_size=1, max_train_steps=50),
+                   DiffusersBackend(pipelines["sd1"], "cpu"), events)
+    assert (result.stopped, result.steps, result.saved) == (True, 0, [])
+    assert events.cached == [(1, 4)] and events.steps == 0
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
 def test_resume_continues_exactly_where_the_state_was_saved(pipelines, shapes_dataset, tmp_path):
     backend = DiffusersBackend(pipelines["sd1"], "cpu")
     straight = _Recorder()

@@ -140,10 +140,12 @@ class TrainingData:
 
     def cache_latents(self, encode_images: Callable[[torch.Tensor], torch.Tensor],
                       progress: Callable[[int, int], None] | None = None,
-                      disk: DiskCache | None = None, share: tuple[int, int] = (0, 1)) -> int:
+                      disk: DiskCache | None = None, share: tuple[int, int] = (0, 1),
+                      should_stop: Callable[[], bool] | None = None) -> int:
         """Encode every image, and its mirror image with flip_aug, once and keep the latents; `progress(done,
-        total)` is called after each chunk of images. With `disk`, latents kept there by an earlier run are read
-        instead of encoded, and new ones are kept there. Returns how many images were encoded.
+        total)` is called after each chunk of images, and the caching ends there, incomplete, once `should_stop()`
+        says so. With `disk`, latents kept there by an earlier run are read instead of encoded, and new ones are
+        kept there. Returns how many images were encoded.
 
         Images of one bucket are encoded several at a time (`vae_images_per_call`): one VAE call per small image
         is several times slower. With `share` (this process's index, the process count), only every count-th
@@ -196,6 +198,8 @@ class TrainingData:
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
+            if should_stop is not None and should_stop():
+                break
         return encoded
 
     def cached_share(self) -> list[dict]:

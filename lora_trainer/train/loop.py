@@ -269,7 +269,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                   f"the other {share.count - 1} process(es) the rest"
                                   + (" (shared through the disk cache)." if disk is not None else "."))
             else:
-                encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk)
+                encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk,
+                                             should_stop=events.should_stop)
                 if disk is not None:
                     events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
                                       f"{encoded} encoded.")
@@ -284,6 +285,12 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
             if disk is not None:
                 events.on_message(f"Text-encoder outputs: {len(text_cache) - 1 - encoded} read from the disk cache, "
                                   f"{encoded} encoded.")
+
+        if share.count == 1 and events.should_stop():  # asked while the caches were made (the tab's Stop)
+            events.on_message("Stopped before training began: nothing was trained or saved.")
+            result.stopped = True
+            run_log.close()
+            return result
 
         parked = run_stack.enter_context(_idle_parts_parked(backend, data.uses_latent_cache, bool(text_cache)))
 
