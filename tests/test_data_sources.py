@@ -183,6 +183,22 @@ def test_mask_files_are_never_training_images(tmp_path):
     assert [record.path.name for record in scan_dataset(folder).records] == ["x.png"]
 
 
+def test_a_stop_while_class_images_are_drawn_keeps_the_finished_ones_and_not_the_one_cut_short(tmp_path):
+    drawn = []
+
+    def render_then_interrupt_the_second(prompt: str, seed: int) -> Image.Image:
+        drawn.append(seed)
+        return Image.new("RGB", (32, 32), (seed * 40, 0, 0))
+
+    assert write_class_images(tmp_path / "reg", "a dog", 4, render_then_interrupt_the_second,
+                              should_stop=lambda: len(drawn) >= 2) == 1
+    folder = class_image_folder(tmp_path / "reg", "a dog")
+    assert drawn == [0, 1] and sorted(path.name for path in folder.iterdir()) == ["class-00000.png",
+                                                                                 "class-00000.txt"]
+    assert write_class_images(tmp_path / "reg", "a dog", 4, render_then_interrupt_the_second) == 3
+    assert drawn == [0, 1, 1, 2, 3]
+
+
 def test_class_images_are_drawn_once_and_reused_by_the_next_run(tmp_path):
     drawn = []
 

@@ -239,6 +239,25 @@ def test_class_images_are_drawn_through_the_hosts_pipeline_before_training(host,
         ["class-00000.png", "class-00000.txt", "class-00001.png", "class-00001.txt"]
 
 
+def test_an_interrupt_while_a_class_image_is_drawn_keeps_no_cut_short_image_and_ends_before_training(
+        host, shapes_dataset, tmp_path):
+    render = host.render
+
+    def render_then_interrupt(request):
+        image = render(request)
+        host.task.interrupt.set()  # the host's Interrupt during this image: its sampling stopped early
+        return image
+
+    host.render = render_then_interrupt
+    runner = JobRunner(host)
+    runner.start_training(_config(shapes_dataset, class_prompt="a shape", num_class_images=3,
+                                  reg_data_dir=tmp_path / "reg"))
+    status = runner.wait(120)
+    assert (status.state, status.message) == ("stopped", "Stopped before training began; nothing was saved")
+    assert len(host.renders) == 1 and not list((tmp_path / "reg" / "1_a_shape").iterdir())
+    assert not list(host.lora_dir().glob("*.safetensors"))
+
+
 def test_a_job_started_while_the_host_generates_waits_for_the_model_then_runs(host, shapes_dataset):
     runner = JobRunner(host)
     with host.queue_lock:  # one of the host's own generations holds the model

@@ -23,16 +23,23 @@ def class_image_folder(reg_data_dir: Path, class_prompt: str) -> Path:
 
 
 def write_class_images(reg_data_dir: Path, class_prompt: str, count: int, render: Render,
-                       progress: Callable[[int, int], None] | None = None) -> int:
+                       progress: Callable[[int, int], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> int:
     """Make `class_image_folder` hold at least `count` images captioned `class_prompt`, rendering only the
-    missing ones (seed = the image's number); returns how many were rendered."""
+    missing ones (seed = the image's number); returns how many were rendered. Once `should_stop()` says so, no
+    more are rendered, and the image in progress is not kept (the host may have cut its sampling short)."""
     folder = class_image_folder(reg_data_dir, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
     existing = {path.stem for path in image_files(folder)}
     missing = [number for number in range(count) if f"class-{number:05d}" not in existing]
     missing = missing[:max(0, count - len(existing))]  # images put there by hand count too
+    stopped = should_stop or (lambda: False)
     for done, number in enumerate(missing, start=1):
+        if stopped():
+            return done - 1
         image = render(class_prompt, number)
+        if stopped():
+            return done - 1
         path = folder / f"class-{number:05d}.png"
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         atomic_write_text(path.with_suffix(".txt"), class_prompt)

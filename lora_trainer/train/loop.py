@@ -123,7 +123,10 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
         write_class_images(dataset.reg_data_dir, dataset.class_prompt, dataset.num_class_images,
                            lambda prompt, seed: backend.generate(prompt, "", seed, sampling.sample_steps,
                                                                  dataset.resolution, dataset.resolution, 7.0),
-                           progress=lambda done, total: events.on_message(f"Drew class image {done}/{total}."))
+                           progress=lambda done, total: events.on_message(f"Drew class image {done}/{total}."),
+                           should_stop=events.should_stop if share.count == 1 else None)
+        if share.count == 1 and events.should_stop():
+            return _stopped_before_training(events, result)
     accelerator.wait_for_everyone()  # the others read the class images the main process drew
     sources = gather_images(dataset, training.seed)
     scan, reg_records, held_out = sources.scan, sources.reg_records, sources.held_out
@@ -287,10 +290,8 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                   f"{encoded} encoded.")
 
         if share.count == 1 and events.should_stop():  # asked while the caches were made (the tab's Stop)
-            events.on_message("Stopped before training began: nothing was trained or saved.")
-            result.stopped = True
             run_log.close()
-            return result
+            return _stopped_before_training(events, result)
 
         parked = run_stack.enter_context(_idle_parts_parked(backend, data.uses_latent_cache, bool(text_cache)))
 
@@ -481,6 +482,13 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
 
 @torch.no_grad()
+def _stopped_before_training(events: TrainingEvents, result: TrainingResult) -> TrainingResult:
+    """The result of a run asked to stop while it prepared (class images, caches): nothing trained or saved."""
+    events.on_message("Stopped before training began: nothing was trained or saved.")
+    result.stopped = True
+    return result
+
+
 def _encode_captions(backend: DiffusionBackend, folders: dict[str, Path], disk: DiskCache | None
                      ) -> tuple[dict[str, TextConditioning], int]:
     """Each caption's text conditioning (batch size 1) exactly as if encoded alone, always with "" (caption
