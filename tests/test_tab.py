@@ -404,6 +404,15 @@ def test_a_message_of_several_lines_keeps_them_apart():
     assert "4 images<br>latents cached once" in shown
 
 
+def test_stop_says_whether_the_weights_so_far_are_saved():
+    from lora_trainer.tab.training import stop_notice
+
+    assert stop_notice(JobStatus(kind="training", state="running", step=0)).endswith("nothing will be saved.")
+    assert stop_notice(JobStatus(kind="training", state="running", step=3)) == \
+        "Stopping: the weights so far are saved first."
+    assert stop_notice(JobStatus(kind="captioning", state="running", step=0)) == "Stopping the captioning."
+
+
 def test_a_job_asked_to_stop_shows_it_in_its_status():
     shown = status_html(JobStatus(kind="captioning", state="running", step=3, total_steps=8, activity="stopping"))
     assert "Captioning: running · stopping" in shown

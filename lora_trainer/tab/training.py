@@ -196,10 +196,7 @@ class TrainingPanel:
 
         def stop() -> dict:
             self.runner.stop()
-            kind = self.runner.status().kind
-            if kind == "training":
-                return {self.notice: notice("Stopping: the weights so far are saved first.")}
-            return {self.notice: notice(f"Stopping the {kind}.")}
+            return {self.notice: notice(stop_notice(self.runner.status()))}
 
         def save_current_preset(name: str, overwrite: bool, *values) -> dict:
             try:
@@ -258,3 +255,12 @@ def _rows_of_three(names: list[str], alone: set[str]) -> list[list[str]]:
         else:
             rows[-1].append(name)
     return rows
+
+
+def stop_notice(status: JobStatus) -> str:
+    """What Stop does to the job `status` describes, as the notice under the buttons says it."""
+    if status.kind != "training":
+        return f"Stopping the {status.kind}."
+    if status.step == 0:
+        return "Stopping before training begins (class images, caches): nothing will be saved."
+    return "Stopping: the weights so far are saved first."
