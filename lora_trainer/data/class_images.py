@@ -34,15 +34,15 @@ def write_class_images(reg_data_dir: Path, class_prompt: str, count: int, render
     missing = [number for number in range(count) if f"class-{number:05d}" not in existing]
     missing = missing[:max(0, count - len(existing))]  # images put there by hand count too
     stopped = should_stop or (lambda: False)
-    for done, number in enumerate(missing, start=1):
+    for drawn, number in enumerate(missing):
         if stopped():
-            return done - 1
+            return drawn
         image = render(class_prompt, number)
-        if stopped():
-            return done - 1
+        if stopped():  # asked while this image was drawn: the host may have cut its sampling short
+            return drawn
         path = folder / f"class-{number:05d}.png"
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         atomic_write_text(path.with_suffix(".txt"), class_prompt)
         if progress is not None:
-            progress(done, len(missing))
+            progress(drawn + 1, len(missing))
     return len(missing)
