@@ -481,7 +481,6 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
     return result
 
 
-@torch.no_grad()
 def _stopped_before_training(events: TrainingEvents, result: TrainingResult) -> TrainingResult:
     """The result of a run asked to stop while it prepared (class images, caches): nothing trained or saved."""
     events.on_message("Stopped before training began: nothing was trained or saved.")
@@ -489,6 +488,7 @@ def _stopped_before_training(events: TrainingEvents, result: TrainingResult) -> 
     return result
 
 
+@torch.no_grad()
 def _encode_captions(backend: DiffusionBackend, folders: dict[str, Path], disk: DiskCache | None
                      ) -> tuple[dict[str, TextConditioning], int]:
     """Each caption's text conditioning (batch size 1) exactly as if encoded alone, always with "" (caption
