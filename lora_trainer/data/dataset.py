@@ -278,4 +278,3 @@ def _size_conditioning(example: _Example, crop: tuple[int, int]) -> list[float]:
     bucket_width, bucket_height = example.bucket
     return [float(example.record.height), float(example.record.width), float(crop[0]), float(crop[1]),
             float(bucket_height), float(bucket_width)]
-

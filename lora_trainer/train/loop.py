@@ -118,14 +118,19 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
 
     # --- data and plan ---
     dataset = config.dataset
+
+    def stop_asked() -> bool:
+        """A stop before the first step (the tab's Stop): one process only, several agree on stops per step."""
+        return share.count == 1 and events.should_stop()
+
     if dataset.class_prompt and share.is_main:
         events.on_message(f"Drawing the missing class images of {dataset.class_prompt!r} with the base model...")
         write_class_images(dataset.reg_data_dir, dataset.class_prompt, dataset.num_class_images,
                            lambda prompt, seed: backend.generate(prompt, "", seed, sampling.sample_steps,
                                                                  dataset.resolution, dataset.resolution, 7.0),
                            progress=lambda done, total: events.on_message(f"Drew class image {done}/{total}."),
-                           should_stop=events.should_stop if share.count == 1 else None)
-        if share.count == 1 and events.should_stop():
+                           should_stop=stop_asked)
+        if stop_asked():
             return _stopped_before_training(events, result)
     accelerator.wait_for_everyone()  # the others read the class images the main process drew
     sources = gather_images(dataset, training.seed)
@@ -273,7 +278,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                                   + (" (shared through the disk cache)." if disk is not None else "."))
             else:
                 encoded = data.cache_latents(backend.encode_images, progress=events.on_caching, disk=disk,
-                                             should_stop=events.should_stop)
+                                             should_stop=stop_asked)
                 if disk is not None:
                     events.on_message(f"Latents: {len(data.examples) - encoded} read from the disk cache, "
                                       f"{encoded} encoded.")
@@ -289,7 +294,7 @@ def train(config: TrainConfig, backend: DiffusionBackend, events: TrainingEvents
                 events.on_message(f"Text-encoder outputs: {len(text_cache) - 1 - encoded} read from the disk cache, "
                                   f"{encoded} encoded.")
 
-        if share.count == 1 and events.should_stop():  # asked while the caches were made (the tab's Stop)
+        if stop_asked():  # while the caches were made
             run_log.close()
             return _stopped_before_training(events, result)
 

@@ -304,8 +304,7 @@ def estimate_memory(config: TrainConfig, footprint: ModelFootprint) -> MemoryEst
     and text encoders leave it after caching unless they are still needed), the LoRA with its gradients and
     optimizer state, the activations of a batch and a workspace; the backend's weight copies too."""
     training, dataset, network = config.training, config.dataset, config.network
-    weights = (footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes) \
-        + footprint.training_copy_bytes
+    weights = _unet_bytes(config, footprint) + footprint.training_copy_bytes
     if network.train_text_encoder or not config.uses_text_encoder_cache or not footprint.parks_idle_parts:
         weights += footprint.text_encoder_bytes
     if not dataset.cache_latents or dataset.random_crop or not footprint.parks_idle_parts:
@@ -362,9 +361,13 @@ def _lora_bytes(config: TrainConfig, footprint: ModelFootprint) -> int:
     return footprint.lora_parameters * (4 + 4 + state_bytes)
 
 
+def _unet_bytes(config: TrainConfig, footprint: ModelFootprint) -> int:
+    return footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
+
+
 def _all_weights(config: TrainConfig, footprint: ModelFootprint) -> int:
-    unet = footprint.unet_fp8_bytes if config.model.fp8_base else footprint.unet_bytes
-    return unet + footprint.text_encoder_bytes + footprint.vae_bytes + footprint.training_copy_bytes
+    return (_unet_bytes(config, footprint) + footprint.text_encoder_bytes + footprint.vae_bytes
+            + footprint.training_copy_bytes)
 
 
 def plan_memory(config: TrainConfig, footprint: ModelFootprint, available: int | None) -> MemoryPlan:
